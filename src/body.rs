@@ -1,0 +1,260 @@
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_core::Stream;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+use crate::metrics;
+use crate::session::{Epoch, SessionKey};
+use crate::sse::KEEP_ALIVE;
+use crate::store::{Store, StoredEvent, Subscription};
+use crate::BoxError;
+
+pin_project! {
+    /// The response body of [`ResumableSse`](crate::ResumableSse): the inner body untouched, or a
+    /// session's events (replayed, then live) with keep-alive comments, or nothing.
+    ///
+    /// See the [crate docs](crate) for what a session body guarantees.
+    pub struct ResumableBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Passthrough { #[pin] inner: B },
+        Session { events: SessionEvents },
+        Empty,
+    }
+}
+
+impl<B> std::fmt::Debug for ResumableBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.kind {
+            Kind::Passthrough { .. } => "Passthrough",
+            Kind::Session { .. } => "Session",
+            Kind::Empty => "Empty",
+        };
+        f.debug_tuple("ResumableBody").field(&kind).finish()
+    }
+}
+
+impl<B> ResumableBody<B> {
+    pub(crate) fn passthrough(inner: B) -> Self {
+        Self {
+            kind: Kind::Passthrough { inner },
+        }
+    }
+
+    pub(crate) fn empty() -> Self {
+        Self { kind: Kind::Empty }
+    }
+
+    pub(crate) fn session(events: SessionEvents) -> Self {
+        Self {
+            kind: Kind::Session { events },
+        }
+    }
+}
+
+impl<B> Body for ResumableBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            KindProj::Passthrough { inner } => inner.poll_frame(cx).map_err(Into::into),
+            KindProj::Session { events } => events.poll_frame(cx),
+            KindProj::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Passthrough { inner } => inner.is_end_stream(),
+            Kind::Session { events } => events.done,
+            Kind::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Passthrough { inner } => inner.size_hint(),
+            Kind::Session { .. } => SizeHint::default(),
+            Kind::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// A session's events for one connection, with keep-alive comments while it is idle.
+pub(crate) struct SessionEvents {
+    stream: Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>>,
+    keep_alive: Option<KeepAlive>,
+    done: bool,
+}
+
+struct KeepAlive {
+    interval: Duration,
+    sleep: Pin<Box<Sleep>>,
+    last_activity: Instant,
+}
+
+impl SessionEvents {
+    pub(crate) fn new<St: Store>(reader: Reader<St>, keep_alive: Option<Duration>) -> Self {
+        let stream = futures_util::stream::unfold(reader, |mut reader| async move {
+            let item = reader.next().await?;
+            Some((item, reader))
+        });
+        Self {
+            stream: Box::pin(stream),
+            keep_alive: keep_alive.map(|interval| KeepAlive {
+                interval,
+                sleep: Box::pin(tokio::time::sleep(interval)),
+                last_activity: Instant::now(),
+            }),
+            done: false,
+        }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.stream.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(bytes))) => {
+                if let Some(ka) = &mut self.keep_alive {
+                    // The timer is re-armed lazily when it fires, not on every event.
+                    ka.last_activity = Instant::now();
+                }
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.done = true;
+                return Poll::Ready(Some(Err(e)));
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                return Poll::Ready(None);
+            }
+            Poll::Pending => {}
+        }
+        let Some(ka) = &mut self.keep_alive else {
+            return Poll::Pending;
+        };
+        loop {
+            ready!(ka.sleep.as_mut().poll(cx));
+            let due = ka.last_activity + ka.interval;
+            let now = Instant::now();
+            if due <= now {
+                ka.last_activity = now;
+                ka.sleep.as_mut().reset(now + ka.interval);
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(KEEP_ALIVE)))));
+            }
+            ka.sleep.as_mut().reset(due);
+        }
+    }
+}
+
+/// How many events one store read fetches.
+const READ_BATCH: usize = 256;
+
+/// One connection's cursor into a session log: it replays what is stored after the cursor, then
+/// waits for changes. The log is the buffer, so a slow reader only delays itself.
+pub(crate) struct Reader<St: Store> {
+    store: St,
+    key: SessionKey,
+    epoch: Epoch,
+    cursor: u64,
+    subscription: Option<St::Subscription>,
+    buffered: VecDeque<StoredEvent>,
+    finished: bool,
+    _connected: metrics::ConnectedClient,
+}
+
+impl<St: Store> Reader<St> {
+    pub(crate) fn new(store: St, key: SessionKey, epoch: Epoch, after: u64) -> Self {
+        Self {
+            store,
+            key,
+            epoch,
+            cursor: after,
+            subscription: None,
+            buffered: VecDeque::new(),
+            finished: false,
+            _connected: metrics::ConnectedClient::new(),
+        }
+    }
+
+    async fn next(&mut self) -> Option<Result<Bytes, BoxError>> {
+        loop {
+            if let Some(event) = self.buffered.pop_front() {
+                self.cursor = event.seq;
+                return Some(Ok(event.bytes));
+            }
+            if self.finished {
+                return None;
+            }
+            if self.subscription.is_none() {
+                // Subscribe before the first read, so nothing appended in between is missed.
+                match self.store.subscribe(&self.key, self.epoch).await {
+                    Ok(s) => self.subscription = Some(s),
+                    Err(e) => return Some(Err(self.failed(e))),
+                }
+            }
+            let batch = match self
+                .store
+                .read(&self.key, self.epoch, self.cursor, READ_BATCH)
+                .await
+            {
+                Ok(Some(batch)) => batch,
+                // Expired or replaced: there is nothing more to send.
+                Ok(None) => return None,
+                Err(e) => return Some(Err(self.failed(e))),
+            };
+            let next_seq = batch.events.first().map_or(batch.first_seq, |e| e.seq);
+            if next_seq > self.cursor + 1 {
+                // The events this client still needs were evicted. Ending the connection makes
+                // the client reconnect and be told so, rather than skipping ahead silently.
+                tracing::debug!(
+                    cursor = self.cursor,
+                    oldest = batch.first_seq,
+                    "reader fell behind the retained history"
+                );
+                return None;
+            }
+            if batch.events.is_empty() {
+                if batch.status.is_finished() {
+                    return None;
+                }
+                if let Some(s) = &mut self.subscription {
+                    s.changed().await;
+                }
+                continue;
+            }
+            self.finished = batch.status.is_finished() && batch.events.len() < READ_BATCH;
+            self.buffered.extend(batch.events);
+        }
+    }
+
+    fn failed(&mut self, e: crate::store::StoreError) -> BoxError {
+        metrics::store_error();
+        tracing::warn!(error = %e, "session store failed while serving a client");
+        self.finished = true;
+        e.into()
+    }
+}

@@ -1,0 +1,238 @@
+//! Where a request's session key and `Last-Event-ID` come from.
+
+use std::borrow::Cow;
+
+use http::header::HeaderName;
+use http::request::Parts;
+use percent_encoding::percent_decode_str;
+
+use crate::session::{EventId, InvalidSessionKey, SessionKey};
+
+/// Finds the session key of a request.
+///
+/// `Ok(None)` means the request has no key: the layer passes it to the inner service untouched.
+/// `Err` means it has one that is not valid: the layer answers `400 Bad Request` with
+/// `resumable-sse-reason: invalid-session-key` and calls nothing.
+///
+/// Implemented by [`QueryParam`] (the default, `?session_id=`), [`Header`], and any
+/// `Fn(&http::request::Parts) -> Option<String>` closure, which is how an application binds the key
+/// to the authenticated user:
+///
+/// ```
+/// use resumable_sse::{MemoryStore, ResumableSseLayer};
+///
+/// #[derive(Clone)]
+/// struct User(String); // set as a request extension by an authentication layer
+///
+/// let layer = ResumableSseLayer::new(MemoryStore::new()).session_key(|parts: &http::request::Parts| {
+///     let user = parts.extensions.get::<User>()?;
+///     let chat = parts.uri.path().strip_prefix("/chat/")?;
+///     // One user can never name another user's session.
+///     Some(format!("{}/{}", user.0, chat))
+/// });
+/// # let _ = layer;
+/// ```
+pub trait ExtractSessionKey: Clone + Send + Sync + 'static {
+    /// Returns the request's session key, if it has one.
+    fn extract(&self, parts: &Parts) -> Result<Option<SessionKey>, InvalidSessionKey>;
+}
+
+impl<F> ExtractSessionKey for F
+where
+    F: Fn(&Parts) -> Option<String> + Clone + Send + Sync + 'static,
+{
+    fn extract(&self, parts: &Parts) -> Result<Option<SessionKey>, InvalidSessionKey> {
+        self(parts).map(SessionKey::new).transpose()
+    }
+}
+
+/// Takes the session key from a query parameter (form-decoded: `+` is a space, `%XX` a byte, and
+/// the result must be UTF-8). An absent or empty parameter means no key.
+#[derive(Clone, Debug)]
+pub struct QueryParam {
+    name: Cow<'static, str>,
+}
+
+impl QueryParam {
+    /// Reads the parameter called `name`.
+    pub fn new(name: impl Into<Cow<'static, str>>) -> Self {
+        Self { name: name.into() }
+    }
+}
+
+impl Default for QueryParam {
+    /// `?session_id=`.
+    fn default() -> Self {
+        Self::new("session_id")
+    }
+}
+
+impl ExtractSessionKey for QueryParam {
+    fn extract(&self, parts: &Parts) -> Result<Option<SessionKey>, InvalidSessionKey> {
+        match query_param(parts.uri.query(), &self.name) {
+            None | Some("") => Ok(None),
+            Some(raw) => decode_form_value(raw).and_then(SessionKey::new).map(Some),
+        }
+    }
+}
+
+/// Takes the session key from a request header. An absent or empty header means no key.
+#[derive(Clone, Debug)]
+pub struct Header {
+    name: HeaderName,
+}
+
+impl Header {
+    /// Reads the header called `name`.
+    pub fn new(name: HeaderName) -> Self {
+        Self { name }
+    }
+}
+
+impl ExtractSessionKey for Header {
+    fn extract(&self, parts: &Parts) -> Result<Option<SessionKey>, InvalidSessionKey> {
+        match parts.headers.get(&self.name) {
+            None => Ok(None),
+            Some(v) if v.is_empty() => Ok(None),
+            Some(v) => std::str::from_utf8(v.as_bytes())
+                .map_err(|_| InvalidSessionKey::NotUtf8)
+                .and_then(SessionKey::new)
+                .map(Some),
+        }
+    }
+}
+
+/// The raw value of the first query parameter called `name`, without allocating.
+pub(crate) fn query_param<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
+}
+
+fn decode_form_value(raw: &str) -> Result<String, InvalidSessionKey> {
+    let spaced: Cow<'_, str> = if raw.contains('+') {
+        Cow::Owned(raw.replace('+', " "))
+    } else {
+        Cow::Borrowed(raw)
+    };
+    percent_decode_str(&spaced)
+        .decode_utf8()
+        .map(Cow::into_owned)
+        .map_err(|_| InvalidSessionKey::NotUtf8)
+}
+
+/// What a request says about where it resumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LastEventId {
+    /// No `Last-Event-ID` header (or an empty one) and no `lastEventId` parameter.
+    None,
+    /// A well-formed id.
+    Id(EventId),
+    /// Something that is not an id of ours.
+    Malformed,
+}
+
+/// Reads the `Last-Event-ID` header, or the `lastEventId` query parameter when the header is
+/// absent (for clients that cannot set headers).
+pub(crate) fn last_event_id(parts: &Parts) -> LastEventId {
+    let parse = |raw: &[u8]| match EventId::parse(raw) {
+        Some(id) => LastEventId::Id(id),
+        None => LastEventId::Malformed,
+    };
+    if let Some(h) = parts.headers.get("last-event-id") {
+        // EventSource sends the header only when its last event id is non-empty; an empty one
+        // carries no position.
+        return if h.is_empty() {
+            LastEventId::None
+        } else {
+            parse(h.as_bytes())
+        };
+    }
+    match query_param(parts.uri.query(), "lastEventId") {
+        None | Some("") => LastEventId::None,
+        // Our ids are URL-safe, so the raw parameter is the id.
+        Some(raw) => parse(raw.as_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, headers: &[(&str, &[u8])]) -> Parts {
+        let mut b = http::Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, http::HeaderValue::from_bytes(v).unwrap());
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn query_key_is_form_decoded() {
+        let q = QueryParam::default();
+        let key = q
+            .extract(&parts("/chat?a=1&session_id=a%2Fb+c&x", &[]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(key.as_str(), "a/b c");
+    }
+
+    #[test]
+    fn absent_or_empty_query_key_is_no_key() {
+        let q = QueryParam::default();
+        assert_eq!(q.extract(&parts("/chat", &[])), Ok(None));
+        assert_eq!(q.extract(&parts("/chat?session_id=", &[])), Ok(None));
+        assert_eq!(q.extract(&parts("/chat?session_idx=1", &[])), Ok(None));
+    }
+
+    #[test]
+    fn invalid_query_keys_are_rejected() {
+        let q = QueryParam::default();
+        assert_eq!(
+            q.extract(&parts("/chat?session_id=%ff", &[])),
+            Err(InvalidSessionKey::NotUtf8)
+        );
+        let long = format!("/chat?session_id={}", "k".repeat(10_000));
+        assert_eq!(
+            q.extract(&parts(&long, &[])),
+            Err(InvalidSessionKey::TooLong(10_000))
+        );
+        // Bad percent-encoding is taken literally, like browsers do.
+        assert_eq!(
+            q.extract(&parts("/chat?session_id=%zz", &[])).unwrap().unwrap().as_str(),
+            "%zz"
+        );
+    }
+
+    #[test]
+    fn header_key_is_read_verbatim() {
+        let h = Header::new(HeaderName::from_static("x-session-id"));
+        let key = h
+            .extract(&parts("/", &[("x-session-id", b"abc*?[")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(key.as_str(), "abc*?[");
+        assert_eq!(h.extract(&parts("/", &[])), Ok(None));
+        assert_eq!(
+            h.extract(&parts("/", &[("x-session-id", b"\xff")])),
+            Err(InvalidSessionKey::NotUtf8)
+        );
+    }
+
+    #[test]
+    fn last_event_id_header_wins_over_query() {
+        let p = parts(
+            "/?lastEventId=000000000001-5",
+            &[("last-event-id", b"000000000001-7")],
+        );
+        assert!(matches!(last_event_id(&p), LastEventId::Id(id) if id.seq == 7));
+        let p = parts("/?lastEventId=000000000001-5", &[]);
+        assert!(matches!(last_event_id(&p), LastEventId::Id(id) if id.seq == 5));
+        assert_eq!(last_event_id(&parts("/", &[("last-event-id", b"")])), LastEventId::None);
+        assert_eq!(
+            last_event_id(&parts("/", &[("last-event-id", b"garbage")])),
+            LastEventId::Malformed
+        );
+    }
+}

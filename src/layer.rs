@@ -1,0 +1,131 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use crate::key::{ExtractSessionKey, QueryParam};
+use crate::service::ResumableSse;
+use crate::sse::DEFAULT_MAX_EVENT_SIZE;
+
+/// A [`Layer`] that makes the SSE responses of the service it wraps resumable.
+///
+/// See the [crate docs](crate) for what it does and what it guarantees.
+///
+/// ```
+/// use std::time::Duration;
+/// use axum::{routing::get, Router};
+/// use resumable_sse::{MemoryStore, ResumableSseLayer};
+///
+/// # async fn chat() -> &'static str { "" }
+/// let store = MemoryStore::new();
+/// let app: Router = Router::new()
+///     .route("/chat", get(chat))
+///     .layer(
+///         ResumableSseLayer::new(store)
+///             .keep_alive(Some(Duration::from_secs(10)))
+///             .max_lifetime(Duration::from_secs(600)),
+///     );
+/// ```
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct ResumableSseLayer<St, K = QueryParam> {
+    pub(crate) store: St,
+    pub(crate) key: K,
+    pub(crate) config: Arc<Config>,
+}
+
+/// What the layer does when its store fails (for instance Redis is down) while a request with a
+/// session key arrives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnStoreError {
+    /// Answer `503 Service Unavailable` with `retry-after: 1` and
+    /// `resumable-sse-reason: store-unavailable` (the default). Nothing is generated twice.
+    #[default]
+    ServiceUnavailable,
+    /// Call the inner service and pass its response through, unresumable. Availability first:
+    /// a reconnect may then generate again.
+    PassThrough,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) keep_alive: Option<Duration>,
+    pub(crate) max_lifetime: Duration,
+    pub(crate) max_event_size: usize,
+    pub(crate) on_store_error: OnStoreError,
+}
+
+impl<St> ResumableSseLayer<St> {
+    /// Wraps services with resumability backed by `store`, with the defaults: the key comes from
+    /// `?session_id=`, a keep-alive comment every 15 s, a session lifetime of one hour, events of
+    /// at most 1 MiB, and `503` when the store fails.
+    pub fn new(store: St) -> Self {
+        Self {
+            store,
+            key: QueryParam::default(),
+            config: Arc::new(Config {
+                keep_alive: Some(Duration::from_secs(15)),
+                max_lifetime: Duration::from_secs(3600),
+                max_event_size: DEFAULT_MAX_EVENT_SIZE,
+                on_store_error: OnStoreError::default(),
+            }),
+        }
+    }
+}
+
+impl<St, K> ResumableSseLayer<St, K> {
+    /// Sets where the session key comes from; see [`ExtractSessionKey`].
+    pub fn session_key<K2: ExtractSessionKey>(self, key: K2) -> ResumableSseLayer<St, K2> {
+        ResumableSseLayer {
+            store: self.store,
+            key,
+            config: self.config,
+        }
+    }
+
+    /// Sends a `:` comment on every connection the layer serves after this long without an event
+    /// (default 15 s); `None` turns keep-alives off.
+    pub fn keep_alive(mut self, interval: Option<Duration>) -> Self {
+        Arc::make_mut(&mut self.config).keep_alive = interval.filter(|d| !d.is_zero());
+        self
+    }
+
+    /// The longest a session may run (default one hour). When it is reached the producer is
+    /// stopped and the session ends as failed.
+    pub fn max_lifetime(mut self, lifetime: Duration) -> Self {
+        Arc::make_mut(&mut self.config).max_lifetime = lifetime;
+        self
+    }
+
+    /// The largest event the inner body may produce, in bytes (default 1 MiB). A larger one ends
+    /// the session as failed; the events before it stay readable.
+    pub fn max_event_size(mut self, bytes: usize) -> Self {
+        Arc::make_mut(&mut self.config).max_event_size = bytes;
+        self
+    }
+
+    /// What to do when the store fails; see [`OnStoreError`].
+    pub fn on_store_error(mut self, policy: OnStoreError) -> Self {
+        Arc::make_mut(&mut self.config).on_store_error = policy;
+        self
+    }
+
+    /// The store, for instance to [cancel](crate::store::Store::cancel) a session.
+    pub fn store(&self) -> &St {
+        &self.store
+    }
+}
+
+impl<S, St: Clone, K: Clone> Layer<S> for ResumableSseLayer<St, K> {
+    type Service = ResumableSse<S, St, K>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ResumableSse {
+            inner,
+            store: self.store.clone(),
+            key: self.key.clone(),
+            config: self.config.clone(),
+        }
+    }
+}

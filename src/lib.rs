@@ -1,0 +1,176 @@
+//! A [tower] middleware that makes any Server-Sent-Events response resumable.
+//!
+//! Wrap a service whose responses are SSE streams (an LLM answer, a build log, a progress feed)
+//! in [`ResumableSseLayer`], and a dropped connection loses nothing: the stream keeps being
+//! generated, every event is stored with an id of its own, and a client that reconnects with
+//! `Last-Event-ID` (as a browser's `EventSource` does by itself) gets exactly the events it missed,
+//! then the live ones.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use std::time::Duration;
+//! use axum::response::sse::{Event, Sse};
+//! use axum::{routing::get, Router};
+//! use futures_util::stream::{self, Stream, StreamExt};
+//! use resumable_sse::{MemoryStore, ResumableSseLayer};
+//!
+//! // A plain SSE handler that knows nothing of resumption.
+//! async fn chat() -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+//!     let tokens = stream::iter(["Hello", " world"]).then(|t| async move {
+//!         tokio::time::sleep(Duration::from_millis(50)).await;
+//!         Ok(Event::default().data(t))
+//!     });
+//!     Sse::new(tokens)
+//! }
+//!
+//! let app: Router = Router::new()
+//!     .route("/chat", get(chat))
+//!     .layer(ResumableSseLayer::new(MemoryStore::new()));
+//! // GET /chat?session_id=<unguessable id> streams; the same URL resumes.
+//! ```
+//!
+//! # How a request is answered
+//!
+//! 1. **No session key** (by default the `session_id` query parameter; see
+//!    [`ResumableSseLayer::session_key`]): the request goes to the inner service untouched, with
+//!    no store access and no allocation.
+//! 2. **A key, no session yet**: the inner service is called once. A `200` response with
+//!    `content-type: text/event-stream` (any case, any parameters, no `content-encoding`) creates
+//!    the session; any other response passes through and creates none. The body is driven by a
+//!    detached task, so a client that disconnects never stops the generation.
+//! 3. **A key whose session exists** (running, or finished and still retained): the inner service
+//!    is *not* called. The response carries the original status and headers, replays the stored
+//!    events after `Last-Event-ID` (the header; the `lastEventId` query parameter when the header
+//!    is absent), or from the start when there is none, then follows the live events until the
+//!    session ends.
+//!
+//! Everything the layer answers itself carries a reason in the `resumable-sse-reason` header
+//! ([`REASON_HEADER`]) and `cache-control: no-store`:
+//!
+//! | case | status | reason |
+//! |---|---|---|
+//! | the client already holds the last event of a completed session | `204` | `completed` |
+//! | ... of a failed session (inner body error, size limit, lifetime, producer died) | `204` | `failed` |
+//! | ... of a cancelled session | `204` | `cancelled` |
+//! | `Last-Event-ID` for a session that does not exist (never did, or expired) | `410` | `unknown-session` |
+//! | `Last-Event-ID` from another incarnation of the key (an expired session's epoch) | `410` | `foreign-epoch` |
+//! | the position asked for was evicted by the per-session limits | `410` | `evicted` |
+//! | `Last-Event-ID` that is not one of ours (garbage, too long, NUL, overflow, wrong case) | `400` | `malformed-last-event-id` |
+//! | `Last-Event-ID` beyond the newest event | `400` | `beyond-head` |
+//! | session key present but invalid (over 256 bytes, not UTF-8) | `400` | `invalid-session-key` |
+//! | the store holds as many sessions as it may | `503` | `session-limit` |
+//! | the store failed (with [`OnStoreError::ServiceUnavailable`], the default) | `503` + `retry-after` | `store-unavailable` |
+//! | another request's claim on the session never produced a response | `503` | `session-starting` |
+//!
+//! `204` is what makes a browser's `EventSource` stop reconnecting; `4xx` stop it too. None of
+//! these answers calls the inner service, so a generation never runs twice.
+//!
+//! # Guarantees
+//!
+//! Each guarantee is proved by the test named after it (in `tests/` unless noted).
+//!
+//! - **One producer.** Concurrent first requests for one key call the inner service exactly
+//!   once, and all get the identical sequence (`service.rs`:
+//!   `concurrent_first_requests_call_the_inner_service_once`).
+//! - **Generation survives the client.** The inner body is driven to its end even when every
+//!   client has gone (`e2e.rs`: `generation_continues_after_the_client_disconnects`).
+//! - **Exactly once, in order, per connection.** A reconnect gets every event after its
+//!   `Last-Event-ID`, then the live ones, with no duplicate and no gap, including events
+//!   appended while the replay is being written (the reader subscribes before it reads)
+//!   (`e2e.rs`: `reconnects_get_every_event_exactly_once`).
+//! - **Own ids.** Every stored event gets an id `<epoch>-<seq>` replacing the inner one; ids are
+//!   strictly increasing within a session and an id from an earlier incarnation of the key is
+//!   recognised (`service.rs`: `ids_from_an_earlier_incarnation_are_foreign`).
+//! - **Done means done.** A client holding the final event gets `204`
+//!   (`service.rs`: `reconnect_after_completion_gets_204`).
+//! - **Failures are visible.** An inner body error ends the session as failed: clients get what
+//!   was stored, then the end; reconnects get `204 failed`; a `tracing` warning records it
+//!   (`service.rs`: `inner_body_error_fails_the_session`).
+//! - **Slow clients only slow themselves.** Each connection has its own cursor into the stored
+//!   log; events are encoded once and shared as [`bytes::Bytes`] (`e2e.rs`:
+//!   `a_slow_client_does_not_slow_the_producer_or_others`).
+//! - **Nothing is skipped silently.** A client whose position was evicted is told `410 evicted`;
+//!   a connected client that falls behind eviction is disconnected so its reconnect is told
+//!   (`service.rs`: `evicted_positions_are_reported_not_skipped`).
+//! - **Non-SSE traffic is untouched**, trailers included (`passthrough.rs`).
+//!
+//! # Keep-alive, retention and limits
+//!
+//! - [`ResumableSseLayer::keep_alive`]: a `:` comment on every session connection after 15 s
+//!   without an event (configurable, can be turned off). Keep-alive comments of the inner body
+//!   are not stored.
+//! - [`ResumableSseLayer::max_lifetime`] (default one hour): a longer session is stopped and
+//!   ends as failed.
+//! - [`ResumableSseLayer::max_event_size`] (default 1 MiB): a larger event ends the session as
+//!   failed; the events before it stay readable. The parser never buffers more than this.
+//! - The store's limits: retention of finished sessions, sessions per store, events and bytes
+//!   per session (see [`MemoryStore`]).
+//!
+//! # Cancelling
+//!
+//! [`Store::cancel`](store::Store::cancel) stops a running session: its producer drops the inner
+//! body (which stops the generation), connected clients get what was stored and then the end,
+//! and reconnects get `204 cancelled`.
+//!
+//! # Composing with tower-http
+//!
+//! Put [`ResumableSseLayer`] *inside* `TraceLayer` and `CompressionLayer`, and `TimeoutLayer`
+//! either side:
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::ServiceBuilder;
+//! use tower_http::{compression::CompressionLayer, timeout::TimeoutLayer, trace::TraceLayer};
+//! use resumable_sse::{MemoryStore, ResumableSseLayer};
+//!
+//! let middleware = ServiceBuilder::new()
+//!     .layer(TraceLayer::new_for_http())
+//!     .layer(CompressionLayer::new())
+//!     .layer(TimeoutLayer::new(Duration::from_secs(10)))
+//!     .layer(ResumableSseLayer::new(MemoryStore::new()));
+//! # let _ = middleware;
+//! ```
+//!
+//! The layer must read the inner event stream, so it must sit *inside* any compression
+//! (an inner response with a `content-encoding` is passed through unresumable).
+//! `CompressionLayer`'s default predicate leaves `text/event-stream` uncompressed, so events are
+//! not buffered. `TimeoutLayer` bounds the time to the response head only, so it does not cut
+//! long streams; outside the layer it also bounds the store's work.
+//!
+//! # Security
+//!
+//! A session key is a capability: whoever presents it can read the whole stream and cancel it.
+//! Use unguessable keys (128 random bits), or bind the key to the authenticated user with
+//! [`ResumableSseLayer::session_key`]. The layer trusts the inner service and its responses; it
+//! trusts no request field: keys and `Last-Event-ID` are validated and bounded as listed above.
+//!
+//! [tower]: https://docs.rs/tower
+
+#![deny(unsafe_code)]
+#![warn(missing_docs, rust_2018_idioms)]
+#![deny(unreachable_pub)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod future;
+mod key;
+mod layer;
+pub mod metrics;
+mod producer;
+mod service;
+mod session;
+pub mod sse;
+pub mod store;
+
+pub use body::ResumableBody;
+pub use future::ResponseFuture;
+pub use key::{ExtractSessionKey, Header, QueryParam};
+pub use layer::{OnStoreError, ResumableSseLayer};
+pub use service::{ResumableSse, REASON_HEADER};
+pub use session::{
+    Epoch, EventId, IdBuf, InvalidSessionKey, Outcome, SessionKey, MAX_SESSION_KEY_LEN,
+};
+pub use store::memory::{MemoryStore, MemoryStoreBuilder};
+
+/// The error type of [`ResumableBody`]: any error, boxed.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

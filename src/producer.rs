@@ -1,0 +1,191 @@
+//! The detached task that drives an inner SSE body into the store.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::OptionFuture;
+use futures_util::FutureExt;
+use http_body::Body;
+use http_body_util::BodyExt;
+
+use crate::layer::Config;
+use crate::metrics;
+use crate::session::{EventId, Epoch, IdBuf, Outcome, SessionKey};
+use crate::sse::{encode_event, Parser};
+use crate::store::{Appended, Store, StoreError, StoredEvent};
+use crate::BoxError;
+
+/// Events produced while the store is unreachable are held up to this many; then the inner body
+/// is not polled until the store takes them (the generation waits, nothing is dropped).
+const MAX_PENDING_EVENTS: usize = 10_000;
+/// Consecutive failed appends before the session is given up as failed.
+const MAX_APPEND_FAILURES: u32 = 8;
+
+type InFlight = Pin<Box<dyn Future<Output = (Result<Appended, StoreError>, Vec<StoredEvent>)> + Send>>;
+
+/// Spawns the producer of a claimed, started session. It owns the inner body from now on: no
+/// client connection can stop it, only its end, an error, a limit or a cancel.
+pub(crate) fn spawn<St, B>(store: St, key: SessionKey, epoch: Epoch, body: B, config: Arc<Config>)
+where
+    St: Store,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    metrics::session_started();
+    tokio::spawn(async move {
+        let run = AssertUnwindSafe(produce(&store, &key, epoch, body, &config)).catch_unwind();
+        let outcome = match run.await {
+            Ok(Some(outcome)) => outcome,
+            Ok(None) => {
+                // Cancelled, or the session vanished: it already has its final state.
+                metrics::session_ended(Outcome::Cancelled);
+                return;
+            }
+            Err(_) => {
+                tracing::error!("the inner SSE body panicked; session marked failed");
+                Outcome::Failed
+            }
+        };
+        metrics::session_ended(outcome);
+        finish(&store, &key, epoch, outcome).await;
+    });
+}
+
+async fn finish<St: Store>(store: &St, key: &SessionKey, epoch: Epoch, outcome: Outcome) {
+    for attempt in 0..MAX_APPEND_FAILURES {
+        match store.finish(key, epoch, outcome).await {
+            Ok(()) => return,
+            Err(e) => {
+                metrics::store_error();
+                tracing::warn!(error = %e, attempt, "could not record the end of a session");
+                tokio::time::sleep(backoff(attempt + 1)).await;
+            }
+        }
+    }
+    tracing::error!("gave up recording the end of a session; it will expire with its lifetime");
+}
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(50u64 << failures.min(6))
+}
+
+/// Drives the body to its end. `None` when the session was cancelled or vanished.
+async fn produce<St, B>(
+    store: &St,
+    key: &SessionKey,
+    epoch: Epoch,
+    body: B,
+    config: &Config,
+) -> Option<Outcome>
+where
+    St: Store,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = pin!(body);
+    let mut cancelled = pin!(store.cancelled(key, epoch));
+    let mut watch_cancel = true;
+    let mut deadline = pin!(tokio::time::sleep(config.max_lifetime));
+    let mut parser = Parser::new(config.max_event_size);
+    let mut id_buf = IdBuf::default();
+    let mut next_seq: u64 = 1;
+    let mut pending: Vec<StoredEvent> = Vec::new();
+    let mut in_flight: Option<InFlight> = None;
+    let mut ended: Option<Outcome> = None;
+    let mut failures: u32 = 0;
+
+    loop {
+        if in_flight.is_none() && !pending.is_empty() {
+            // Everything produced while the previous write was in flight goes in this one.
+            let batch = std::mem::take(&mut pending);
+            let (store, key) = (store.clone(), key.clone());
+            in_flight = Some(Box::pin(async move {
+                let result = store.append(&key, epoch, &batch).await;
+                (result, batch)
+            }));
+        }
+        if in_flight.is_none() {
+            if let Some(outcome) = ended {
+                return Some(outcome);
+            }
+        }
+        let can_read = ended.is_none() && pending.len() < MAX_PENDING_EVENTS;
+        tokio::select! {
+            biased;
+            result = &mut cancelled, if watch_cancel => match result {
+                Ok(()) => return None,
+                Err(e) => {
+                    // Without the signal a cancel is still seen by the next append.
+                    metrics::store_error();
+                    tracing::warn!(error = %e, "cannot watch for cancellation");
+                    watch_cancel = false;
+                }
+            },
+            Some((result, mut batch)) = OptionFuture::from(in_flight.as_mut()), if in_flight.is_some() => {
+                in_flight = None;
+                match result {
+                    Ok(Appended::Stored) => {
+                        failures = 0;
+                        metrics::events_stored(batch.len());
+                    }
+                    Ok(Appended::Stopped) => return None,
+                    Err(e) => {
+                        failures += 1;
+                        metrics::store_error();
+                        tracing::warn!(error = %e, failures, "could not store events; retrying");
+                        if failures >= MAX_APPEND_FAILURES {
+                            return Some(Outcome::Failed);
+                        }
+                        // Retry the same events first, in order, with what came since.
+                        batch.append(&mut pending);
+                        pending = batch;
+                        tokio::time::sleep(backoff(failures)).await;
+                    }
+                }
+            },
+            () = &mut deadline, if ended.is_none() => {
+                tracing::warn!(lifetime = ?config.max_lifetime, "session reached its maximum lifetime; ending it as failed");
+                ended = Some(Outcome::Failed);
+            },
+            frame = next_frame(body.as_mut()), if can_read => match frame {
+                None => ended = Some(Outcome::Completed),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "inner SSE body failed; session marked failed");
+                    ended = Some(Outcome::Failed);
+                }
+                Some(Ok(frame)) => {
+                    // Trailers mean nothing to an event stream; only data is parsed.
+                    if let Ok(data) = frame.into_data() {
+                        let fed = parser.feed(&data, |event| {
+                            let id = EventId { epoch, seq: next_seq };
+                            pending.push(StoredEvent {
+                                seq: next_seq,
+                                bytes: encode_event(id.write(&mut id_buf), &event),
+                            });
+                            next_seq += 1;
+                        });
+                        if let Err(e) = fed {
+                            tracing::warn!(error = %e, "inner SSE body produced an oversized event; session marked failed");
+                            ended = Some(Outcome::Failed);
+                        }
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// The next frame, with the error boxed so that the producer's state stays `Send` whatever the
+/// body's error type.
+async fn next_frame<B>(body: Pin<&mut B>) -> Option<Result<http_body::Frame<Bytes>, BoxError>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = body;
+    body.frame().await.map(|r| r.map_err(Into::into))
+}

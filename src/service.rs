@@ -1,0 +1,401 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::body::{Reader, ResumableBody, SessionEvents};
+use crate::future::ResponseFuture;
+use crate::key::{last_event_id, ExtractSessionKey, LastEventId, QueryParam};
+use crate::layer::{Config, OnStoreError};
+use crate::metrics;
+use crate::session::{Epoch, SessionKey};
+use crate::store::{Claim, ResponseHead, SessionInfo, Status, Store, StoreErrorKind, Subscription};
+use crate::{producer, BoxError};
+
+/// The header that names why the layer answered a request itself, without events.
+pub const REASON_HEADER: HeaderName = HeaderName::from_static("resumable-sse-reason");
+
+/// How long a request waits for another request's claim on the same session to produce a
+/// response head before it is answered `503` with `session-starting`.
+const START_WAIT: Duration = Duration::from_secs(30);
+/// Grace given to the store beyond the producer's own deadline, so the session can be finished.
+const FINISH_GRACE: Duration = Duration::from_secs(30);
+
+/// The [`Service`] made by [`ResumableSseLayer`](crate::ResumableSseLayer).
+///
+/// See the [crate docs](crate) for what it does.
+#[derive(Clone, Debug)]
+pub struct ResumableSse<S, St, K = QueryParam> {
+    pub(crate) inner: S,
+    pub(crate) store: St,
+    pub(crate) key: K,
+    pub(crate) config: Arc<Config>,
+}
+
+impl<S, St, K> ResumableSse<S, St, K> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The store.
+    pub fn store(&self) -> &St {
+        &self.store
+    }
+}
+
+impl<S, St, K, ReqBody, ResBody> Service<Request<ReqBody>> for ResumableSse<S, St, K>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+    St: Store,
+    K: ExtractSessionKey,
+{
+    type Response = Response<ResumableBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let (parts, body) = req.into_parts();
+        let key = match self.key.extract(&parts) {
+            Ok(Some(key)) => key,
+            Ok(None) => {
+                return ResponseFuture::passthrough(self.inner.call(Request::from_parts(parts, body)))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "invalid session key");
+                let res = reject(StatusCode::BAD_REQUEST, "invalid-session-key");
+                return ResponseFuture::session(Box::pin(async move { Ok(res) }));
+            }
+        };
+        let last = last_event_id(&parts);
+        // The future owns the service that was driven to readiness; leave a clone in its place.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let session = Session {
+            store: self.store.clone(),
+            config: self.config.clone(),
+            key,
+        };
+        ResponseFuture::session(Box::pin(session.handle(
+            inner,
+            Request::from_parts(parts, body),
+            last,
+        )))
+    }
+}
+
+struct Session<St> {
+    store: St,
+    config: Arc<Config>,
+    key: SessionKey,
+}
+
+impl<St: Store> Session<St> {
+    async fn handle<S, ReqBody, ResBody>(
+        self,
+        inner: S,
+        req: Request<ReqBody>,
+        last: LastEventId,
+    ) -> Result<Response<ResumableBody<ResBody>>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send,
+        S::Future: Send,
+        ResBody: Body<Data = Bytes> + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        let last = match last {
+            LastEventId::Malformed => {
+                return Ok(reject(StatusCode::BAD_REQUEST, "malformed-last-event-id"))
+            }
+            LastEventId::Id(id) => Some(id),
+            LastEventId::None => None,
+        };
+        // A request that finds the session starting waits for it; if that claim is released
+        // (its response was not an event stream) the request tries to claim it itself.
+        for _ in 0..3 {
+            let found = if last.is_some() {
+                self.store.lookup(&self.key).await.map(|info| match info {
+                    Some(info) => Ok(info),
+                    None => Err("unknown-session"),
+                })
+            } else {
+                match self.store.claim(&self.key, self.config.max_lifetime + FINISH_GRACE).await {
+                    Ok(Claim::Claimed(epoch)) => return self.start(inner, req, epoch).await,
+                    Ok(Claim::Exists(info)) => Ok(Ok(info)),
+                    Err(e) => Err(e),
+                }
+            };
+            let info = match found {
+                Ok(Ok(info)) => info,
+                Ok(Err(reason)) => return Ok(reject(StatusCode::GONE, reason)),
+                Err(e) if e.kind() == StoreErrorKind::SessionLimit => {
+                    return Ok(reject(StatusCode::SERVICE_UNAVAILABLE, "session-limit"))
+                }
+                Err(e) => return self.store_failed(e, inner, req).await,
+            };
+            if info.status == Status::Starting {
+                if let Err(e) = self.wait_started(info.epoch).await {
+                    return self.store_failed(e, inner, req).await;
+                }
+                continue;
+            }
+            return Ok(self.resume(info, last));
+        }
+        Ok(reject(StatusCode::SERVICE_UNAVAILABLE, "session-starting"))
+    }
+
+    /// The first request: call the inner service and take over its event stream.
+    async fn start<S, ReqBody, ResBody>(
+        self,
+        mut inner: S,
+        req: Request<ReqBody>,
+        epoch: Epoch,
+    ) -> Result<Response<ResumableBody<ResBody>>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ResBody: Body<Data = Bytes> + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        let mut claim = ClaimGuard {
+            store: Some(self.store.clone()),
+            key: self.key.clone(),
+            epoch,
+        };
+        let res = inner.call(req).await?;
+        if !is_event_stream(&res) {
+            claim.release().await;
+            return Ok(res.map(ResumableBody::passthrough));
+        }
+        let (mut parts, body) = res.into_parts();
+        strip_framing_headers(&mut parts.headers);
+        let head = ResponseHead {
+            status: parts.status,
+            headers: parts.headers.clone(),
+        };
+        if let Err(e) = self.store.start(&self.key, epoch, head).await {
+            // The inner service has answered and must not be asked again: serve this response
+            // as it is, unresumable.
+            metrics::store_error();
+            tracing::warn!(error = %e, "could not start a session; serving the response unresumable");
+            claim.release().await;
+            return Ok(Response::from_parts(parts, ResumableBody::passthrough(body)));
+        }
+        claim.disarm();
+        producer::spawn(
+            self.store.clone(),
+            self.key.clone(),
+            epoch,
+            body,
+            self.config.clone(),
+        );
+        let reader = Reader::new(self.store, self.key, epoch, 0);
+        Ok(Response::from_parts(
+            parts,
+            ResumableBody::session(SessionEvents::new(reader, self.config.keep_alive)),
+        ))
+    }
+
+    /// A request for an existing session: replay and follow it, or say why not.
+    fn resume<B>(self, info: SessionInfo, last: Option<crate::EventId>) -> Response<ResumableBody<B>> {
+        let after = match last {
+            None if info.first_seq > 1 => return reject(StatusCode::GONE, "evicted"),
+            None => 0,
+            Some(id) if id.epoch != info.epoch => return reject(StatusCode::GONE, "foreign-epoch"),
+            Some(id) if id.seq > info.last_seq => {
+                return reject(StatusCode::BAD_REQUEST, "beyond-head")
+            }
+            Some(id) if id.seq < info.first_seq - 1 => return reject(StatusCode::GONE, "evicted"),
+            Some(id) => match info.status {
+                Status::Finished(outcome) if id.seq == info.last_seq => {
+                    return reject(StatusCode::NO_CONTENT, outcome.reason())
+                }
+                _ => id.seq,
+            },
+        };
+        let Some(head) = info.head else {
+            // A running or finished session always has its head; be safe anyway.
+            return reject(StatusCode::GONE, "unknown-session");
+        };
+        metrics::replay_served();
+        let reader = Reader::new(self.store, self.key, info.epoch, after);
+        let mut res = Response::new(ResumableBody::session(SessionEvents::new(
+            reader,
+            self.config.keep_alive,
+        )));
+        *res.status_mut() = head.status;
+        *res.headers_mut() = head.headers.clone();
+        res
+    }
+
+    /// Waits until a starting session runs, ends or goes away.
+    async fn wait_started(&self, epoch: Epoch) -> Result<(), crate::store::StoreError> {
+        let mut sub = self.store.subscribe(&self.key, epoch).await?;
+        let wait = async {
+            loop {
+                match self.store.lookup(&self.key).await? {
+                    Some(info) if info.epoch == epoch && info.status == Status::Starting => {
+                        sub.changed().await
+                    }
+                    _ => return Ok(()),
+                }
+            }
+        };
+        // A claim that never starts is retried, then answered `session-starting`.
+        tokio::time::timeout(START_WAIT, wait)
+            .await
+            .unwrap_or(Ok(()))
+    }
+
+    async fn store_failed<S, ReqBody, ResBody>(
+        &self,
+        e: crate::store::StoreError,
+        mut inner: S,
+        req: Request<ReqBody>,
+    ) -> Result<Response<ResumableBody<ResBody>>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    {
+        metrics::store_error();
+        tracing::warn!(error = %e, "session store unavailable");
+        match self.config.on_store_error {
+            OnStoreError::PassThrough => {
+                let res = inner.call(req).await?;
+                Ok(res.map(ResumableBody::passthrough))
+            }
+            OnStoreError::ServiceUnavailable => {
+                let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                Ok(res)
+            }
+        }
+    }
+}
+
+/// Releases a claim whose request went away before its response was taken over.
+struct ClaimGuard<St: Store> {
+    store: Option<St>,
+    key: SessionKey,
+    epoch: Epoch,
+}
+
+impl<St: Store> ClaimGuard<St> {
+    fn disarm(&mut self) {
+        self.store = None;
+    }
+
+    async fn release(&mut self) {
+        if let Some(store) = self.store.take() {
+            if let Err(e) = store.release(&self.key, self.epoch).await {
+                metrics::store_error();
+                tracing::warn!(error = %e, "could not release a session claim; it will expire");
+            }
+        }
+    }
+}
+
+impl<St: Store> Drop for ClaimGuard<St> {
+    fn drop(&mut self) {
+        if let (Some(store), Ok(rt)) = (self.store.take(), tokio::runtime::Handle::try_current()) {
+            let (key, epoch) = (self.key.clone(), self.epoch);
+            rt.spawn(async move {
+                let _ = store.release(&key, epoch).await;
+            });
+        }
+    }
+}
+
+/// An answer the layer gives itself, with the reason in [`REASON_HEADER`].
+fn reject<B>(status: StatusCode, reason: &'static str) -> Response<ResumableBody<B>> {
+    metrics::rejected(reason);
+    let mut res = Response::new(ResumableBody::empty());
+    *res.status_mut() = status;
+    let headers = res.headers_mut();
+    headers.insert(REASON_HEADER, HeaderValue::from_static(reason));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// `200 OK` with `content-type: text/event-stream` (any case, any parameters) and no content
+/// coding: the layer must be able to read the events.
+fn is_event_stream<B>(res: &Response<B>) -> bool {
+    if res.status() != StatusCode::OK {
+        return false;
+    }
+    let coded = res
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let sse = res.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
+        let essence = v.as_bytes().split(|&b| b == b';').next().unwrap_or_default();
+        essence.trim_ascii().eq_ignore_ascii_case(b"text/event-stream")
+    });
+    sse && !coded
+}
+
+/// The layer re-frames the body, so its length changes; hop-by-hop headers belong to one
+/// connection only.
+fn strip_framing_headers(headers: &mut HeaderMap) {
+    for name in [
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn res(status: u16, headers: &[(&str, &str)]) -> Response<()> {
+        let mut b = Response::builder().status(status);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn event_stream_detection_ignores_case_and_parameters() {
+        assert!(is_event_stream(&res(200, &[("content-type", "text/event-stream")])));
+        assert!(is_event_stream(&res(
+            200,
+            &[("content-type", "Text/Event-Stream; charset=utf-8")]
+        )));
+        assert!(is_event_stream(&res(
+            200,
+            &[("content-type", " text/event-stream ;x=1")]
+        )));
+    }
+
+    #[test]
+    fn other_responses_are_not_event_streams() {
+        assert!(!is_event_stream(&res(201, &[("content-type", "text/event-stream")])));
+        assert!(!is_event_stream(&res(200, &[("content-type", "application/json")])));
+        assert!(!is_event_stream(&res(200, &[])));
+        assert!(!is_event_stream(&res(
+            200,
+            &[("content-type", "text/event-stream"), ("content-encoding", "gzip")]
+        )));
+    }
+}

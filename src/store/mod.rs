@@ -1,0 +1,290 @@
+//! Where sessions live: the [`Store`] trait and the stores that implement it.
+//!
+//! A store keeps, per [`SessionKey`], one session: its [`Epoch`], its status, the head of the
+//! original response and an ordered log of encoded events. It also tells interested parties when a
+//! session changed. It does **not** parse, number or encode events, decide what a reconnect gets, or
+//! merge replay and live events: the layer does that once for every backend.
+//!
+//! The trait is shaped for networked backends: appends come in batches (one round trip per batch),
+//! reads are async and paged, and a [`Subscription`] is a cheap "something changed" signal that a
+//! backend can serve from one shared connection per process.
+//!
+//! # Example: the in-memory store
+//!
+//! ```
+//! use std::time::Duration;
+//! use resumable_sse::{MemoryStore, ResumableSseLayer};
+//!
+//! let store = MemoryStore::builder()
+//!     .retention(Duration::from_secs(60))
+//!     .max_sessions(1_000)
+//!     .max_events_per_session(50_000)
+//!     .build();
+//! let layer = ResumableSseLayer::new(store.clone());
+//! # let _ = layer;
+//! ```
+//!
+//! # Writing a store
+//!
+//! Implement [`Store`] and [`Subscription`]. The contract every method must keep is written on
+//! the method; `tests/custom_store.rs` shows a complete store written outside the crate.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+
+use crate::session::{Epoch, Outcome, SessionKey};
+use crate::BoxError;
+
+pub mod memory;
+
+/// One stored event: its sequence number and its bytes on the wire (the complete block, with its
+/// `id:` line and the blank line that ends it). Cloning it clones a reference, not the bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// The event's sequence number in its session, from 1.
+    pub seq: u64,
+    /// The encoded event.
+    pub bytes: Bytes,
+}
+
+/// The status and headers of the response that created a session, replayed to every reconnect.
+#[derive(Clone, Debug)]
+pub struct ResponseHead {
+    /// The original status (always `200 OK` today).
+    pub status: StatusCode,
+    /// The original headers, less `content-length` and hop-by-hop headers.
+    pub headers: HeaderMap,
+}
+
+/// Where a session is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Claimed by a request whose inner service has not answered yet.
+    Starting,
+    /// Its producer is appending events.
+    Running,
+    /// It ended; its events stay readable until it expires.
+    Finished(Outcome),
+}
+
+impl Status {
+    /// Whether the session has ended.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Status::Finished(_))
+    }
+}
+
+/// A snapshot of a session.
+#[derive(Clone, Debug)]
+pub struct SessionInfo {
+    /// The session's incarnation.
+    pub epoch: Epoch,
+    /// Its status.
+    pub status: Status,
+    /// The response head, once the session runs.
+    pub head: Option<Arc<ResponseHead>>,
+    /// The sequence number of the oldest event still retained (`last_seq + 1` when none is).
+    pub first_seq: u64,
+    /// The sequence number of the newest event (0 before the first).
+    pub last_seq: u64,
+}
+
+/// The answer to [`Store::claim`].
+#[derive(Clone, Debug)]
+pub enum Claim {
+    /// No session existed: one now does, in [`Status::Starting`], and the caller is its only
+    /// producer.
+    Claimed(Epoch),
+    /// A session already exists (in any status): the caller must not produce.
+    Exists(SessionInfo),
+}
+
+/// A page of a session's log, read atomically with the session's status.
+#[derive(Clone, Debug)]
+pub struct ReadBatch {
+    /// Events after the requested position, in order, at most the requested number. When the
+    /// requested position was evicted the page starts at the oldest retained event; the caller
+    /// sees the gap by comparing sequence numbers.
+    pub events: Vec<StoredEvent>,
+    /// The status at the time of the read. When it is finished and `events` is empty the caller
+    /// has everything.
+    pub status: Status,
+    /// The oldest retained sequence number at the time of the read.
+    pub first_seq: u64,
+    /// The newest sequence number at the time of the read.
+    pub last_seq: u64,
+}
+
+/// The answer to [`Store::append`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// The events are stored and subscribers were notified.
+    Stored,
+    /// Nothing was stored: the session was cancelled, expired or taken over. The producer stops.
+    Stopped,
+}
+
+/// A store operation failed.
+#[derive(Debug)]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    source: Option<BoxError>,
+}
+
+/// What kind of failure a [`StoreError`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// The backend could not be reached or answered with an error. Transient.
+    Unavailable,
+    /// The store holds as many sessions as it may (`503` with `resumable-sse-reason: session-limit`).
+    SessionLimit,
+}
+
+impl StoreError {
+    /// A backend failure, with its cause.
+    pub fn unavailable(source: impl Into<BoxError>) -> Self {
+        Self {
+            kind: StoreErrorKind::Unavailable,
+            source: Some(source.into()),
+        }
+    }
+
+    /// The store's session limit is reached.
+    pub fn session_limit() -> Self {
+        Self {
+            kind: StoreErrorKind::SessionLimit,
+            source: None,
+        }
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.kind, &self.source) {
+            (StoreErrorKind::Unavailable, Some(e)) => write!(f, "session store unavailable: {e}"),
+            (StoreErrorKind::Unavailable, None) => f.write_str("session store unavailable"),
+            (StoreErrorKind::SessionLimit, _) => f.write_str("session store is full"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_ref()
+            .map(|e| &**e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// A signal that a session may have changed (new events, a new status, removal).
+///
+/// Spurious wake-ups are allowed; missed ones are not: every change made after
+/// [`Store::subscribe`] returned must wake a pending or later call to [`changed`](Self::changed).
+pub trait Subscription: Send + 'static {
+    /// Waits until the session may have changed since the previous call (or since the
+    /// subscription was made). Returns at once when the session no longer exists.
+    fn changed(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// Storage for sessions. See the [module docs](self) for the division of labour.
+///
+/// Every method is called with the session's key and, after the claim, its [`Epoch`]; a method
+/// called with an epoch that is not the current one for that key must act as if the session did
+/// not exist. Implementations are cheap to clone (an `Arc` inside) and shared by every request.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// The [`Subscription`] this store hands out.
+    type Subscription: Subscription;
+
+    /// Atomically creates a session in [`Status::Starting`] if none exists under `key` (expired
+    /// sessions do not exist), or returns the existing one. Exactly one of any number of
+    /// concurrent callers, in any number of processes sharing the store, gets
+    /// [`Claim::Claimed`]. The new session lives at most `lifetime` unless finished earlier.
+    fn claim(
+        &self,
+        key: &SessionKey,
+        lifetime: Duration,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
+    /// Moves a claimed session to [`Status::Running`] with the head of its response.
+    fn start(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+        head: ResponseHead,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Deletes a claimed session that will not run (its response was not an event stream).
+    fn release(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Appends a batch of events, in order, with consecutive sequence numbers following the
+    /// newest stored one, and wakes subscribers. Only a [`Status::Running`] session accepts
+    /// events. The store may evict its oldest events to respect its per-session limits.
+    fn append(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+        events: &[StoredEvent],
+    ) -> impl Future<Output = Result<Appended, StoreError>> + Send;
+
+    /// Ends a running session with `outcome` (a finished session keeps its first outcome), wakes
+    /// subscribers, and keeps it readable for the store's retention period.
+    fn finish(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+        outcome: Outcome,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Returns the current session under `key`, if one exists.
+    fn lookup(
+        &self,
+        key: &SessionKey,
+    ) -> impl Future<Output = Result<Option<SessionInfo>, StoreError>> + Send;
+
+    /// Reads up to `max` events with a sequence number greater than `after`, with the status at
+    /// that moment. `None` when the session does not exist.
+    fn read(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+        after: u64,
+        max: usize,
+    ) -> impl Future<Output = Result<Option<ReadBatch>, StoreError>> + Send;
+
+    /// Subscribes to changes of a session. Changes made after this returns are never missed.
+    fn subscribe(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+    ) -> impl Future<Output = Result<Self::Subscription, StoreError>> + Send;
+
+    /// Resolves when the session is cancelled or no longer exists; the producer then drops the
+    /// inner body, which stops the generation.
+    fn cancelled(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Cancels the running (or starting) session under `key`: it ends as
+    /// [`Outcome::Cancelled`] and its producer stops. Returns whether a session was cancelled;
+    /// a finished or missing session is left as it is. This is the "stop generating" button.
+    fn cancel(
+        &self,
+        key: &SessionKey,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+}
