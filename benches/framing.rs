@@ -158,9 +158,8 @@ fn bench(c: &mut Criterion) {
             let mut ids = Ids::new();
             assert_eq!(framing(&mut parser, &mut ids, &chunks), body.events);
             let id = BenchmarkId::new(&body.name, chunking);
-            framing_group.bench_function(id, |b| {
-                b.iter(|| framing(&mut parser, &mut ids, &chunks))
-            });
+            framing_group
+                .bench_function(id, |b| b.iter(|| framing(&mut parser, &mut ids, &chunks)));
         }
     }
     framing_group.finish();
@@ -175,9 +174,7 @@ fn chunkings(body: &Body) -> [(&'static str, Vec<&[u8]>); 3] {
     ]
 }
 
-fn configure<M: criterion::measurement::Measurement>(
-    group: &mut criterion::BenchmarkGroup<'_, M>,
-) {
+fn configure<M: criterion::measurement::Measurement>(group: &mut criterion::BenchmarkGroup<'_, M>) {
     group
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))

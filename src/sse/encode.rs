@@ -31,7 +31,10 @@ pub const KEEP_ALIVE: &[u8] = b":\n\n";
 /// );
 /// ```
 pub fn encode_event(id: &[u8], event: &EventRef<'_>) -> Bytes {
-    debug_assert!(!id.contains(&b'\r') && !id.contains(&b'\n'), "CR or LF in id");
+    debug_assert!(
+        !id.contains(&b'\r') && !id.contains(&b'\n'),
+        "CR or LF in id"
+    );
     debug_assert!(
         !event.event.contains(&b'\r') && !event.event.contains(&b'\n'),
         "CR or LF in event type"
@@ -150,7 +153,10 @@ mod tests {
     fn data_beginning_with_a_space_keeps_it() {
         let e = event(b" t", Some(b" x\n  y\n"), None);
         let out = encode_event(b"1", &e);
-        assert_eq!(out, &b"id: 1\nevent:  t\ndata:  x\ndata:   y\ndata: \n\n"[..]);
+        assert_eq!(
+            out,
+            &b"id: 1\nevent:  t\ndata:  x\ndata:   y\ndata: \n\n"[..]
+        );
         assert_round_trip(&out, &e);
     }
 

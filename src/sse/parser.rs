@@ -216,9 +216,9 @@ impl Parser {
         EventTooLarge { limit: self.max }
     }
 
-    fn feed_inner<'c>(
+    fn feed_inner(
         &mut self,
-        chunk: &'c [u8],
+        chunk: &[u8],
         on_event: &mut impl FnMut(EventRef<'_>),
     ) -> Result<(), EventTooLarge> {
         let mut pos = 0;
@@ -471,7 +471,12 @@ fn parse_retry(value: &[u8]) -> Option<u64> {
 fn extend_bounded(buf: &mut Vec<u8>, bytes: &[u8], limit: usize) {
     let needed = buf.len() + bytes.len();
     if needed > buf.capacity() {
-        let target = buf.capacity().saturating_mul(2).max(64).min(limit).max(needed);
+        let target = buf
+            .capacity()
+            .saturating_mul(2)
+            .max(64)
+            .min(limit)
+            .max(needed);
         buf.reserve_exact(target - buf.len());
     }
     buf.extend_from_slice(bytes);
@@ -549,10 +554,7 @@ mod tests {
 
     #[test]
     fn event_field_sets_the_type() {
-        assert_parses(
-            b"event: add\ndata: 1\n\n",
-            &[ev("add", Some(b"1"), None)],
-        );
+        assert_parses(b"event: add\ndata: 1\n\n", &[ev("add", Some(b"1"), None)]);
     }
 
     #[test]
@@ -577,7 +579,12 @@ mod tests {
     fn bom_split_across_chunks_is_stripped() {
         let chunks: [&[u8]; 3] = [b"\xEF", b"\xBB", b"\xBFdata: x\n\n"];
         assert_eq!(parse_chunks(&chunks), [msg(b"x")]);
-        let chunks: [&[u8]; 4] = [b"", b"\xEF\xBB", b"", b"\xBF\xEF\xBB\xBFdata: x\n\ndata: y\n\n"];
+        let chunks: [&[u8]; 4] = [
+            b"",
+            b"\xEF\xBB",
+            b"",
+            b"\xBF\xEF\xBB\xBFdata: x\n\ndata: y\n\n",
+        ];
         assert_eq!(parse_chunks(&chunks), [msg(b"y")]);
     }
 
@@ -712,7 +719,10 @@ mod tests {
 
     #[test]
     fn cr_only_line_ends() {
-        assert_parses(b"data: a\rdata: b\r\rdata: c\r\r", &[msg(b"a\nb"), msg(b"c")]);
+        assert_parses(
+            b"data: a\rdata: b\r\rdata: c\r\r",
+            &[msg(b"a\nb"), msg(b"c")],
+        );
     }
 
     #[test]
@@ -726,7 +736,10 @@ mod tests {
     #[test]
     fn mixed_line_ends() {
         // WPT format-newlines.
-        assert_parses(b"data:test\r\ndata\ndata:test\r\n\r\n", &[msg(b"test\n\ntest")]);
+        assert_parses(
+            b"data:test\r\ndata\ndata:test\r\n\r\n",
+            &[msg(b"test\n\ntest")],
+        );
         assert_parses(b"data: a\n\rdata: b\r\n\n", &[msg(b"a"), msg(b"b")]);
     }
 
@@ -874,7 +887,11 @@ mod tests {
         // 100 MiB in 64 KiB chunks.
         for _ in 0..1600 {
             result = parser.feed(&chunk, |_| panic!("no event expected"));
-            assert!(parser.line.capacity() <= LIMIT, "{}", parser.line.capacity());
+            assert!(
+                parser.line.capacity() <= LIMIT,
+                "{}",
+                parser.line.capacity()
+            );
             assert!(parser.data.capacity() <= LIMIT);
             if result.is_err() {
                 break;
@@ -945,7 +962,11 @@ mod tests {
                 }
                 b'\r' => {
                     lines.push(&input[start..i]);
-                    i += if input.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+                    i += if input.get(i + 1) == Some(&b'\n') {
+                        2
+                    } else {
+                        1
+                    };
                     start = i;
                 }
                 _ => i += 1,
@@ -985,11 +1006,9 @@ mod tests {
                     data.push(b'\n');
                 }
                 b"event" => event = value.to_vec(),
-                b"retry" => {
-                    if !value.is_empty() && value.iter().all(u8::is_ascii_digit) {
-                        if let Ok(n) = std::str::from_utf8(value).unwrap().parse() {
-                            retry = Some(n);
-                        }
+                b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
+                    if let Ok(n) = std::str::from_utf8(value).unwrap().parse() {
+                        retry = Some(n);
                     }
                 }
                 _ => {}
