@@ -200,7 +200,10 @@ mod tests {
         );
         // Bad percent-encoding is taken literally, like browsers do.
         assert_eq!(
-            q.extract(&parts("/chat?session_id=%zz", &[])).unwrap().unwrap().as_str(),
+            q.extract(&parts("/chat?session_id=%zz", &[]))
+                .unwrap()
+                .unwrap()
+                .as_str(),
             "%zz"
         );
     }
@@ -229,7 +232,10 @@ mod tests {
         assert!(matches!(last_event_id(&p), LastEventId::Id(id) if id.seq == 7));
         let p = parts("/?lastEventId=000000000001-5", &[]);
         assert!(matches!(last_event_id(&p), LastEventId::Id(id) if id.seq == 5));
-        assert_eq!(last_event_id(&parts("/", &[("last-event-id", b"")])), LastEventId::None);
+        assert_eq!(
+            last_event_id(&parts("/", &[("last-event-id", b"")])),
+            LastEventId::None
+        );
         assert_eq!(
             last_event_id(&parts("/", &[("last-event-id", b"garbage")])),
             LastEventId::Malformed

@@ -70,28 +70,29 @@
 //! Each guarantee is proved by the test named after it (in `tests/` unless noted).
 //!
 //! - **One producer.** Concurrent first requests for one key call the inner service exactly
-//!   once, and all get the identical sequence (`service.rs`:
+//!   once, and all get the identical sequence (`resume.rs`:
 //!   `concurrent_first_requests_call_the_inner_service_once`).
 //! - **Generation survives the client.** The inner body is driven to its end even when every
-//!   client has gone (`e2e.rs`: `generation_continues_after_the_client_disconnects`).
+//!   client has gone (`resume.rs`: `generation_continues_after_the_client_disconnects`).
 //! - **Exactly once, in order, per connection.** A reconnect gets every event after its
 //!   `Last-Event-ID`, then the live ones, with no duplicate and no gap, including events
 //!   appended while the replay is being written (the reader subscribes before it reads)
-//!   (`e2e.rs`: `reconnects_get_every_event_exactly_once`).
+//!   (`resume.rs`: `reconnects_get_every_event_exactly_once`,
+//!   `events_appended_during_a_replay_are_neither_lost_nor_repeated`).
 //! - **Own ids.** Every stored event gets an id `<epoch>-<seq>` replacing the inner one; ids are
 //!   strictly increasing within a session and an id from an earlier incarnation of the key is
-//!   recognised (`service.rs`: `ids_from_an_earlier_incarnation_are_foreign`).
+//!   recognised (`lifecycle.rs`: `finished_sessions_expire_after_retention`).
 //! - **Done means done.** A client holding the final event gets `204`
-//!   (`service.rs`: `reconnect_after_completion_gets_204`).
+//!   (`resume.rs`: `reconnect_after_completion_gets_204`).
 //! - **Failures are visible.** An inner body error ends the session as failed: clients get what
 //!   was stored, then the end; reconnects get `204 failed`; a `tracing` warning records it
-//!   (`service.rs`: `inner_body_error_fails_the_session`).
+//!   (`lifecycle.rs`: `inner_body_error_fails_the_session`).
 //! - **Slow clients only slow themselves.** Each connection has its own cursor into the stored
-//!   log; events are encoded once and shared as [`bytes::Bytes`] (`e2e.rs`:
+//!   log; events are encoded once and shared as [`bytes::Bytes`] (`resume.rs`:
 //!   `a_slow_client_does_not_slow_the_producer_or_others`).
 //! - **Nothing is skipped silently.** A client whose position was evicted is told `410 evicted`;
 //!   a connected client that falls behind eviction is disconnected so its reconnect is told
-//!   (`service.rs`: `evicted_positions_are_reported_not_skipped`).
+//!   (`lifecycle.rs`: `evicted_positions_are_reported_not_skipped`).
 //! - **Non-SSE traffic is untouched**, trailers included (`passthrough.rs`).
 //!
 //! # Keep-alive, retention and limits
@@ -171,6 +172,9 @@ pub use session::{
     Epoch, EventId, IdBuf, InvalidSessionKey, Outcome, SessionKey, MAX_SESSION_KEY_LEN,
 };
 pub use store::memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use store::redis::{RedisStore, RedisStoreBuilder};
 
 /// The error type of [`ResumableBody`]: any error, boxed.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

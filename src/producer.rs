@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 
 use crate::layer::Config;
 use crate::metrics;
-use crate::session::{EventId, Epoch, IdBuf, Outcome, SessionKey};
+use crate::session::{Epoch, EventId, IdBuf, Outcome, SessionKey};
 use crate::sse::{encode_event, Parser};
 use crate::store::{Appended, Store, StoreError, StoredEvent};
 use crate::BoxError;
@@ -25,7 +25,8 @@ const MAX_PENDING_EVENTS: usize = 10_000;
 /// Consecutive failed appends before the session is given up as failed.
 const MAX_APPEND_FAILURES: u32 = 8;
 
-type InFlight = Pin<Box<dyn Future<Output = (Result<Appended, StoreError>, Vec<StoredEvent>)> + Send>>;
+type InFlight =
+    Pin<Box<dyn Future<Output = (Result<Appended, StoreError>, Vec<StoredEvent>)> + Send>>;
 
 /// Spawns the producer of a claimed, started session. It owns the inner body from now on: no
 /// client connection can stop it, only its end, an error, a limit or a cancel.

@@ -73,7 +73,9 @@ where
         let key = match self.key.extract(&parts) {
             Ok(Some(key)) => key,
             Ok(None) => {
-                return ResponseFuture::passthrough(self.inner.call(Request::from_parts(parts, body)))
+                return ResponseFuture::passthrough(
+                    self.inner.call(Request::from_parts(parts, body)),
+                )
             }
             Err(e) => {
                 tracing::debug!(error = %e, "invalid session key");
@@ -133,7 +135,11 @@ impl<St: Store> Session<St> {
                     None => Err("unknown-session"),
                 })
             } else {
-                match self.store.claim(&self.key, self.config.max_lifetime + FINISH_GRACE).await {
+                match self
+                    .store
+                    .claim(&self.key, self.config.max_lifetime + FINISH_GRACE)
+                    .await
+                {
                     Ok(Claim::Claimed(epoch)) => return self.start(inner, req, epoch).await,
                     Ok(Claim::Exists(info)) => Ok(Ok(info)),
                     Err(e) => Err(e),
@@ -192,7 +198,10 @@ impl<St: Store> Session<St> {
             metrics::store_error();
             tracing::warn!(error = %e, "could not start a session; serving the response unresumable");
             claim.release().await;
-            return Ok(Response::from_parts(parts, ResumableBody::passthrough(body)));
+            return Ok(Response::from_parts(
+                parts,
+                ResumableBody::passthrough(body),
+            ));
         }
         claim.disarm();
         producer::spawn(
@@ -210,7 +219,11 @@ impl<St: Store> Session<St> {
     }
 
     /// A request for an existing session: replay and follow it, or say why not.
-    fn resume<B>(self, info: SessionInfo, last: Option<crate::EventId>) -> Response<ResumableBody<B>> {
+    fn resume<B>(
+        self,
+        info: SessionInfo,
+        last: Option<crate::EventId>,
+    ) -> Response<ResumableBody<B>> {
         let after = match last {
             None if info.first_seq > 1 => return reject(StatusCode::GONE, "evicted"),
             None => 0,
@@ -341,8 +354,14 @@ fn is_event_stream<B>(res: &Response<B>) -> bool {
         .get(header::CONTENT_ENCODING)
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
     let sse = res.headers().get(header::CONTENT_TYPE).is_some_and(|v| {
-        let essence = v.as_bytes().split(|&b| b == b';').next().unwrap_or_default();
-        essence.trim_ascii().eq_ignore_ascii_case(b"text/event-stream")
+        let essence = v
+            .as_bytes()
+            .split(|&b| b == b';')
+            .next()
+            .unwrap_or_default();
+        essence
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"text/event-stream")
     });
     sse && !coded
 }
@@ -377,7 +396,10 @@ mod tests {
 
     #[test]
     fn event_stream_detection_ignores_case_and_parameters() {
-        assert!(is_event_stream(&res(200, &[("content-type", "text/event-stream")])));
+        assert!(is_event_stream(&res(
+            200,
+            &[("content-type", "text/event-stream")]
+        )));
         assert!(is_event_stream(&res(
             200,
             &[("content-type", "Text/Event-Stream; charset=utf-8")]
@@ -390,12 +412,21 @@ mod tests {
 
     #[test]
     fn other_responses_are_not_event_streams() {
-        assert!(!is_event_stream(&res(201, &[("content-type", "text/event-stream")])));
-        assert!(!is_event_stream(&res(200, &[("content-type", "application/json")])));
+        assert!(!is_event_stream(&res(
+            201,
+            &[("content-type", "text/event-stream")]
+        )));
+        assert!(!is_event_stream(&res(
+            200,
+            &[("content-type", "application/json")]
+        )));
         assert!(!is_event_stream(&res(200, &[])));
         assert!(!is_event_stream(&res(
             200,
-            &[("content-type", "text/event-stream"), ("content-encoding", "gzip")]
+            &[
+                ("content-type", "text/event-stream"),
+                ("content-encoding", "gzip")
+            ]
         )));
     }
 }

@@ -263,7 +263,12 @@ mod tests {
             b"5f3a9b2c1d0e-01",
             b"5f3a9b2c1d0e-1x",
         ] {
-            assert_eq!(EventId::parse(bad), None, "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                EventId::parse(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert_eq!(EventId::parse(&[b'1'; 10_000]), None);
     }

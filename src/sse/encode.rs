@@ -55,10 +55,15 @@ pub fn encode_event(id: &[u8], event: &EventRef<'_>) -> Bytes {
     if let Some(retry) = retry {
         len += b"retry: \n".len() + retry.len();
     }
+    // Where the data's first line ends, if it has more than one.
+    let first_lf = event.data.and_then(|data| memchr::memchr(b'\n', data));
     if let Some(data) = event.data {
         // Every line gets "data: " and ends with LF: the joining LFs are reused as line
         // ends, and the last line gets one more.
-        let lines = memchr::memchr_iter(b'\n', data).count() + 1;
+        let lines = match first_lf {
+            None => 1,
+            Some(lf) => 2 + memchr::memchr_iter(b'\n', &data[lf + 1..]).count(),
+        };
         len += data.len() + b"data: ".len() * lines + 1;
     }
 
@@ -78,10 +83,13 @@ pub fn encode_event(id: &[u8], event: &EventRef<'_>) -> Bytes {
     }
     if let Some(data) = event.data {
         let mut start = 0;
-        for end in memchr::memchr_iter(b'\n', data) {
-            out.extend_from_slice(b"data: ");
-            out.extend_from_slice(&data[start..=end]);
-            start = end + 1;
+        if let Some(first) = first_lf {
+            let rest = memchr::memchr_iter(b'\n', &data[first + 1..]).map(|lf| first + 1 + lf);
+            for lf in std::iter::once(first).chain(rest) {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(&data[start..=lf]);
+                start = lf + 1;
+            }
         }
         out.extend_from_slice(b"data: ");
         out.extend_from_slice(&data[start..]);
@@ -89,7 +97,6 @@ pub fn encode_event(id: &[u8], event: &EventRef<'_>) -> Bytes {
     }
     out.push(b'\n');
     debug_assert_eq!(out.len(), len);
-    debug_assert_eq!(out.capacity(), len);
     // With `len == capacity` the vector becomes the `Bytes` without another allocation.
     Bytes::from(out)
 }

@@ -266,10 +266,14 @@ impl Parser {
         };
         loop {
             let rest = &chunk[pos..];
-            let Some(offset) = memchr2(b'\n', b'\r', rest) else {
-                if !rest.is_empty() {
-                    self.carry(rest, &block)?;
-                }
+            let found = match rest.first() {
+                None => break,
+                // A blank line, typically: skip the search.
+                Some(b'\n' | b'\r') => Some(0),
+                Some(_) => memchr2(b'\n', b'\r', rest),
+            };
+            let Some(offset) = found else {
+                self.carry(rest, &block)?;
                 break;
             };
             let end = pos + offset;

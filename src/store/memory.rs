@@ -165,9 +165,7 @@ impl MemoryStore {
             return;
         }
         sessions.last_sweep = Some(now);
-        sessions
-            .map
-            .retain(|_, s| lock(&s.state).expires_at > now);
+        sessions.map.retain(|_, s| lock(&s.state).expires_at > now);
     }
 }
 
@@ -335,7 +333,11 @@ impl Store for MemoryStore {
             }
             let limits = &self.inner.limits;
             for e in events {
-                debug_assert_eq!(e.seq, st.last_seq + 1, "sequence numbers must be consecutive");
+                debug_assert_eq!(
+                    e.seq,
+                    st.last_seq + 1,
+                    "sequence numbers must be consecutive"
+                );
                 st.last_seq = e.seq;
                 st.bytes += e.bytes.len();
                 st.events.push_back(e.clone());
@@ -407,9 +409,7 @@ impl Store for MemoryStore {
         epoch: Epoch,
     ) -> Result<MemorySubscription, StoreError> {
         Ok(MemorySubscription {
-            rx: self
-                .get_epoch(key, epoch)
-                .map(|s| s.changed.subscribe()),
+            rx: self.get_epoch(key, epoch).map(|s| s.changed.subscribe()),
         })
     }
 

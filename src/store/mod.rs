@@ -40,6 +40,9 @@ use crate::session::{Epoch, Outcome, SessionKey};
 use crate::BoxError;
 
 pub mod memory;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 
 /// One stored event: its sequence number and its bytes on the wire (the complete block, with its
 /// `id:` line and the blank line that ends it). Cloning it clones a reference, not the bytes.
@@ -283,8 +286,5 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Cancels the running (or starting) session under `key`: it ends as
     /// [`Outcome::Cancelled`] and its producer stops. Returns whether a session was cancelled;
     /// a finished or missing session is left as it is. This is the "stop generating" button.
-    fn cancel(
-        &self,
-        key: &SessionKey,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    fn cancel(&self, key: &SessionKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
 }

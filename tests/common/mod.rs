@@ -1,6 +1,8 @@
 //! Test harness: an axum app behind the layer on a real TCP socket, and an SSE client over hyper.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,6 +22,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use resumable_sse::store::Store;
 use resumable_sse::{MemoryStore, ResumableSseLayer};
 use tokio::sync::mpsc;
 
@@ -84,12 +87,17 @@ async fn tokens(
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     inner.calls.fetch_add(1, Ordering::SeqCst);
     let n: usize = q.get("n").and_then(|v| v.parse().ok()).unwrap_or(10);
-    let interval = q.get("interval_ms").and_then(|v| v.parse().ok()).unwrap_or(0u64);
+    let interval = q
+        .get("interval_ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0u64);
     Sse::new(stream::iter(0..n).then(move |i| async move {
         if interval > 0 {
             tokio::time::sleep(Duration::from_millis(interval)).await;
         }
-        Ok(Event::default().id(format!("inner-{i}")).data(format!("token {i}")))
+        Ok(Event::default()
+            .id(format!("inner-{i}"))
+            .data(format!("token {i}")))
     }))
 }
 
@@ -115,7 +123,10 @@ async fn gated(
 
 async fn json(State(inner): State<Inner>) -> impl IntoResponse {
     inner.calls.fetch_add(1, Ordering::SeqCst);
-    ([(http::header::CONTENT_TYPE, "application/json")], r#"{"plain":"json"}"#)
+    (
+        [(http::header::CONTENT_TYPE, "application/json")],
+        r#"{"plain":"json"}"#,
+    )
 }
 
 pub fn routes(inner: Inner) -> Router {
@@ -126,17 +137,17 @@ pub fn routes(inner: Inner) -> Router {
         .with_state(inner)
 }
 
-pub struct App {
+pub struct App<St = MemoryStore> {
     pub addr: SocketAddr,
     pub inner: Inner,
-    pub store: MemoryStore,
+    pub store: St,
 }
 
 /// Serves the test routes behind `layer` on a free port.
-pub async fn serve_with(
-    store: MemoryStore,
-    layer: impl FnOnce(ResumableSseLayer<MemoryStore>) -> ResumableSseLayer<MemoryStore>,
-) -> App {
+pub async fn serve_with<St: Store>(
+    store: St,
+    layer: impl FnOnce(ResumableSseLayer<St>) -> ResumableSseLayer<St>,
+) -> App<St> {
     let inner = Inner::default();
     let app = routes(inner.clone()).layer(layer(ResumableSseLayer::new(store.clone())));
     let addr = serve_router(app).await;

@@ -1,0 +1,167 @@
+//! A `redis-server` of the test's own, on a free port, that dies with the test process.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// A server started for the tests. Its wrapper shell kills it when our end of its stdin closes,
+/// which happens when the test process exits, whatever way it exits.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl RedisServer {
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts `redis-server` with `extra` arguments on a free port (or on `port`).
+    pub fn start_on(port: Option<u16>, extra: &[&str]) -> Self {
+        let port = port.unwrap_or_else(free_port);
+        let dir = std::env::temp_dir().join(format!("rsse-redis-{port}-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let mut args = vec![
+            "--port".to_owned(),
+            port.to_string(),
+            "--bind".to_owned(),
+            "127.0.0.1".to_owned(),
+            "--save".to_owned(),
+            "".to_owned(),
+            "--appendonly".to_owned(),
+            "no".to_owned(),
+            "--dir".to_owned(),
+            dir.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        let script = format!(
+            "redis-server {} >/dev/null 2>&1 & pid=$!; echo started; read _; kill -9 $pid",
+            quoted.join(" ")
+        );
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn redis-server");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        let _ = out.read_line(&mut line);
+        let server = Self {
+            port,
+            stdin: child.stdin.take(),
+            child,
+        };
+        wait_for_ping(port);
+        server
+    }
+
+    pub fn start() -> Self {
+        Self::start_on(None, &[])
+    }
+
+    /// Kills the server (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"\n");
+        }
+        let _ = self.child.wait();
+        // Wait until the port is free again.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(Instant::now() < deadline, "redis-server did not die");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn wait_for_ping(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+            if s.write_all(b"PING\r\n").is_ok() {
+                let mut buf = [0u8; 7];
+                if std::io::Read::read(&mut s, &mut buf)
+                    .is_ok_and(|n| n >= 5 && &buf[..5] == b"+PONG")
+                {
+                    return;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis-server did not start on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether `redis-server` is on PATH.
+pub fn have_redis_server() -> bool {
+    Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The URL of the server the suite shares: `REDIS_URL`, or one started for this test binary.
+/// `None` (after a loud SKIP line) when there is neither; under `CI=true` that is a failure.
+pub fn shared_url() -> Option<String> {
+    static SERVER: OnceLock<Option<(String, Option<RedisServer>)>> = OnceLock::new();
+    SERVER
+        .get_or_init(|| {
+            if let Ok(url) = std::env::var("REDIS_URL") {
+                return Some((url, None));
+            }
+            if !have_redis_server() {
+                skip_or_fail("redis-server is not on PATH");
+                return None;
+            }
+            let server = RedisServer::start();
+            Some((server.url(), Some(server)))
+        })
+        .as_ref()
+        .map(|(url, _)| url.clone())
+}
+
+/// Prints a loud SKIP line, or fails under `CI=true`.
+pub fn skip_or_fail(why: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("Redis tests cannot run under CI=true: {why}");
+    }
+    eprintln!("SKIP: Redis tests skipped: {why} (install redis-server or set REDIS_URL)");
+}
+
+/// A key prefix no other test uses.
+pub fn unique_prefix() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "t{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        Instant::now().elapsed().as_nanos()
+    )
+}

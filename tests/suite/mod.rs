@@ -1,0 +1,487 @@
+//! The behaviour suite every store must pass, over real TCP. Each store's test binary
+//! instantiates it with `store_suite!`, so the stores can never drift apart.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::common::*;
+use resumable_sse::store::{SessionInfo, Status, Store};
+use resumable_sse::{EventId, Outcome, SessionKey};
+
+/// Store options a test needs; `None` keeps the backend's default.
+#[derive(Clone, Debug, Default)]
+pub struct Opts {
+    pub retention: Option<Duration>,
+    pub max_events: Option<usize>,
+}
+
+/// Makes a fresh, isolated store for one test.
+pub trait Backend: Sync {
+    type Store: Store;
+    /// Whether the backend can run here (a test returns at once when not).
+    fn available(&self) -> bool;
+    fn store(&self, opts: Opts) -> impl Future<Output = Self::Store> + Send;
+}
+
+/// Instantiates every test of the suite for one backend expression.
+#[macro_export]
+macro_rules! store_suite {
+    ($backend:expr) => {
+        $crate::store_suite!(@tests $backend; reconnects_get_every_event_exactly_once, reconnect_after_completion_gets_204, a_second_client_replays_from_the_start_then_follows_live, events_appended_during_a_replay_are_neither_lost_nor_repeated, generation_continues_after_the_client_disconnects, a_slow_client_does_not_slow_the_producer_or_others, concurrent_first_requests_call_the_inner_service_once, last_event_id_query_parameter_is_a_fallback_for_the_header, inner_body_error_fails_the_session, cancel_stops_the_generator_and_reconnects_get_204, keep_alive_comments_reach_live_and_replayed_connections, keep_alive_can_be_turned_off, finished_sessions_expire_after_retention, a_session_past_its_lifetime_is_stopped_as_failed, an_oversized_event_fails_the_session_and_keeps_earlier_events, evicted_positions_are_reported_not_skipped);
+    };
+    (@tests $backend:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let backend = $backend;
+                if $crate::suite::Backend::available(&backend) {
+                    $crate::suite::$name(&backend).await;
+                }
+            }
+        )*
+    };
+}
+
+/// Waits until the session's info satisfies `cond`.
+async fn wait_info<St: Store>(store: &St, key: &SessionKey, cond: impl Fn(&SessionInfo) -> bool) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(info) = store.lookup(key).await.unwrap() {
+            if cond(&info) {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "session state not reached"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+// --- Resuming ---
+
+fn seqs(evs: &[Ev]) -> Vec<u64> {
+    evs.iter()
+        .map(|e| {
+            EventId::parse(e.id.as_deref().unwrap().as_bytes())
+                .unwrap()
+                .seq
+        })
+        .collect()
+}
+
+pub async fn reconnects_get_every_event_exactly_once<B: Backend>(b: &B) {
+    let app = serve_with(b.store(Opts::default()).await, |l| l).await;
+    let path = "/tokens?session_id=s1&n=300&interval_ms=1";
+    let mut got: Vec<Ev> = Vec::new();
+    let mut conn = get(app.addr, path, None).await;
+    assert_eq!(conn.status, 200);
+    assert_eq!(conn.headers["content-type"], "text/event-stream");
+    // Drop the connection four times at different points, resuming each time.
+    for n in [1, 37, 80, 5] {
+        got.extend(conn.take(n).await);
+        drop(conn);
+        let last = got.last().unwrap().id.clone().unwrap();
+        conn = get(app.addr, path, Some(&last)).await;
+        assert_eq!(conn.status, 200);
+    }
+    got.extend(conn.collect().await);
+    assert_eq!(datas(&got), expected_tokens(0..300));
+    assert_eq!(seqs(&got), (1..=300).collect::<Vec<_>>());
+    // Ids are the layer's own, of one epoch, never the inner ones.
+    let epochs: HashSet<_> = got
+        .iter()
+        .map(|e| {
+            EventId::parse(e.id.as_deref().unwrap().as_bytes())
+                .unwrap()
+                .epoch
+        })
+        .collect();
+    assert_eq!(epochs.len(), 1);
+    assert!(got
+        .iter()
+        .all(|e| !e.id.as_deref().unwrap().starts_with("inner")));
+    assert_eq!(app.inner.calls(), 1);
+}
+
+pub async fn reconnect_after_completion_gets_204<B: Backend>(b: &B) {
+    let app = serve_with(b.store(Opts::default()).await, |l| l).await;
+    let path = "/tokens?session_id=done&n=5";
+    let evs = get(app.addr, path, None).await.collect().await;
+    assert_eq!(evs.len(), 5);
+    let last = evs.last().unwrap().id.clone().unwrap();
+    let again = get(app.addr, path, Some(&last)).await;
+    assert_eq!(again.status, 204);
+    assert_eq!(again.reason(), Some("completed"));
+    assert_eq!(app.inner.calls(), 1);
+}
+
+pub async fn a_second_client_replays_from_the_start_then_follows_live<B: Backend>(b: &B) {
+    let app = serve_with(b.store(Opts::default()).await, |l| l).await;
+    app.inner.gate("two");
+    let path = "/gated?session_id=two";
+    let mut first = get(app.addr, path, None).await;
+    app.inner.send("two", "a");
+    app.inner.send("two", "b");
+    assert_eq!(datas(&first.take(2).await), ["a", "b"]);
+    let mut second = get(app.addr, path, None).await;
+    assert_eq!(second.status, 200);
+    assert_eq!(datas(&second.take(2).await), ["a", "b"]);
+    app.inner.send("two", "c");
+    app.inner.end("two");
+    assert_eq!(datas(&first.collect().await), ["c"]);
+    assert_eq!(datas(&second.collect().await), ["c"]);
+    assert_eq!(app.inner.calls(), 1);
+}
+
+pub async fn events_appended_during_a_replay_are_neither_lost_nor_repeated<B: Backend>(b: &B) {
+    let app = serve_with(b.store(Opts::default()).await, |l| l).await;
+    // A fast producer and many reconnects racing it: each reconnect replays while new events
+    // keep arriving.
+    let path = "/tokens?session_id=race&n=3000&interval_ms=0";
+    let mut conn = get(app.addr, path, None).await;
+    let mut got = conn.take(1).await;
+    drop(conn);
+    loop {
+        let last = got.last().unwrap().id.clone().unwrap();
+        let mut c = get(app.addr, path, Some(&last)).await;
+        if c.status == 204 {
+            break;
+        }
+        match c.next().await {
+            Some(ev) => got.push(ev),
+            None => continue,
+        }
+        got.extend(c.take(50.min(3000 - got.len())).await);
+    }
+    assert_eq!(datas(&got), expected_tokens(0..3000));
+}
+
+pub async fn generation_continues_after_the_client_disconnects<B: Backend>(b: &B) {
+    let app = serve_with(b.store(Opts::default()).await, |l| l).await;
+    app.inner.gate("bg");
+    let path = "/gated?session_id=bg";
+    let mut conn = get(app.addr, path, None).await;
+    app.inner.send("bg", "before");
+    assert_eq!(datas(&conn.take(1).await), ["before"]);
+    drop(conn);
+    // Nobody is connected now; the generator keeps running and its events are stored.
+    for i in 0..5 {
+        app.inner.send("bg", format!("after {i}"));
+    }
+    let key = SessionKey::new("bg").unwrap();
+    wait_info(&app.store, &key, |i| i.last_seq == 6).await;
+    assert_eq!(
+        app.inner.generators_dropped(),
+        0,
+        "generator must still run"
+    );
+    app.inner.end("bg");
+    let all = get(app.addr, path, None).await.collect().await;
+    assert_eq!(
+        datas(&all),
+        ["before", "after 0", "after 1", "after 2", "after 3", "after 4"]
+    );
+    assert_eq!(app.inner.calls(), 1);
+}
+
+pub async fn a_slow_client_does_not_slow_the_producer_or_others<B: Backend>(b: &B) {
+    let app = serve_with(b.store(Opts::default()).await, |l| l).await;
+    let path = "/tokens?session_id=slow&n=5000&interval_ms=0";
+    let mut slow = get(app.addr, path, None).await;
+    assert_eq!(datas(&slow.take(1).await), ["token 0"]);
+    // The slow client stops reading; the producer and a fast client finish regardless.
+    let fast = get(app.addr, path, None).await.collect().await;
+    assert_eq!(datas(&fast), expected_tokens(0..5000));
+    let key = SessionKey::new("slow").unwrap();
+    let info = app.store.lookup(&key).await.unwrap().unwrap();
+    assert!(info.status.is_finished());
+    assert_eq!(info.last_seq, 5000);
+    // The slow client still gets everything, in order.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let rest = slow.collect().await;
+    assert_eq!(datas(&rest), expected_tokens(1..5000));
+}
+
+pub async fn concurrent_first_requests_call_the_inner_service_once<B: Backend>(b: &B) {
+    let app = serve_with(b.store(Opts::default()).await, |l| l).await;
+    let path = "/tokens?session_id=crowd&n=100&interval_ms=1";
+    let clients = (0..16).map(|_| {
+        let addr = app.addr;
+        tokio::spawn(async move { get(addr, path, None).await.collect().await })
+    });
+    let results = futures_util::future::join_all(clients).await;
+    let first = results[0].as_ref().unwrap().clone();
+    assert_eq!(datas(&first), expected_tokens(0..100));
+    for r in &results {
+        assert_eq!(
+            r.as_ref().unwrap(),
+            &first,
+            "every client sees the identical sequence"
+        );
+    }
+    assert_eq!(app.inner.calls(), 1);
+}
+
+pub async fn last_event_id_query_parameter_is_a_fallback_for_the_header<B: Backend>(b: &B) {
+    let app = serve_with(b.store(Opts::default()).await, |l| l).await;
+    let evs = get(app.addr, "/tokens?session_id=q&n=10", None)
+        .await
+        .collect()
+        .await;
+    let mid = evs[3].id.clone().unwrap();
+    let rest = get(
+        app.addr,
+        &format!("/tokens?session_id=q&n=10&lastEventId={mid}"),
+        None,
+    )
+    .await
+    .collect()
+    .await;
+    assert_eq!(datas(&rest), expected_tokens(4..10));
+}
+
+// --- How sessions end ---
+
+async fn status<St: Store>(store: &St, key: &str) -> Option<Status> {
+    let key = SessionKey::new(key).unwrap();
+    store.lookup(&key).await.unwrap().map(|i| i.status)
+}
+
+async fn wait_status<St: Store>(store: &St, key: &str, want: Status) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while status(store, key).await != Some(want) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "status {want:?} not reached"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Collects what `tracing` writes, to check that failures are recorded.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub async fn inner_body_error_fails_the_session<B: Backend>(b: &B) {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    // The test runtime is single-threaded: the producer task logs on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let app = serve_with(b.store(Opts::default()).await, |l| l).await;
+    app.inner.gate("boom");
+    let path = "/gated?session_id=boom";
+    let mut conn = get(app.addr, path, None).await;
+    app.inner.send("boom", "one");
+    app.inner.send("boom", "two");
+    app.inner.fail("boom");
+    // Connected clients get everything stored, then the end.
+    let evs = conn.collect().await;
+    assert_eq!(datas(&evs), ["one", "two"]);
+    wait_status(&app.store, "boom", Status::Finished(Outcome::Failed)).await;
+    // Later reconnects learn it.
+    let last = evs.last().unwrap().id.clone().unwrap();
+    let again = get(app.addr, path, Some(&last)).await;
+    assert_eq!(again.status, 204);
+    assert_eq!(again.reason(), Some("failed"));
+    // A reconnect from the middle still gets what was stored.
+    let first = evs[0].id.clone().unwrap();
+    assert_eq!(
+        datas(&get(app.addr, path, Some(&first)).await.collect().await),
+        ["two"]
+    );
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("inner SSE body failed"), "logged: {text}");
+    assert_eq!(app.inner.calls(), 1);
+}
+
+pub async fn cancel_stops_the_generator_and_reconnects_get_204<B: Backend>(b: &B) {
+    let app = serve_with(b.store(Opts::default()).await, |l| l).await;
+    app.inner.gate("stop");
+    let path = "/gated?session_id=stop";
+    let mut conn = get(app.addr, path, None).await;
+    app.inner.send("stop", "partial");
+    let evs = conn.take(1).await;
+    let key = SessionKey::new("stop").unwrap();
+    assert!(app.store.cancel(&key).await.unwrap());
+    // The connected client sees the end; the generator is dropped.
+    assert_eq!(conn.next().await, None);
+    eventually(|| app.inner.generators_dropped() == 1).await;
+    let again = get(app.addr, path, Some(evs[0].id.as_deref().unwrap())).await;
+    assert_eq!(again.status, 204);
+    assert_eq!(again.reason(), Some("cancelled"));
+    // Cancelling a finished session does nothing.
+    assert!(!app.store.cancel(&key).await.unwrap());
+    assert_eq!(app.inner.calls(), 1);
+}
+
+pub async fn keep_alive_comments_reach_live_and_replayed_connections<B: Backend>(b: &B) {
+    let app = serve_with(b.store(Opts::default()).await, |l| {
+        l.keep_alive(Some(Duration::from_millis(30)))
+    })
+    .await;
+    app.inner.gate("idle");
+    let path = "/gated?session_id=idle";
+    let mut live = get(app.addr, path, None).await;
+    app.inner.send("idle", "x");
+    let first = live.take(1).await;
+    let mut replayed = get(app.addr, path, Some(first[0].id.as_deref().unwrap())).await;
+    // Both connections stay idle; comments arrive on both before the next event.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.inner.send("idle", "y");
+    assert_eq!(datas(&live.take(1).await), ["y"]);
+    assert_eq!(datas(&replayed.take(1).await), ["y"]);
+    assert!(live.comments >= 2, "live saw {} comments", live.comments);
+    assert!(
+        replayed.comments >= 2,
+        "replayed saw {} comments",
+        replayed.comments
+    );
+    // Keep-alives are not stored: a replay from the start holds only events.
+    app.inner.end("idle");
+    let mut all = get(app.addr, path, None).await;
+    assert_eq!(datas(&all.collect().await), ["x", "y"]);
+    assert_eq!(all.comments, 0);
+}
+
+pub async fn keep_alive_can_be_turned_off<B: Backend>(b: &B) {
+    let app = serve_with(b.store(Opts::default()).await, |l| l.keep_alive(None)).await;
+    app.inner.gate("quiet");
+    let mut conn = get(app.addr, "/gated?session_id=quiet", None).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    app.inner.send("quiet", "only");
+    app.inner.end("quiet");
+    assert_eq!(datas(&conn.collect().await), ["only"]);
+    assert_eq!(conn.comments, 0);
+}
+
+pub async fn finished_sessions_expire_after_retention<B: Backend>(b: &B) {
+    let store = b
+        .store(Opts {
+            retention: Some(Duration::from_millis(100)),
+            ..Opts::default()
+        })
+        .await;
+    let app = serve_with(store, |l| l).await;
+    let path = "/tokens?session_id=old&n=3";
+    let old = get(app.addr, path, None).await.collect().await;
+    let old_id = old[1].id.clone().unwrap();
+    // Still resumable within retention.
+    assert_eq!(get(app.addr, path, Some(&old_id)).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let gone = get(app.addr, path, Some(&old_id)).await;
+    assert_eq!(gone.status, 410);
+    assert_eq!(gone.reason(), Some("unknown-session"));
+    assert_eq!(app.inner.calls(), 1);
+    // A new incarnation under the same key: the old id is recognised as foreign.
+    let new = get(app.addr, path, None).await.collect().await;
+    assert_eq!(datas(&new), expected_tokens(0..3));
+    assert_eq!(app.inner.calls(), 2);
+    let foreign = get(app.addr, path, Some(&old_id)).await;
+    assert_eq!(foreign.status, 410);
+    assert_eq!(foreign.reason(), Some("foreign-epoch"));
+    let old_epoch = EventId::parse(old_id.as_bytes()).unwrap().epoch;
+    let new_epoch = EventId::parse(new[0].id.as_deref().unwrap().as_bytes())
+        .unwrap()
+        .epoch;
+    assert_ne!(old_epoch, new_epoch);
+}
+
+pub async fn a_session_past_its_lifetime_is_stopped_as_failed<B: Backend>(b: &B) {
+    let app = serve_with(b.store(Opts::default()).await, |l| {
+        l.max_lifetime(Duration::from_millis(150))
+    })
+    .await;
+    app.inner.gate("long");
+    let mut conn = get(app.addr, "/gated?session_id=long", None).await;
+    app.inner.send("long", "early");
+    // The generator never ends by itself; the lifetime ends it.
+    assert_eq!(datas(&conn.collect().await), ["early"]);
+    wait_status(&app.store, "long", Status::Finished(Outcome::Failed)).await;
+    eventually(|| app.inner.generators_dropped() == 1).await;
+}
+
+pub async fn an_oversized_event_fails_the_session_and_keeps_earlier_events<B: Backend>(b: &B) {
+    let app = serve_with(b.store(Opts::default()).await, |l| l.max_event_size(1024)).await;
+    app.inner.gate("big");
+    let path = "/gated?session_id=big";
+    let mut conn = get(app.addr, path, None).await;
+    app.inner.send("big", "small");
+    app.inner.send("big", "x".repeat(4096));
+    app.inner.send("big", "never stored");
+    assert_eq!(datas(&conn.collect().await), ["small"]);
+    wait_status(&app.store, "big", Status::Finished(Outcome::Failed)).await;
+    assert_eq!(
+        datas(&get(app.addr, path, None).await.collect().await),
+        ["small"]
+    );
+}
+
+pub async fn evicted_positions_are_reported_not_skipped<B: Backend>(b: &B) {
+    let store = b
+        .store(Opts {
+            max_events: Some(10),
+            ..Opts::default()
+        })
+        .await;
+    let app = serve_with(store, |l| l).await;
+    app.inner.gate("ring");
+    let path = "/gated?session_id=ring";
+    let mut slow = get(app.addr, path, None).await;
+    app.inner.send("ring", "token 0");
+    let first = slow.take(1).await;
+    // The producer runs far past what the ring holds while the slow client reads nothing.
+    for i in 1..50 {
+        app.inner.send("ring", format!("token {i}"));
+    }
+    app.inner.end("ring");
+    let key = SessionKey::new("ring").unwrap();
+    wait_info(&app.store, &key, |i| i.status.is_finished()).await;
+    // A position before the oldest retained event is reported, not skipped.
+    let r = get(app.addr, path, Some(first[0].id.as_deref().unwrap())).await;
+    assert_eq!(r.status, 410);
+    assert_eq!(r.reason(), Some("evicted"));
+    // So is a fresh client, whose start is gone.
+    let r = get(app.addr, path, None).await;
+    assert_eq!(r.status, 410);
+    assert_eq!(r.reason(), Some("evicted"));
+    // A position inside the ring still resumes. (Stores may trim whole batches, so the ring can
+    // keep a little more than the limit.)
+    let info = app.store.lookup(&key).await.unwrap().unwrap();
+    assert_eq!(info.last_seq, 50);
+    assert!(info.first_seq > 2 && info.first_seq <= 41, "{info:?}");
+    let epoch = EventId::parse(first[0].id.as_deref().unwrap().as_bytes())
+        .unwrap()
+        .epoch;
+    let inside = EventId { epoch, seq: 45 }.to_string();
+    let rest = get(app.addr, path, Some(&inside)).await.collect().await;
+    assert_eq!(datas(&rest), expected_tokens(45..50));
+    // The connected slow client, now behind the ring, is disconnected rather than skipped.
+    let tail = slow.collect().await;
+    let expected_prefix = expected_tokens(1..1 + tail.len());
+    // (Without the eviction check its reader would jump from token 0 to token 40.)
+    assert_eq!(
+        datas(&tail),
+        expected_prefix,
+        "no event skipped before the end"
+    );
+}
