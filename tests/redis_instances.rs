@@ -1,0 +1,437 @@
+//! Several instances on one Redis, a dying producer, a failing Redis, and the connection count.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis::*;
+use common::*;
+use resumable_sse::store::{Appended, Claim, ResponseHead, Status, Store, StoredEvent};
+use resumable_sse::{OnStoreError, Outcome, RedisStore, SessionKey};
+
+async fn store_on(url: &str, prefix: &str, lease: Duration) -> RedisStore {
+    RedisStore::builder(url)
+        .prefix(prefix)
+        .lease(lease)
+        .connect()
+        .await
+        .expect("connect")
+}
+
+fn url_or_skip() -> Option<String> {
+    shared_url()
+}
+
+fn head() -> ResponseHead {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("content-type", "text/event-stream".parse().unwrap());
+    ResponseHead {
+        status: http::StatusCode::OK,
+        headers,
+    }
+}
+
+fn event(seq: u64) -> StoredEvent {
+    StoredEvent {
+        seq,
+        bytes: bytes::Bytes::from(format!("id: x-{seq}\ndata: {seq}\n\n")),
+    }
+}
+
+#[tokio::test]
+async fn a_client_moving_between_instances_gets_every_event_once() {
+    let Some(url) = url_or_skip() else { return };
+    let prefix = unique_prefix();
+    let a = serve_with(store_on(&url, &prefix, Duration::from_secs(2)).await, |l| l).await;
+    let b = serve_with(store_on(&url, &prefix, Duration::from_secs(2)).await, |l| l).await;
+    let path = "/tokens?session_id=moving&n=400&interval_ms=1";
+    let mut got = Vec::new();
+    let mut conn = get(a.addr, path, None).await;
+    let instances = [b.addr, a.addr];
+    for (i, n) in [20, 50, 1, 90, 33].into_iter().enumerate() {
+        got.extend(conn.take(n).await);
+        drop(conn);
+        // Every reconnect lands on the other instance.
+        let last = got.last().unwrap().id.clone().unwrap();
+        conn = get(instances[i % 2], path, Some(&last)).await;
+        assert_eq!(conn.status, 200);
+    }
+    got.extend(conn.collect().await);
+    assert_eq!(datas(&got), expected_tokens(0..400));
+    // Only the first instance ever called its inner service.
+    assert_eq!(a.inner.calls(), 1);
+    assert_eq!(b.inner.calls(), 0);
+    // The final reconnect, on either instance, is told the stream is complete.
+    let last = got.last().unwrap().id.clone().unwrap();
+    for addr in [a.addr, b.addr] {
+        let done = get(addr, path, Some(&last)).await;
+        assert_eq!(done.status, 204);
+        assert_eq!(done.reason(), Some("completed"));
+    }
+}
+
+#[tokio::test]
+async fn concurrent_first_requests_on_several_instances_produce_once() {
+    let Some(url) = url_or_skip() else { return };
+    let prefix = unique_prefix();
+    let a = serve_with(store_on(&url, &prefix, Duration::from_secs(2)).await, |l| l).await;
+    let b = serve_with(store_on(&url, &prefix, Duration::from_secs(2)).await, |l| l).await;
+    let path = "/tokens?session_id=race&n=50&interval_ms=2";
+    let tasks = (0..10).map(|i| {
+        let addr = if i % 2 == 0 { a.addr } else { b.addr };
+        tokio::spawn(async move { get(addr, path, None).await.collect().await })
+    });
+    let results = futures_util::future::join_all(tasks).await;
+    for r in &results {
+        assert_eq!(datas(r.as_ref().unwrap()), expected_tokens(0..50));
+    }
+    assert_eq!(a.inner.calls() + b.inner.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_dead_producer_is_detected_within_the_lease_and_marked_failed() {
+    let Some(url) = url_or_skip() else { return };
+    let prefix = unique_prefix();
+    let lease = Duration::from_millis(600);
+    let producer = store_on(&url, &prefix, lease).await;
+    let other = serve_with(store_on(&url, &prefix, lease).await, |l| l).await;
+    let key = SessionKey::new("crash").unwrap();
+    let Claim::Claimed(epoch) = producer.claim(&key, Duration::from_secs(60)).await.unwrap() else {
+        panic!("fresh key must be claimable");
+    };
+    producer.start(&key, epoch, head()).await.unwrap();
+    producer
+        .append(&key, epoch, &[event(1), event(2)])
+        .await
+        .unwrap();
+    // A client follows the session on the other instance.
+    let mut conn = get(other.addr, "/gated?session_id=crash", None).await;
+    assert_eq!(conn.status, 200);
+    assert_eq!(datas(&conn.take(2).await), ["1", "2"]);
+    // The producing process dies: its lease renewals stop with it.
+    let died = tokio::time::Instant::now();
+    drop(producer);
+    assert_eq!(
+        conn.next().await,
+        None,
+        "the follower ends instead of hanging"
+    );
+    let took = died.elapsed();
+    assert!(
+        took <= lease + Duration::from_millis(1500),
+        "ended after {took:?}, lease {lease:?}"
+    );
+    let info = other.store.lookup(&key).await.unwrap().unwrap();
+    assert_eq!(info.status, Status::Finished(Outcome::Failed));
+    let last = format!(
+        "{}-2",
+        resumable_sse::EventId { epoch, seq: 0 }
+            .to_string()
+            .split('-')
+            .next()
+            .unwrap()
+    );
+    let again = get(other.addr, "/gated?session_id=crash", Some(&last)).await;
+    assert_eq!(again.status, 204);
+    assert_eq!(again.reason(), Some("failed"));
+    assert_eq!(
+        other.inner.calls(),
+        0,
+        "a failed session is never generated again"
+    );
+}
+
+#[tokio::test]
+async fn a_producer_that_lost_the_session_cannot_write() {
+    let Some(url) = url_or_skip() else { return };
+    let prefix = unique_prefix();
+    let a = store_on(&url, &prefix, Duration::from_secs(2)).await;
+    let b = store_on(&url, &prefix, Duration::from_secs(2)).await;
+    let key = SessionKey::new("fenced").unwrap();
+    let Claim::Claimed(epoch) = a.claim(&key, Duration::from_secs(60)).await.unwrap() else {
+        panic!("claimable");
+    };
+    // Exactly one claim wins, across instances.
+    assert!(matches!(
+        b.claim(&key, Duration::from_secs(60)).await.unwrap(),
+        Claim::Exists(_)
+    ));
+    a.start(&key, epoch, head()).await.unwrap();
+    assert_eq!(
+        a.append(&key, epoch, &[event(1)]).await.unwrap(),
+        Appended::Stored
+    );
+    // Another instance cancels the session: the producer's next write is refused.
+    assert!(b.cancel(&key).await.unwrap());
+    assert_eq!(
+        a.append(&key, epoch, &[event(2)]).await.unwrap(),
+        Appended::Stopped
+    );
+    let read = b.read(&key, epoch, 0, 10).await.unwrap().unwrap();
+    assert_eq!(read.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1]);
+    // A writer with another epoch is refused too.
+    let stranger = resumable_sse::Epoch::from_raw(epoch.raw() ^ 1);
+    assert_eq!(
+        a.append(&key, stranger, &[event(2)]).await.unwrap(),
+        Appended::Stopped
+    );
+}
+
+#[tokio::test]
+async fn retried_appends_store_nothing_twice() {
+    let Some(url) = url_or_skip() else { return };
+    let store = store_on(&url, &unique_prefix(), Duration::from_secs(2)).await;
+    let key = SessionKey::new("idem").unwrap();
+    let Claim::Claimed(epoch) = store.claim(&key, Duration::from_secs(60)).await.unwrap() else {
+        panic!("claimable");
+    };
+    store.start(&key, epoch, head()).await.unwrap();
+    store
+        .append(&key, epoch, &[event(1), event(2)])
+        .await
+        .unwrap();
+    // The same batch again (as after a lost reply), then a batch overlapping it.
+    store
+        .append(&key, epoch, &[event(1), event(2)])
+        .await
+        .unwrap();
+    store
+        .append(&key, epoch, &[event(2), event(3)])
+        .await
+        .unwrap();
+    let read = store.read(&key, epoch, 0, 100).await.unwrap().unwrap();
+    assert_eq!(
+        read.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert_eq!(read.last_seq, 3);
+}
+
+#[tokio::test]
+async fn session_keys_never_reach_redis_unescaped() {
+    let Some(url) = url_or_skip() else { return };
+    let prefix = unique_prefix();
+    let app = serve_with(store_on(&url, &prefix, Duration::from_secs(2)).await, |l| l).await;
+    // Glob characters, hash-tag braces, spaces and newlines in the key.
+    let raw = "a*?[x]{y} \n\r%";
+    let encoded: String = raw.bytes().map(|b| format!("%{b:02X}")).collect();
+    let path = format!("/tokens?session_id={encoded}&n=3");
+    let evs = get(app.addr, &path, None).await.collect().await;
+    assert_eq!(datas(&evs), expected_tokens(0..3));
+    let last = evs.last().unwrap().id.clone().unwrap();
+    assert_eq!(get(app.addr, &path, Some(&last)).await.status, 204);
+    let client = ::redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    for k in &keys {
+        let tag = k.split_once('{').unwrap().1.split_once('}').unwrap().0;
+        assert!(
+            tag.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"%-_.".contains(&b)),
+            "{k}"
+        );
+    }
+    // Another session's glob-looking key does not see this one.
+    let other = get(app.addr, "/tokens?session_id=a*&n=1", None)
+        .await
+        .collect()
+        .await;
+    assert_eq!(datas(&other), expected_tokens(0..1));
+    assert_eq!(app.inner.calls(), 2);
+}
+
+#[tokio::test]
+async fn keys_carry_a_ttl_while_running_and_expire_after_retention() {
+    let Some(url) = url_or_skip() else { return };
+    let prefix = unique_prefix();
+    let store = RedisStore::builder(url.as_str())
+        .prefix(prefix.as_str())
+        .lease(Duration::from_secs(2))
+        .retention(Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap();
+    let app = serve_with(store, |l| l).await;
+    app.inner.gate("ttl");
+    let mut conn = get(app.addr, "/gated?session_id=ttl", None).await;
+    app.inner.send("ttl", "x");
+    conn.take(1).await;
+    let client = ::redis::Client::open(url.as_str()).unwrap();
+    let mut rc = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut rc)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    for k in &keys {
+        let ttl: i64 = ::redis::cmd("PTTL")
+            .arg(k)
+            .query_async(&mut rc)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "{k} has no TTL while running");
+    }
+    app.inner.end("ttl");
+    assert_eq!(conn.next().await, None);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let left: Vec<String> = ::redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut rc)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[tokio::test]
+async fn a_thousand_subscribers_use_two_connections() {
+    let Some(url) = url_or_skip() else { return };
+    let server = RedisServer::start();
+    let _ = url;
+    let url = server.url();
+    let app = serve_with(
+        store_on(&url, &unique_prefix(), Duration::from_secs(2)).await,
+        |l| l,
+    )
+    .await;
+    app.inner.gate("many");
+    let path = "/gated?session_id=many";
+    let mut conns = Vec::new();
+    for _ in 0..1000 {
+        conns.push(get(app.addr, path, None).await);
+    }
+    app.inner.send("many", "hello");
+    for c in &mut conns {
+        assert_eq!(datas(&c.take(1).await), ["hello"]);
+    }
+    let client = ::redis::Client::open(url.as_str()).unwrap();
+    let mut rc = client.get_multiplexed_async_connection().await.unwrap();
+    let list: String = ::redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut rc)
+        .await
+        .unwrap();
+    // Ours: the store's command and pub/sub connections; plus this test's own.
+    assert_eq!(list.lines().count(), 3, "{list}");
+    app.inner.end("many");
+}
+
+#[tokio::test]
+async fn redis_down_when_a_request_arrives_gets_the_configured_answer() {
+    if shared_url().is_none() {
+        return;
+    }
+    let mut server = RedisServer::start();
+    let store = store_on(&server.url(), &unique_prefix(), Duration::from_secs(2)).await;
+    let unavailable = serve_with(store.clone(), |l| l).await;
+    let passthrough = serve_with(store, |l| l.on_store_error(OnStoreError::PassThrough)).await;
+    server.kill();
+    let r = get(unavailable.addr, "/tokens?session_id=down&n=3", None).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.reason(), Some("store-unavailable"));
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(unavailable.inner.calls(), 0);
+    // Availability first: the inner service answers, unresumable (its own ids pass through).
+    let mut p = get(passthrough.addr, "/tokens?session_id=down&n=3", None).await;
+    assert_eq!(p.status, 200);
+    let evs = p.collect().await;
+    assert_eq!(datas(&evs), expected_tokens(0..3));
+    assert_eq!(evs[0].id.as_deref(), Some("inner-0"));
+}
+
+#[tokio::test]
+async fn a_redis_restart_that_keeps_data_loses_nothing() {
+    if shared_url().is_none() {
+        return;
+    }
+    let port = free_port();
+    let aof = ["--appendonly", "yes", "--appendfsync", "always"];
+    let mut server = RedisServer::start_on(Some(port), &aof);
+    let store = store_on(&server.url(), &unique_prefix(), Duration::from_secs(5)).await;
+    let app = serve_with(store, |l| l).await;
+    app.inner.gate("restart");
+    let path = "/gated?session_id=restart";
+    let mut conn = get(app.addr, path, None).await;
+    for i in 0..10 {
+        app.inner.send("restart", format!("token {i}"));
+    }
+    let mut got = conn.take(10).await;
+    drop(conn);
+    server.kill();
+    // Produced while Redis is down: held by the producer and retried.
+    for i in 10..20 {
+        app.inner.send("restart", format!("token {i}"));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _server = RedisServer::start_on(Some(port), &aof);
+    for i in 20..30 {
+        app.inner.send("restart", format!("token {i}"));
+    }
+    app.inner.end("restart");
+    let last = got.last().unwrap().id.clone().unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let mut c = get(
+            app.addr,
+            path,
+            Some(&got.last().unwrap().id.clone().unwrap()),
+        )
+        .await;
+        if c.status == 204 {
+            break;
+        }
+        if c.status == 200 {
+            got.extend(c.collect().await);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never completed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = last;
+    assert_eq!(datas(&got), expected_tokens(0..30));
+}
+
+#[tokio::test]
+async fn a_redis_restart_that_lost_data_is_reported_not_spliced() {
+    if shared_url().is_none() {
+        return;
+    }
+    let port = free_port();
+    let mut server = RedisServer::start_on(Some(port), &[]);
+    let store = store_on(&server.url(), &unique_prefix(), Duration::from_secs(5)).await;
+    let app = serve_with(store, |l| l).await;
+    app.inner.gate("lost");
+    let path = "/gated?session_id=lost";
+    let mut conn = get(app.addr, path, None).await;
+    app.inner.send("lost", "before");
+    let got = conn.take(1).await;
+    server.kill();
+    let _server = RedisServer::start_on(Some(port), &[]);
+    app.inner.send("lost", "after");
+    // The follower ends (its session is gone) rather than splicing another history.
+    assert_eq!(conn.next().await, None);
+    let last = got[0].id.clone().unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let r = loop {
+        let r = get(app.addr, path, Some(&last)).await;
+        if r.status != 503 {
+            break r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(r.status, 410);
+    assert_eq!(r.reason(), Some("unknown-session"));
+    // The generator was not run again.
+    assert_eq!(app.inner.calls(), 1);
+    let key = SessionKey::new("lost").unwrap();
+    assert!(app.store.lookup(&key).await.unwrap().is_none());
+}
