@@ -165,3 +165,80 @@ pub fn unique_prefix() -> String {
         Instant::now().elapsed().as_nanos()
     )
 }
+
+/// A local three-master Redis Cluster of the tests' own.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url()).collect()
+    }
+
+    pub fn start() -> Self {
+        let mut nodes = Vec::new();
+        while nodes.len() < 3 {
+            let port = free_port();
+            // The cluster bus listens on port + 10000.
+            if port > 55_000 || TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
+                continue;
+            }
+            let conf = format!("nodes-{port}.conf");
+            nodes.push(RedisServer::start_on(
+                Some(port),
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &conf,
+                    "--cluster-node-timeout",
+                    "2000",
+                ],
+            ));
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let status = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run redis-cli --cluster create");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for n in &nodes {
+            loop {
+                let out = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "cluster", "info"])
+                    .output()
+                    .expect("redis-cli");
+                if String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster did not become ready");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Self { nodes }
+    }
+
+    /// One cluster for the whole test binary; `None` (after a SKIP line) without `redis-server`.
+    pub fn shared_urls() -> Option<Vec<String>> {
+        static CLUSTER: OnceLock<Option<RedisCluster>> = OnceLock::new();
+        CLUSTER
+            .get_or_init(|| {
+                if !have_redis_server() {
+                    skip_or_fail("redis-server is not on PATH");
+                    return None;
+                }
+                Some(RedisCluster::start())
+            })
+            .as_ref()
+            .map(RedisCluster::urls)
+    }
+}
