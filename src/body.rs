@@ -65,6 +65,13 @@ impl<B> ResumableBody<B> {
     }
 }
 
+impl<B> Default for ResumableBody<B> {
+    /// An empty body (what `tower_http::timeout::TimeoutLayer` needs for its `408`).
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
 impl<B> Body for ResumableBody<B>
 where
     B: Body<Data = Bytes>,
