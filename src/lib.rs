@@ -127,7 +127,7 @@
 //! let middleware = ServiceBuilder::new()
 //!     .layer(TraceLayer::new_for_http())
 //!     .layer(CompressionLayer::new())
-//!     .layer(TimeoutLayer::new(Duration::from_secs(10)))
+//!     .layer(TimeoutLayer::with_status_code(http::StatusCode::REQUEST_TIMEOUT, Duration::from_secs(10)))
 //!     .layer(ResumableSseLayer::new(MemoryStore::new()));
 //! # let _ = middleware;
 //! ```

@@ -296,10 +296,7 @@ impl Parser {
                 self.chunk_line(line, &mut block, on_event);
             } else {
                 self.carry(&chunk[pos..end], &block)?;
-                let line = std::mem::take(&mut self.line);
-                self.buffered_line(&line, &mut block, on_event);
-                self.line = line;
-                self.line.clear();
+                self.carried_line(&mut block, on_event);
             }
             pos = next;
         }
@@ -307,8 +304,7 @@ impl Parser {
         // The block goes on in the next chunk: copy what still borrows this one.
         if let Data::Chunk(value) = block.data {
             self.data.clear();
-            extend_bounded(&mut self.data, value, self.max);
-            self.data.push(b'\n');
+            self.push_data(value);
         }
         if let Event::Chunk(value) = block.event {
             self.event.clear();
@@ -344,7 +340,8 @@ impl Parser {
 
     /// Appends one `data` value and its LF to the data buffer.
     fn push_data(&mut self, value: &[u8]) {
-        extend_bounded(&mut self.data, value, self.max);
+        reserve_bounded(&mut self.data, value.len() + 1, self.max);
+        self.data.extend_from_slice(value);
         self.data.push(b'\n');
     }
 
@@ -371,6 +368,29 @@ impl Parser {
             Line::Retry(retry) => self.retry = Some(retry),
             Line::Ignored => {}
         }
+    }
+
+    /// Handles the line completed in `self.line`, and empties `self.line`.
+    fn carried_line(&mut self, block: &mut Block<'_>, on_event: &mut impl FnMut(EventRef<'_>)) {
+        let mut line = std::mem::take(&mut self.line);
+        match classify(&line) {
+            Line::Data(value) if matches!(block.data, Data::None) => {
+                // The first data line of the block, possibly large: the line
+                // buffer becomes the data buffer instead of being copied to it
+                // (the field value always runs to the end of the line).
+                let value_start = line.len() - value.len();
+                line.drain(..value_start);
+                // No reallocation: the field name took at least 4 bytes.
+                line.push(b'\n');
+                self.line = std::mem::replace(&mut self.data, line);
+                block.data = Data::Buffered;
+            }
+            _ => {
+                self.buffered_line(&line, block, on_event);
+                self.line = line;
+            }
+        }
+        self.line.clear();
     }
 
     /// Handles a line assembled in a buffer that does not outlive the call.
@@ -473,7 +493,14 @@ fn parse_retry(value: &[u8]) -> Option<u64> {
 /// `buf.extend_from_slice(bytes)`, growing the capacity no further than `limit`
 /// (unless the contents themselves need more).
 fn extend_bounded(buf: &mut Vec<u8>, bytes: &[u8], limit: usize) {
-    let needed = buf.len() + bytes.len();
+    reserve_bounded(buf, bytes.len(), limit);
+    buf.extend_from_slice(bytes);
+}
+
+/// Makes room for `additional` more bytes, doubling the capacity as `Vec` does
+/// but never beyond `limit` (unless the contents themselves need more).
+fn reserve_bounded(buf: &mut Vec<u8>, additional: usize, limit: usize) {
+    let needed = buf.len() + additional;
     if needed > buf.capacity() {
         let target = buf
             .capacity()
@@ -483,7 +510,6 @@ fn extend_bounded(buf: &mut Vec<u8>, bytes: &[u8], limit: usize) {
             .max(needed);
         buf.reserve_exact(target - buf.len());
     }
-    buf.extend_from_slice(bytes);
 }
 
 #[cfg(test)]
@@ -825,17 +851,25 @@ mod tests {
     #[test]
     fn internal_buffers_are_reused_between_events() {
         let mut parser = Parser::default();
-        let chunks: Vec<&[u8]> = b"event: e\ndata: a\ndata: b\n\n".chunks(1).collect();
-        parse_with(&mut parser, &chunks).unwrap();
-        let (data_ptr, event_ptr) = (parser.data.as_ptr(), parser.event.as_ptr());
-        for _ in 0..10 {
-            assert_eq!(
-                parse_with(&mut parser, &chunks).unwrap(),
-                [ev("e", Some(b"a\nb"), None)]
-            );
+        // The line and data buffers may swap roles, but are never reallocated.
+        let buffers = |parser: &Parser| {
+            let mut pair = [parser.line.as_ptr(), parser.data.as_ptr()];
+            pair.sort();
+            (pair, parser.event.as_ptr())
+        };
+        for chunk_len in [1, 3, 64] {
+            let input = b"event: e\ndata: a\ndata: b\n\ndata: c\n\n";
+            let chunks: Vec<&[u8]> = input.chunks(chunk_len).collect();
+            parse_with(&mut parser, &chunks).unwrap();
+            let before = buffers(&parser);
+            for _ in 0..5 {
+                assert_eq!(
+                    parse_with(&mut parser, &chunks).unwrap(),
+                    [ev("e", Some(b"a\nb"), None), msg(b"c")]
+                );
+                assert_eq!(buffers(&parser), before);
+            }
         }
-        assert_eq!(parser.data.as_ptr(), data_ptr);
-        assert_eq!(parser.event.as_ptr(), event_ptr);
     }
 
     #[test]
@@ -880,6 +914,16 @@ mod tests {
         assert_eq!(err.limit, 1024);
         // Each 22-byte line is accepted while it fits next to the data so far (17 bytes a line).
         assert_eq!(fed, (1024 - 22) / 17 + 1);
+    }
+
+    #[test]
+    fn data_carried_over_to_the_next_chunk_stays_within_the_limit() {
+        let mut parser = Parser::new(1000);
+        let line = [&b"data: "[..], &[b'x'; 900], b"\n"].concat();
+        assert_eq!(parse_with(&mut parser, &[&line]).unwrap(), []);
+        assert!(parser.data.capacity() <= 1000, "{}", parser.data.capacity());
+        let got = parse_with(&mut parser, &[b"\n"]).unwrap();
+        assert_eq!(got, [msg(&[b'x'; 900])]);
     }
 
     #[test]
@@ -1089,25 +1133,31 @@ mod tests {
         }
 
         #[test]
-        fn the_limit_does_not_depend_on_chunking(
+        fn the_limit_does_not_depend_on_chunking_and_bounds_memory(
             input in stream(),
             max in 0..24usize,
+            chunk_len in 1..8usize,
         ) {
             let whole = parse_with(&mut Parser::new(max), &[&input]);
-            let chunks: Vec<&[u8]> = input.chunks(1).collect();
             let mut parser = Parser::new(max);
-            let mut bytewise = Vec::new();
-            let result = chunks
-                .iter()
-                .try_for_each(|chunk| parser.feed(chunk, |e| bytewise.push(Owned::from(e))));
+            let mut chunked = Vec::new();
+            let mut result = Ok(());
+            for chunk in input.chunks(chunk_len) {
+                result = parser.feed(chunk, |e| chunked.push(Owned::from(e)));
+                prop_assert!(parser.line.capacity() <= max);
+                prop_assert!(parser.data.capacity() <= max);
+                prop_assert!(parser.event.capacity() <= max);
+                if result.is_err() {
+                    break;
+                }
+            }
             match whole {
                 Ok(events) => {
                     prop_assert!(result.is_ok());
-                    prop_assert_eq!(bytewise, events);
+                    prop_assert_eq!(chunked, events);
                 }
                 Err(_) => prop_assert!(result.is_err()),
             }
-            prop_assert!(parser.line.capacity() <= max);
         }
     }
 }

@@ -1,0 +1,695 @@
+//! A chat page whose answers survive dropped connections, reloads and second tabs.
+//!
+//! ```text
+//! cargo run --example chat                        # then open http://127.0.0.1:3000
+//! cargo run --example chat -- --listen 127.0.0.1:0 --bare
+//! ```
+//!
+//! Ask something and watch a fake language model answer word by word. Press "drop connection"
+//! (the server ends this tab's response), reload the page, or open the same address in a second
+//! tab: the browser's own `EventSource` reconnects and the answer goes on with no word missing and
+//! none repeated. The handlers below are plain axum SSE handlers that know nothing of
+//! resumption; [`ResumableSseLayer`] does it all.
+//!
+//! # Options
+//!
+//! - `--listen ADDR`: where to listen (default `127.0.0.1:3000`; port 0 picks a free port). Once
+//!   the server accepts connections it prints one line on stdout, `listening on http://ADDR`,
+//!   with the address it is bound to.
+//! - `--bare`: the same routes without the layer, for side-by-side measurement (and to see a
+//!   reconnect start the answer over).
+//! - `--redis URL`: keep sessions in Redis; this build does not support it yet and exits with an
+//!   error.
+//!
+//! Log lines go to stderr (`RUST_LOG` sets the level, `warn` by default).
+//!
+//! # Routes
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /` | the page; `/?session=ID&prompt=TEXT` is a session's own address (reloading it or opening it in another tab replays the answer, then follows it live), and `&interval_ms=MS` sets the pace of its answers |
+//! | `GET /chat?session_id=ID&tokens=N&interval_ms=MS` | `N` message events whose data are `token 0` .. `token N-1`, `MS` milliseconds apart (default 0: no sleep at all), then the end; no other event or field |
+//! | `GET /chat?session_id=ID&prompt=TEXT&interval_ms=MS` | the fake answer to `TEXT`: one message event per word (the data of every word but the first starts with its space), `MS` milliseconds apart (default 50); the first event also carries `retry: 500`; a last event `event: done` with data `[DONE]` marks a normal end |
+//! | `GET /answer?prompt=TEXT` | the whole answer to `TEXT` as `text/plain`: what the message events of `/chat?prompt=TEXT` add up to |
+//! | `POST /drop?session_id=ID&client=C` | ends the open `/chat` responses of session `ID` that were opened with `&client=C` (every one of the session's without `client`); their clients reconnect by themselves. `200` with `{"dropped": n}` |
+//! | `POST /cancel?session_id=ID` | [`Store::cancel`]: `204` when a running session was cancelled, `404` when there was none |
+//! | `GET /session?session_id=ID` | [`Store::lookup`]: `{"status": S, "events": n}` with `S` one of `starting`, `running`, `completed`, `failed`, `cancelled`; `404` with `{"status": "unknown"}` |
+//! | `GET /metrics` | the library's counters and gauges in the Prometheus text format |
+//! | `POST /api/chat` | starts a chat the way the Vercel AI SDK's resumable streams do: the body is the prompt (`text/plain`, or JSON with a `prompt` string or a `messages` array whose last user message is the prompt); answers `{"id": ID}` |
+//! | `GET /api/chat/{id}/stream` | the answer to that prompt, as on `/chat`: the first request starts it, later ones resume it (`Last-Event-ID`) |
+//!
+//! On `/chat` the session key is the `session_id` query parameter (without one, the answer is
+//! streamed unresumable); on `/api/chat/{id}/stream` it is the `{id}` path segment, taken by a
+//! custom key extractor. `POST /api/chat` only remembers the prompt under a new random id (for
+//! ten minutes); the generation starts with the first `GET` of its stream. Both kinds of sessions
+//! live in one store, so `/cancel` and `/session` take either kind of id.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::Write;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, request::Parts, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream, StreamExt};
+use http_body::Frame;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use resumable_sse::store::{Status, Store};
+use resumable_sse::{BoxError, MemoryStore, ResumableSseLayer, SessionKey};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+const USAGE: &str = "usage: chat [--listen ADDR] [--bare] [--redis URL]";
+/// The pause between two words of an answer, unless `interval_ms` says otherwise.
+const ANSWER_INTERVAL: Duration = Duration::from_millis(50);
+/// How soon a browser reconnects after losing the stream (sent as `retry:`).
+const RECONNECT_DELAY: Duration = Duration::from_millis(500);
+/// How long `POST /api/chat` remembers a prompt, and how many it remembers at most.
+const PROMPT_TTL: Duration = Duration::from_secs(600);
+const MAX_PROMPTS: usize = 10_000;
+
+struct Options {
+    listen: String,
+    bare: bool,
+    redis: Option<String>,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
+    let mut opts = Options {
+        listen: "127.0.0.1:3000".to_owned(),
+        bare: false,
+        redis: None,
+    };
+    while let Some(arg) = args.next() {
+        // `--flag value` and `--flag=value` are both accepted.
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_owned(), Some(value.to_owned()))
+            }
+            _ => (arg, None),
+        };
+        let mut value = |name: &str| {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match flag.as_str() {
+            "--listen" => opts.listen = value("--listen")?,
+            "--redis" => opts.redis = Some(value("--redis")?),
+            "--bare" => opts.bare = true,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    Ok(opts)
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let opts = parse_args(std::env::args().skip(1)).unwrap_or_else(|e| {
+        eprintln!("error: {e}\n{USAGE}");
+        std::process::exit(2);
+    });
+    let metrics = install_metrics();
+    let result = match opts.redis.clone() {
+        // A Redis store plugs in here, for instance:
+        // Some(url) => match resumable_sse::RedisStore::builder(url).connect().await {
+        //     Ok(store) => serve(store, &opts, metrics).await,
+        //     Err(e) => Err(format!("cannot connect to Redis: {e}").into()),
+        // },
+        Some(_) if cfg!(feature = "redis") => {
+            Err("--redis is not supported by this example yet".into())
+        }
+        Some(_) => Err("this build has no Redis support; rebuild with --features redis".into()),
+        None => serve(MemoryStore::new(), &opts, metrics).await,
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Serves the app on `store` until the process is stopped.
+async fn serve<S: Store>(
+    store: S,
+    opts: &Options,
+    metrics: PrometheusHandle,
+) -> Result<(), BoxError> {
+    let app = app(store, opts.bare, metrics);
+    let listener = tokio::net::TcpListener::bind(&opts.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
+    let addr = listener.local_addr()?;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on http://{addr}")?;
+    stdout.flush()?;
+    drop(stdout);
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+struct App<S> {
+    store: S,
+    connections: Connections,
+    prompts: Prompts,
+    metrics: PrometheusHandle,
+}
+
+fn app<S: Store>(store: S, bare: bool, metrics: PrometheusHandle) -> Router {
+    let state = App {
+        store: store.clone(),
+        connections: Connections::default(),
+        prompts: Prompts::default(),
+        metrics,
+    };
+    let chat = Router::new().route("/chat", get(chat));
+    let api_stream = Router::new()
+        .route("/api/chat/{id}/stream", get(api_stream::<S>))
+        .with_state(state.clone());
+    let (chat, api_stream) = if bare {
+        (chat, api_stream)
+    } else {
+        let layer = ResumableSseLayer::new(store);
+        (
+            chat.layer(layer.clone()),
+            api_stream.layer(layer.session_key(api_session_key)),
+        )
+    };
+    // Outside the layer: `/drop` can end a client's response while the session goes on.
+    let chat = chat.layer(middleware::from_fn_with_state(
+        state.connections.clone(),
+        droppable,
+    ));
+    Router::new()
+        .route("/", get(page))
+        .route("/answer", get(answer_text))
+        .route("/drop", post(drop_connections::<S>))
+        .route("/cancel", post(cancel::<S>))
+        .route("/session", get(session_status::<S>))
+        .route("/metrics", get(render_metrics::<S>))
+        .route("/api/chat", post(api_start::<S>))
+        .with_state(state)
+        .merge(chat)
+        .merge(api_stream)
+}
+
+/// The session key of `/api/chat/{id}/stream`: the `{id}`.
+fn api_session_key(parts: &Parts) -> Option<String> {
+    let id = parts
+        .uri
+        .path()
+        .strip_prefix("/api/chat/")?
+        .strip_suffix("/stream")?;
+    (!id.is_empty() && !id.contains('/')).then(|| id.to_owned())
+}
+
+async fn page() -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Html(include_str!("chat/index.html")),
+    )
+}
+
+type Params = Query<HashMap<String, String>>;
+
+fn bad_request(message: impl Into<String>) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({ "error": message.into() })),
+    )
+        .into_response()
+}
+
+fn interval_param(q: &HashMap<String, String>, default: Duration) -> Result<Duration, String> {
+    match q.get("interval_ms") {
+        None => Ok(default),
+        Some(ms) => ms
+            .parse()
+            .map(Duration::from_millis)
+            .map_err(|_| "interval_ms must be a whole number of milliseconds".to_owned()),
+    }
+}
+
+/// `GET /chat`: a plain SSE handler, unaware of sessions and reconnects.
+async fn chat(Query(q): Params) -> Response {
+    if let Some(n) = q.get("tokens") {
+        let Ok(n) = n.parse::<u64>() else {
+            return bad_request("tokens must be a whole number");
+        };
+        return match interval_param(&q, Duration::ZERO) {
+            Ok(interval) => Sse::new(token_events(n, interval)).into_response(),
+            Err(message) => bad_request(message),
+        };
+    }
+    let prompt = q.get("prompt").map_or("", String::as_str);
+    match interval_param(&q, ANSWER_INTERVAL) {
+        Ok(interval) => Sse::new(answer_events(prompt, interval)).into_response(),
+        Err(message) => bad_request(message),
+    }
+}
+
+/// `token 0` .. `token n-1`, `interval` apart.
+fn token_events(n: u64, interval: Duration) -> impl Stream<Item = Result<Event, Infallible>> {
+    stream::iter(0..n).then(move |i| async move {
+        if i > 0 && !interval.is_zero() {
+            tokio::time::sleep(interval).await;
+        }
+        Ok(Event::default().data(format!("token {i}")))
+    })
+}
+
+/// The fake answer, one word per event, then `event: done`.
+fn answer_events(
+    prompt: &str,
+    interval: Duration,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let words = answer_tokens(&answer(prompt));
+    let words = stream::iter(words.into_iter().enumerate()).then(move |(i, word)| async move {
+        let event = Event::default().data(word);
+        if i == 0 {
+            return Ok(event.retry(RECONNECT_DELAY));
+        }
+        if !interval.is_zero() {
+            tokio::time::sleep(interval).await;
+        }
+        Ok(event)
+    });
+    words.chain(stream::once(async {
+        Ok(Event::default().event("done").data("[DONE]"))
+    }))
+}
+
+/// The whole answer to `prompt`: the same text for the same prompt, 60 to 80 words long.
+fn answer(prompt: &str) -> String {
+    let words: Vec<&str> = prompt.split_whitespace().take(8).collect();
+    let topic = if words.is_empty() {
+        "nothing in particular".to_owned()
+    } else {
+        words.join(" ")
+    };
+    format!(
+        "You asked: \u{201c}{topic}\u{201d}. Here is a made-up answer, sent one word at a time the \
+         way a language model streams its tokens. The handler knows nothing of reconnections: the \
+         middleware gives every word an id and keeps it. Drop the connection, reload the page or \
+         open a second tab: the browser reconnects with the id of the last word it got, and the \
+         answer goes on with no word missing and none repeated."
+    )
+}
+
+/// Splits `text` into words; every word but the first keeps the space before it, so the events'
+/// data add up to `text`.
+fn answer_tokens(text: &str) -> Vec<String> {
+    let mut words = text.split(' ');
+    let first = words.next().unwrap_or_default().to_owned();
+    std::iter::once(first)
+        .chain(words.map(|w| format!(" {w}")))
+        .collect()
+}
+
+async fn answer_text(Query(q): Params) -> String {
+    answer(q.get("prompt").map_or("", String::as_str))
+}
+
+fn session_key(q: &HashMap<String, String>) -> Result<SessionKey, String> {
+    let id = q.get("session_id").ok_or("session_id is missing")?;
+    SessionKey::new(id).map_err(|e| e.to_string())
+}
+
+async fn drop_connections<S>(State(app): State<App<S>>, Query(q): Params) -> Response {
+    let Some(session) = q.get("session_id") else {
+        return bad_request("session_id is missing");
+    };
+    let dropped = app
+        .connections
+        .cut(session, q.get("client").map(String::as_str));
+    Json(json!({ "dropped": dropped })).into_response()
+}
+
+async fn cancel<S: Store>(State(app): State<App<S>>, Query(q): Params) -> Response {
+    let key = match session_key(&q) {
+        Ok(key) => key,
+        Err(message) => return bad_request(message),
+    };
+    match app.store.cancel(&key).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": "no running session" })),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+async fn session_status<S: Store>(State(app): State<App<S>>, Query(q): Params) -> Response {
+    let key = match session_key(&q) {
+        Ok(key) => key,
+        Err(message) => return bad_request(message),
+    };
+    let info = match app.store.lookup(&key).await {
+        Ok(Some(info)) => info,
+        Ok(None) => {
+            return (StatusCode::NOT_FOUND, Json(json!({ "status": "unknown" }))).into_response()
+        }
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    };
+    let status = match info.status {
+        Status::Starting => "starting",
+        Status::Running => "running",
+        Status::Finished(outcome) => outcome.reason(),
+    };
+    Json(json!({ "status": status, "events": info.last_seq })).into_response()
+}
+
+async fn render_metrics<S>(State(app): State<App<S>>) -> impl IntoResponse {
+    app.metrics.run_upkeep();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+}
+
+/// Installs the Prometheus recorder and registers the library's metrics at zero, so that every
+/// name is listed from the start.
+fn install_metrics() -> PrometheusHandle {
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .expect("no other metrics recorder is installed");
+    let counters = [
+        ("resumable_sse_sessions_started_total", "Sessions created"),
+        (
+            "resumable_sse_sessions_completed_total",
+            "Sessions whose inner body ended normally",
+        ),
+        (
+            "resumable_sse_sessions_failed_total",
+            "Sessions ended by an error, a limit or a panic",
+        ),
+        (
+            "resumable_sse_sessions_cancelled_total",
+            "Sessions stopped through Store::cancel",
+        ),
+        (
+            "resumable_sse_replays_total",
+            "Requests answered from the store",
+        ),
+        (
+            "resumable_sse_events_stored_total",
+            "Events appended to the store",
+        ),
+        (
+            "resumable_sse_store_errors_total",
+            "Failed store operations",
+        ),
+    ];
+    for (name, help) in counters {
+        metrics::describe_counter!(name, help);
+        metrics::counter!(name).increment(0);
+    }
+    metrics::describe_counter!(
+        "resumable_sse_rejections_total",
+        "Requests answered with a reason header, by reason"
+    );
+    let gauges = [
+        (
+            "resumable_sse_sessions_active",
+            "Sessions whose producer runs in this process",
+        ),
+        (
+            "resumable_sse_clients_connected",
+            "Session bodies being served by this process",
+        ),
+    ];
+    for (name, help) in gauges {
+        metrics::describe_gauge!(name, help);
+        metrics::gauge!(name).increment(0.0);
+    }
+    handle
+}
+
+/// Prompts posted to `/api/chat`, by id.
+#[derive(Clone, Default)]
+struct Prompts(Arc<Mutex<HashMap<String, (String, Instant)>>>);
+
+impl Prompts {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, (String, Instant)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+async fn api_start<S>(State(app): State<App<S>>, headers: HeaderMap, body: Bytes) -> Response {
+    let prompt = match prompt_from_body(&headers, &body) {
+        Ok(prompt) => prompt,
+        Err(message) => return bad_request(message),
+    };
+    let id = random_id();
+    let mut prompts = app.prompts.lock();
+    prompts.retain(|_, (_, at)| at.elapsed() < PROMPT_TTL);
+    if prompts.len() >= MAX_PROMPTS {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many chats waiting to start",
+        )
+            .into_response();
+    }
+    prompts.insert(id.clone(), (prompt, Instant::now()));
+    Json(json!({ "id": id })).into_response()
+}
+
+fn prompt_from_body(headers: &HeaderMap, body: &[u8]) -> Result<String, &'static str> {
+    let text = std::str::from_utf8(body).map_err(|_| "the body must be UTF-8")?;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"));
+    if !is_json {
+        return Ok(text.to_owned());
+    }
+    let value: Value = serde_json::from_str(text).map_err(|_| "the body is not valid JSON")?;
+    if let Some(prompt) = value.get("prompt").and_then(Value::as_str) {
+        return Ok(prompt.to_owned());
+    }
+    // `{"messages": [{"role": "user", "content": "..."}]}`, or with `"parts": [{"type": "text",
+    // "text": "..."}]` as the AI SDK's UI messages have.
+    let message = value
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .ok_or(
+            "the JSON body needs a \"prompt\" string or a \"messages\" array with a user message",
+        )?;
+    if let Some(content) = message["content"].as_str() {
+        return Ok(content.to_owned());
+    }
+    let parts = message["parts"]
+        .as_array()
+        .ok_or("the user message has no text")?;
+    Ok(parts
+        .iter()
+        .filter(|p| p["type"] == "text")
+        .filter_map(|p| p["text"].as_str())
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// An unguessable id: a random (version 4) UUID.
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("the system's random number generator works");
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// `GET /api/chat/{id}/stream`: the answer to the posted prompt, unaware of reconnects.
+async fn api_stream<S>(
+    State(app): State<App<S>>,
+    Path(id): Path<String>,
+    Query(q): Params,
+) -> Response {
+    let Some(prompt) = app.prompts.lock().get(&id).map(|(p, _)| p.clone()) else {
+        return (StatusCode::NOT_FOUND, "no such chat").into_response();
+    };
+    match interval_param(&q, ANSWER_INTERVAL) {
+        Ok(interval) => Sse::new(answer_events(&prompt, interval)).into_response(),
+        Err(message) => bad_request(message),
+    }
+}
+
+/// The open `/chat` responses, by session, so that `/drop` can end them.
+#[derive(Clone, Default)]
+struct Connections(Arc<Mutex<ConnectionMap>>);
+
+#[derive(Default)]
+struct ConnectionMap {
+    next_id: u64,
+    sessions: HashMap<String, Vec<Connection>>,
+}
+
+struct Connection {
+    id: u64,
+    client: Option<String>,
+    cut: oneshot::Sender<()>,
+}
+
+impl Connections {
+    fn lock(&self) -> MutexGuard<'_, ConnectionMap> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers an open response; it is unregistered when the returned guard drops.
+    fn register(
+        &self,
+        session: String,
+        client: Option<String>,
+    ) -> (oneshot::Receiver<()>, Registration) {
+        let (cut, on_cut) = oneshot::channel();
+        let mut map = self.lock();
+        map.next_id += 1;
+        let id = map.next_id;
+        map.sessions
+            .entry(session.clone())
+            .or_default()
+            .push(Connection { id, client, cut });
+        let registration = Registration {
+            connections: self.clone(),
+            session,
+            id,
+        };
+        (on_cut, registration)
+    }
+
+    /// Ends the open responses of `session` (only `client`'s when given); returns how many.
+    fn cut(&self, session: &str, client: Option<&str>) -> usize {
+        let mut map = self.lock();
+        let Some(open) = map.sessions.remove(session) else {
+            return 0;
+        };
+        let (cut, keep): (Vec<_>, Vec<_>) = open.into_iter().partition(|c| match client {
+            None => true,
+            Some(client) => c.client.as_deref() == Some(client),
+        });
+        if !keep.is_empty() {
+            map.sessions.insert(session.to_owned(), keep);
+        }
+        drop(map);
+        let n = cut.len();
+        for c in cut {
+            let _ = c.cut.send(());
+        }
+        n
+    }
+}
+
+struct Registration {
+    connections: Connections,
+    session: String,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut map = self.connections.lock();
+        if let Some(open) = map.sessions.get_mut(&self.session) {
+            open.retain(|c| c.id != self.id);
+            if open.is_empty() {
+                map.sessions.remove(&self.session);
+            }
+        }
+    }
+}
+
+/// Makes the event-stream responses of `/chat` end when `/drop` asks.
+async fn droppable(State(connections): State<Connections>, req: Request, next: Next) -> Response {
+    let q = Query::<HashMap<String, String>>::try_from_uri(req.uri())
+        .map(|q| q.0)
+        .unwrap_or_default();
+    let res = next.run(req).await;
+    let Some(session) = q.get("session_id").filter(|s| !s.is_empty()) else {
+        return res;
+    };
+    if res.status() != StatusCode::OK {
+        return res;
+    }
+    let (cut, registration) = connections.register(session.clone(), q.get("client").cloned());
+    res.map(|inner| {
+        Body::new(DroppableBody {
+            inner,
+            cut: Some(cut),
+            _registration: registration,
+        })
+    })
+}
+
+/// A response body that ends early, cleanly, when its connection is cut.
+struct DroppableBody {
+    inner: Body,
+    cut: Option<oneshot::Receiver<()>>,
+    _registration: Registration,
+}
+
+impl http_body::Body for DroppableBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Some(cut) = &mut this.cut {
+            match Pin::new(cut).poll(cx) {
+                Poll::Ready(Ok(())) => {
+                    // Ending the body ends the chunked response: the client sees the stream end
+                    // and reconnects.
+                    this.inner = Body::empty();
+                    this.cut = None;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Err(_)) => this.cut = None,
+                Poll::Pending => {}
+            }
+        }
+        Pin::new(&mut this.inner).poll_frame(cx)
+    }
+}
