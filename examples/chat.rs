@@ -18,8 +18,10 @@
 //!   with the address it is bound to.
 //! - `--bare`: the same routes without the layer, for side-by-side measurement (and to see a
 //!   reconnect start the answer over).
-//! - `--redis URL`: keep sessions in Redis; this build does not support it yet and exits with an
-//!   error.
+//! - `--redis URL`: keep sessions in Redis (build with `--features redis`), so that several
+//!   instances can share them: start two on two ports with the same URL and a reconnect may land
+//!   on either. `--lease-ms MS` sets the producer lease (default 5000): how soon the other
+//!   instances notice that this one died mid-answer.
 //!
 //! Log lines go to stderr (`RUST_LOG` sets the level, `warn` by default).
 //!
@@ -70,7 +72,7 @@ use resumable_sse::{BoxError, MemoryStore, ResumableSseLayer, SessionKey};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-const USAGE: &str = "usage: chat [--listen ADDR] [--bare] [--redis URL]";
+const USAGE: &str = "usage: chat [--listen ADDR] [--bare] [--redis URL [--lease-ms MS]]";
 /// The pause between two words of an answer, unless `interval_ms` says otherwise.
 const ANSWER_INTERVAL: Duration = Duration::from_millis(50);
 /// How soon a browser reconnects after losing the stream (sent as `retry:`).
@@ -83,6 +85,7 @@ struct Options {
     listen: String,
     bare: bool,
     redis: Option<String>,
+    lease_ms: u64,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
@@ -90,6 +93,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
         listen: "127.0.0.1:3000".to_owned(),
         bare: false,
         redis: None,
+        lease_ms: 5000,
     };
     while let Some(arg) = args.next() {
         // `--flag value` and `--flag=value` are both accepted.
@@ -109,6 +113,11 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
             "--listen" => opts.listen = value("--listen")?,
             "--redis" => opts.redis = Some(value("--redis")?),
             "--bare" => opts.bare = true,
+            "--lease-ms" => {
+                opts.lease_ms = value("--lease-ms")?
+                    .parse()
+                    .map_err(|_| "--lease-ms needs a number of milliseconds".to_owned())?
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -134,14 +143,18 @@ async fn main() {
     });
     let metrics = install_metrics();
     let result = match opts.redis.clone() {
-        // A Redis store plugs in here, for instance:
-        // Some(url) => match resumable_sse::RedisStore::builder(url).connect().await {
-        //     Ok(store) => serve(store, &opts, metrics).await,
-        //     Err(e) => Err(format!("cannot connect to Redis: {e}").into()),
-        // },
-        Some(_) if cfg!(feature = "redis") => {
-            Err("--redis is not supported by this example yet".into())
+        #[cfg(feature = "redis")]
+        Some(url) => {
+            let store = resumable_sse::RedisStore::builder(url)
+                .lease(Duration::from_millis(opts.lease_ms))
+                .connect()
+                .await;
+            match store {
+                Ok(store) => serve(store, &opts, metrics).await,
+                Err(e) => Err(format!("cannot connect to Redis: {e}").into()),
+            }
         }
+        #[cfg(not(feature = "redis"))]
         Some(_) => Err("this build has no Redis support; rebuild with --features redis".into()),
         None => serve(MemoryStore::new(), &opts, metrics).await,
     };

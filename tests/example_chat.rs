@@ -472,3 +472,70 @@ async fn hyper_example_resumes() {
         (204, Some("completed"))
     );
 }
+
+#[cfg(feature = "redis")]
+mod with_redis {
+    use super::*;
+    use common::redis::shared_url;
+
+    #[tokio::test]
+    async fn two_chat_instances_share_one_redis() {
+        let Some(url) = shared_url() else { return };
+        let a = Server::start("chat", &["--redis", &url]);
+        let b = Server::start("chat", &["--redis", &url]);
+        let path = "/chat?session_id=shared-two&tokens=200&interval_ms=2";
+        let mut got: Vec<Ev> = Vec::new();
+        let mut conn = get(a.addr, path, None).await;
+        for (i, n) in [15, 40, 7, 60].into_iter().enumerate() {
+            got.extend(conn.take(n).await);
+            drop(conn);
+            let addr = if i % 2 == 0 { b.addr } else { a.addr };
+            conn = get(addr, path, Some(id_of(got.last().unwrap()))).await;
+            assert_eq!(conn.status, 200);
+        }
+        got.extend(conn.collect().await);
+        assert_eq!(datas(&got), expected_tokens(0..200));
+        let end = get(b.addr, path, Some(id_of(got.last().unwrap()))).await;
+        assert_eq!(
+            (end.status.as_u16(), end.reason()),
+            (204, Some("completed"))
+        );
+    }
+
+    #[tokio::test]
+    async fn killing_the_producing_instance_ends_followers_within_the_lease() {
+        let Some(url) = shared_url() else { return };
+        let lease = Duration::from_millis(1000);
+        let mut producer = Server::start("chat", &["--redis", &url, "--lease-ms", "1000"]);
+        let follower = Server::start("chat", &["--redis", &url, "--lease-ms", "1000"]);
+        let path = "/chat?session_id=crash-child&tokens=10000&interval_ms=20";
+        let mut first = get(producer.addr, path, None).await;
+        first.take(3).await;
+        // A client follows the same session through the other instance.
+        let mut conn = get(follower.addr, path, None).await;
+        let got = conn.take(5).await;
+        assert_eq!(datas(&got), expected_tokens(0..5));
+        // SIGKILL: no chance to clean up; only the lease tells.
+        producer.child.kill().unwrap();
+        producer.child.wait().unwrap();
+        let killed = std::time::Instant::now();
+        let rest = conn.collect().await;
+        let took = killed.elapsed();
+        assert!(
+            took <= lease + Duration::from_millis(1000) + Duration::from_millis(250),
+            "the follower ended {took:?} after the crash (lease {lease:?})"
+        );
+        // Everything stored before the crash arrived, in order, then the end.
+        let all: Vec<Ev> = got.into_iter().chain(rest).collect();
+        assert_eq!(datas(&all), expected_tokens(0..all.len()));
+        assert!(all.len() < 10000);
+        // Reconnects learn that the session failed; nothing is generated again.
+        let again = get(follower.addr, path, Some(id_of(all.last().unwrap()))).await;
+        assert_eq!(
+            (again.status.as_u16(), again.reason()),
+            (204, Some("failed"))
+        );
+        let fresh = get(follower.addr, path, None).await.collect().await;
+        assert_eq!(datas(&fresh), datas(&all), "a replay, not a new generation");
+    }
+}
