@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
+use crate::drain::{Drain, DrainState};
 use crate::key::{ExtractSessionKey, QueryParam};
 use crate::service::ResumableSse;
 use crate::sse::DEFAULT_MAX_EVENT_SIZE;
@@ -54,6 +55,7 @@ pub(crate) struct Config {
     pub(crate) max_lifetime: Duration,
     pub(crate) max_event_size: usize,
     pub(crate) on_store_error: OnStoreError,
+    pub(crate) drain: Arc<DrainState>,
 }
 
 impl<St> ResumableSseLayer<St> {
@@ -69,6 +71,7 @@ impl<St> ResumableSseLayer<St> {
                 max_lifetime: Duration::from_secs(3600),
                 max_event_size: DEFAULT_MAX_EVENT_SIZE,
                 on_store_error: OnStoreError::default(),
+                drain: Arc::default(),
             }),
         }
     }
@@ -109,6 +112,13 @@ impl<St, K> ResumableSseLayer<St, K> {
     pub fn on_store_error(mut self, policy: OnStoreError) -> Self {
         Arc::make_mut(&mut self.config).on_store_error = policy;
         self
+    }
+
+    /// A handle to drain the sessions this layer produces, for rolling deploys; see [`Drain`].
+    pub fn drain_handle(&self) -> Drain {
+        Drain {
+            state: self.config.drain.clone(),
+        }
     }
 
     /// The store, for instance to [cancel](crate::store::Store::cancel) a session.

@@ -61,6 +61,7 @@
 //! | the store holds as many sessions as it may | `503` | `session-limit` |
 //! | the store failed (with [`OnStoreError::ServiceUnavailable`], the default) | `503` + `retry-after` | `store-unavailable` |
 //! | another request's claim on the session never produced a response | `503` | `session-starting` |
+//! | a new session while the layer [drains](Drain) | `503` + `retry-after` | `draining` |
 //!
 //! `204` is what makes a browser's `EventSource` stop reconnecting; `4xx` stop it too. None of
 //! these answers calls the inner service, so a generation never runs twice.
@@ -153,6 +154,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+mod drain;
 mod future;
 mod key;
 mod layer;
@@ -164,6 +166,7 @@ pub mod sse;
 pub mod store;
 
 pub use body::ResumableBody;
+pub use drain::{Drain, DrainReport};
 pub use future::ResponseFuture;
 pub use key::{ExtractSessionKey, Header, QueryParam};
 pub use layer::{OnStoreError, ResumableSseLayer};

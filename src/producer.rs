@@ -37,7 +37,9 @@ where
     B::Error: Into<BoxError>,
 {
     metrics::session_started();
+    let running = config.drain.producer();
     tokio::spawn(async move {
+        let _running = running;
         let run = AssertUnwindSafe(produce(&store, &key, epoch, body, &config)).catch_unwind();
         let outcome = match run.await {
             Ok(Some(outcome)) => outcome,
@@ -91,6 +93,7 @@ where
     let mut cancelled = pin!(store.cancelled(key, epoch));
     let mut watch_cancel = true;
     let mut deadline = pin!(tokio::time::sleep(config.max_lifetime));
+    let mut drained = pin!(config.drain.aborted());
     let mut parser = Parser::new(config.max_event_size);
     let mut id_buf = IdBuf::default();
     let mut next_seq: u64 = 1;
@@ -147,6 +150,10 @@ where
                         tokio::time::sleep(backoff(failures)).await;
                     }
                 }
+            },
+            () = &mut drained, if ended.is_none() => {
+                tracing::warn!("drain deadline reached; ending the session as failed");
+                ended = Some(Outcome::Failed);
             },
             () = &mut deadline, if ended.is_none() => {
                 tracing::warn!(lifetime = ?config.max_lifetime, "session reached its maximum lifetime; ending it as failed");

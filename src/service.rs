@@ -129,9 +129,13 @@ impl<St: Store> Session<St> {
         // A request that finds the session starting waits for it; if that claim is released
         // (its response was not an event stream) the request tries to claim it itself.
         for _ in 0..3 {
-            let found = if last.is_some() {
+            // While draining, a request without a position may still join a session that
+            // exists, but never starts one.
+            let draining = last.is_none() && self.config.drain.is_draining();
+            let found = if last.is_some() || draining {
                 self.store.lookup(&self.key).await.map(|info| match info {
                     Some(info) => Ok(info),
+                    None if draining => Err("draining"),
                     None => Err("unknown-session"),
                 })
             } else {
@@ -147,6 +151,12 @@ impl<St: Store> Session<St> {
             };
             let info = match found {
                 Ok(Ok(info)) => info,
+                Ok(Err("draining")) => {
+                    let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, "draining");
+                    res.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return Ok(res);
+                }
                 Ok(Err(reason)) => return Ok(reject(StatusCode::GONE, reason)),
                 Err(e) if e.kind() == StoreErrorKind::SessionLimit => {
                     return Ok(reject(StatusCode::SERVICE_UNAVAILABLE, "session-limit"))

@@ -435,3 +435,34 @@ async fn a_redis_restart_that_lost_data_is_reported_not_spliced() {
     let key = SessionKey::new("lost").unwrap();
     assert!(app.store.lookup(&key).await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn after_a_drain_other_instances_keep_serving_the_sessions() {
+    let Some(url) = url_or_skip() else { return };
+    let prefix = unique_prefix();
+    let mut drain = None;
+    let a = serve_with(store_on(&url, &prefix, Duration::from_secs(2)).await, |l| {
+        drain = Some(l.drain_handle());
+        l
+    })
+    .await;
+    let b = serve_with(store_on(&url, &prefix, Duration::from_secs(2)).await, |l| l).await;
+    let path = "/tokens?session_id=deploy&n=100&interval_ms=2";
+    let mut conn = get(a.addr, path, None).await;
+    let mut got = conn.take(10).await;
+    // Instance A is being replaced: it finishes what it produces, then goes away.
+    let report = drain.unwrap().drain(TIMEOUT).await;
+    assert_eq!((report.running_at_start, report.ended_at_deadline), (1, 0));
+    drop(conn);
+    let rest = get(
+        b.addr,
+        path,
+        Some(got.last().unwrap().id.as_deref().unwrap()),
+    )
+    .await
+    .collect()
+    .await;
+    got.extend(rest);
+    assert_eq!(datas(&got), expected_tokens(0..100));
+    assert_eq!((a.inner.calls(), b.inner.calls()), (1, 0));
+}

@@ -30,7 +30,7 @@ pub trait Backend: Sync {
 #[macro_export]
 macro_rules! store_suite {
     ($backend:expr) => {
-        $crate::store_suite!(@tests $backend; reconnects_get_every_event_exactly_once, reconnect_after_completion_gets_204, a_second_client_replays_from_the_start_then_follows_live, events_appended_during_a_replay_are_neither_lost_nor_repeated, generation_continues_after_the_client_disconnects, a_slow_client_does_not_slow_the_producer_or_others, concurrent_first_requests_call_the_inner_service_once, last_event_id_query_parameter_is_a_fallback_for_the_header, inner_body_error_fails_the_session, cancel_stops_the_generator_and_reconnects_get_204, keep_alive_comments_reach_live_and_replayed_connections, keep_alive_can_be_turned_off, finished_sessions_expire_after_retention, a_session_past_its_lifetime_is_stopped_as_failed, an_oversized_event_fails_the_session_and_keeps_earlier_events, evicted_positions_are_reported_not_skipped);
+        $crate::store_suite!(@tests $backend; reconnects_get_every_event_exactly_once, reconnect_after_completion_gets_204, a_second_client_replays_from_the_start_then_follows_live, events_appended_during_a_replay_are_neither_lost_nor_repeated, generation_continues_after_the_client_disconnects, a_slow_client_does_not_slow_the_producer_or_others, concurrent_first_requests_call_the_inner_service_once, last_event_id_query_parameter_is_a_fallback_for_the_header, inner_body_error_fails_the_session, cancel_stops_the_generator_and_reconnects_get_204, keep_alive_comments_reach_live_and_replayed_connections, keep_alive_can_be_turned_off, finished_sessions_expire_after_retention, a_session_past_its_lifetime_is_stopped_as_failed, an_oversized_event_fails_the_session_and_keeps_earlier_events, evicted_positions_are_reported_not_skipped, draining_refuses_new_sessions_and_lets_running_ones_finish, the_drain_deadline_ends_running_sessions_as_failed);
     };
     (@tests $backend:expr; $($name:ident),*) => {
         $(
@@ -484,4 +484,67 @@ pub async fn evicted_positions_are_reported_not_skipped<B: Backend>(b: &B) {
         expected_prefix,
         "no event skipped before the end"
     );
+}
+
+// --- Draining ---
+
+pub async fn draining_refuses_new_sessions_and_lets_running_ones_finish<B: Backend>(b: &B) {
+    let mut drain = None;
+    let app = serve_with(b.store(Opts::default()).await, |l| {
+        drain = Some(l.drain_handle());
+        l
+    })
+    .await;
+    let drain = drain.unwrap();
+    app.inner.gate("running");
+    let path = "/gated?session_id=running";
+    let mut conn = get(app.addr, path, None).await;
+    app.inner.send("running", "one");
+    let first = conn.take(1).await;
+    assert_eq!(drain.running(), 1);
+    let draining = tokio::spawn({
+        let drain = drain.clone();
+        async move { drain.drain(TIMEOUT).await }
+    });
+    eventually(|| drain.is_draining()).await;
+    // New sessions go elsewhere.
+    let refused = get(app.addr, "/tokens?session_id=new&n=1", None).await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.reason(), Some("draining"));
+    assert!(refused.headers.contains_key("retry-after"));
+    // Reconnects to running sessions are still served.
+    let mut again = get(app.addr, path, Some(first[0].id.as_deref().unwrap())).await;
+    assert_eq!(again.status, 200);
+    app.inner.send("running", "two");
+    app.inner.end("running");
+    assert_eq!(datas(&again.collect().await), ["two"]);
+    assert_eq!(datas(&conn.collect().await), ["two"]);
+    let report = draining.await.unwrap();
+    assert_eq!(report.running_at_start, 1);
+    assert_eq!(report.ended_at_deadline, 0);
+    let key = SessionKey::new("running").unwrap();
+    let info = app.store.lookup(&key).await.unwrap().unwrap();
+    assert_eq!(info.status, Status::Finished(Outcome::Completed));
+    assert_eq!(app.inner.calls(), 1);
+}
+
+pub async fn the_drain_deadline_ends_running_sessions_as_failed<B: Backend>(b: &B) {
+    let mut drain = None;
+    let app = serve_with(b.store(Opts::default()).await, |l| {
+        drain = Some(l.drain_handle());
+        l
+    })
+    .await;
+    let drain = drain.unwrap();
+    app.inner.gate("forever");
+    let mut conn = get(app.addr, "/gated?session_id=forever", None).await;
+    app.inner.send("forever", "only");
+    conn.take(1).await;
+    let report = drain.drain(Duration::from_millis(100)).await;
+    assert_eq!(report.running_at_start, 1);
+    assert_eq!(report.ended_at_deadline, 1);
+    assert_eq!(drain.running(), 0);
+    assert_eq!(conn.next().await, None);
+    wait_status(&app.store, "forever", Status::Finished(Outcome::Failed)).await;
+    eventually(|| app.inner.generators_dropped() == 1).await;
 }

@@ -1,0 +1,129 @@
+//! Graceful drain for rolling deploys.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// Drains the sessions that one [`ResumableSseLayer`](crate::ResumableSseLayer) (and every
+/// service made from it) produces in this process, for rolling deploys.
+///
+/// [`drain`](Self::drain) stops taking new sessions (a request that would start one is answered
+/// `503 Service Unavailable` with `retry-after: 1` and `resumable-sse-reason: draining`, so a load
+/// balancer retries it elsewhere), keeps serving reconnects, lets the running producers finish
+/// within a deadline, ends the ones still running then as failed, and returns. With a shared store
+/// (Redis) the sessions stay readable from every other instance afterwards.
+///
+/// ```
+/// use std::time::Duration;
+/// use resumable_sse::{MemoryStore, ResumableSseLayer};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let layer = ResumableSseLayer::new(MemoryStore::new());
+/// let drain = layer.drain_handle();
+/// // ... serve the app; on SIGTERM:
+/// let report = drain.drain(Duration::from_secs(30)).await;
+/// assert_eq!(report.ended_at_deadline, 0);
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Drain {
+    pub(crate) state: Arc<DrainState>,
+}
+
+/// What [`Drain::drain`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DrainReport {
+    /// Producers that were running when the drain began.
+    pub running_at_start: usize,
+    /// Producers still running at the deadline, which were ended as failed.
+    pub ended_at_deadline: usize,
+}
+
+#[derive(Debug)]
+pub(crate) struct DrainState {
+    draining: AtomicBool,
+    /// The number of producers running in this process.
+    active: watch::Sender<usize>,
+    /// Set when the deadline passed: running producers end.
+    abort: watch::Sender<bool>,
+}
+
+impl Default for DrainState {
+    fn default() -> Self {
+        Self {
+            draining: AtomicBool::new(false),
+            active: watch::Sender::new(0),
+            abort: watch::Sender::new(false),
+        }
+    }
+}
+
+impl DrainState {
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Counts a producer for as long as the guard lives.
+    pub(crate) fn producer(self: &Arc<Self>) -> ProducerGuard {
+        self.active.send_modify(|n| *n += 1);
+        ProducerGuard(self.clone())
+    }
+
+    /// Resolves when the drain deadline passed.
+    pub(crate) async fn aborted(&self) {
+        let mut rx = self.abort.subscribe();
+        let _ = rx.wait_for(|aborted| *aborted).await;
+    }
+}
+
+pub(crate) struct ProducerGuard(Arc<DrainState>);
+
+impl Drop for ProducerGuard {
+    fn drop(&mut self) {
+        self.0.active.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+impl Drain {
+    /// The number of producers running in this process.
+    pub fn running(&self) -> usize {
+        *self.state.active.borrow()
+    }
+
+    /// Whether a drain has begun.
+    pub fn is_draining(&self) -> bool {
+        self.state.is_draining()
+    }
+
+    /// Stops taking new sessions, waits up to `deadline` for the running producers to finish,
+    /// ends the rest as failed, and returns once none runs.
+    pub async fn drain(&self, deadline: Duration) -> DrainReport {
+        self.state.draining.store(true, Ordering::Release);
+        let running_at_start = self.running();
+        let mut active = self.state.active.subscribe();
+        let finished = tokio::time::timeout(deadline, active.wait_for(|n| *n == 0))
+            .await
+            .is_ok();
+        let ended_at_deadline = match finished {
+            true => 0,
+            false => {
+                let left = self.running();
+                tracing::warn!(
+                    left,
+                    "drain deadline reached; ending the running sessions as failed"
+                );
+                self.state.abort.send_replace(true);
+                let _ = active.wait_for(|n| *n == 0).await;
+                left
+            }
+        };
+        DrainReport {
+            running_at_start,
+            ended_at_deadline,
+        }
+    }
+}
