@@ -319,6 +319,44 @@ async fn a_thousand_subscribers_use_two_connections() {
         .unwrap();
     // Ours: the store's command and pub/sub connections; plus this test's own.
     assert_eq!(list.lines().count(), 3, "{list}");
+    // The subscribers share one tail of the session: ten more events cost a few reads per
+    // event for the whole process, not one per subscriber.
+    let scripts = |info: String| -> u64 {
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    };
+    let info = |rc: &mut ::redis::aio::MultiplexedConnection| {
+        let mut rc = rc.clone();
+        async move {
+            let s: String = ::redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut rc)
+                .await
+                .unwrap();
+            s
+        }
+    };
+    let before = scripts(info(&mut rc).await);
+    for i in 0..10 {
+        app.inner.send("many", format!("more {i}"));
+        for c in &mut conns {
+            assert_eq!(datas(&c.take(1).await), [format!("more {i}")]);
+        }
+    }
+    let used = scripts(info(&mut rc).await) - before;
+    assert!(
+        used < 200,
+        "{used} script calls for 10 events to 1000 subscribers"
+    );
     app.inner.end("many");
 }
 

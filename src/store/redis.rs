@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Script, Value};
@@ -44,8 +44,10 @@ use crate::session::{Epoch, Outcome, SessionKey};
 /// - **Live tail with two connections per process**, whatever the number of subscribers and
 ///   sessions: one multiplexed command connection ([`ConnectionManager`], which reconnects by
 ///   itself) and one pub/sub connection on which every change of every session is announced on one
-///   channel; subscribers in the process wait on an in-memory signal fed by that connection. No
-///   blocking command is used.
+///   channel; subscribers in the process wait on an in-memory signal fed by that connection, and
+///   read from a **shared tail** of the session kept in the process (its newest 4,096 events),
+///   which one read per change refreshes for all of them. No blocking command is used, and the
+///   Redis work per event does not grow with the number of subscribers.
 /// - **Producer crash**: the lease (default 5 s) expires; the next read, lookup or periodic check
 ///   of any instance (subscribers check at least every second) marks the session failed, so
 ///   clients end within the lease TTL plus one second, and reconnects get `204 failed`.
@@ -595,8 +597,15 @@ fn decode_head(raw: &[u8]) -> Option<ResponseHead> {
 /// fanned out here to the local subscribers of that session.
 struct Notifier {
     client: redis::Client,
-    sessions: Mutex<HashMap<String, watch::Sender<Generation>>>,
+    sessions: Mutex<HashMap<String, Local>>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+/// What this process keeps for a session that has local subscribers: the signal they wait on,
+/// and the tail of its log that they all read from.
+struct Local {
+    tx: watch::Sender<Generation>,
+    tail: Arc<Mutex<Tail>>,
 }
 
 /// Counts of event and status notifications received for a session.
@@ -649,7 +658,7 @@ impl Notifier {
                 continue;
             };
             let sessions = lock(&inner.notifier.sessions);
-            if let Some(tx) = sessions.get(tag) {
+            if let Some(Local { tx, .. }) = sessions.get(tag) {
                 tx.send_modify(|g| match kind {
                     b'e' => g.events += 1,
                     _ => g.status += 1,
@@ -662,8 +671,8 @@ impl Notifier {
     }
 
     fn wake_all(&self) {
-        for tx in lock(&self.sessions).values() {
-            tx.send_modify(|g| g.status += 1);
+        for local in lock(&self.sessions).values() {
+            local.tx.send_modify(|g| g.status += 1);
         }
     }
 
@@ -671,12 +680,93 @@ impl Notifier {
         let mut sessions = lock(&self.sessions);
         // Forget sessions nobody in this process listens to any more.
         if sessions.len() > 64 {
-            sessions.retain(|_, tx| tx.receiver_count() > 0);
+            sessions.retain(|_, local| local.tx.receiver_count() > 0);
         }
         sessions
             .entry(tag.to_owned())
-            .or_insert_with(|| watch::Sender::new(Generation::default()))
+            .or_insert_with(|| Local {
+                tx: watch::Sender::new(Generation::default()),
+                tail: Arc::default(),
+            })
+            .tx
             .subscribe()
+    }
+
+    /// The current generation and the tail of a session with local subscribers.
+    fn local(&self, tag: &str) -> Option<(Generation, Arc<Mutex<Tail>>)> {
+        let sessions = lock(&self.sessions);
+        let local = sessions.get(tag).filter(|l| l.tx.receiver_count() > 0)?;
+        let generation = *local.tx.borrow();
+        Some((generation, local.tail.clone()))
+    }
+}
+
+/// Events one fetch asks for.
+const TAIL_PAGE: usize = 1024;
+/// Events the shared tail keeps per session.
+const TAIL_CAPACITY: usize = 4096;
+
+type Fetch =
+    futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<(), Arc<str>>>>;
+
+/// The newest events of a session, shared by the readers of this process: one fetch from Redis
+/// per change serves every local subscriber.
+#[derive(Default)]
+struct Tail {
+    epoch: Option<Epoch>,
+    /// Consecutive events ending at `last_seq`.
+    events: std::collections::VecDeque<StoredEvent>,
+    last_seq: u64,
+    status: Option<Status>,
+    first_seq: u64,
+    /// The newest sequence number Redis reported.
+    head_seq: u64,
+    gone: bool,
+    /// The notifications the tail reflects, and when it was fetched.
+    generation: Generation,
+    fetched_at: Option<tokio::time::Instant>,
+    fetching: Option<Fetch>,
+}
+
+impl Generation {
+    /// A generation no notification produces, so that a tail marked with it is refreshed.
+    fn stale() -> Self {
+        Self {
+            events: u64::MAX,
+            status: u64::MAX,
+        }
+    }
+}
+
+impl Tail {
+    /// Fresh when it reflects every notification received and was checked within the interval
+    /// (the periodic check is also what notices a dead producer).
+    fn is_fresh(&self, generation: Generation, interval: Duration) -> bool {
+        self.generation == generation
+            && self.fetched_at.is_some_and(|t| t.elapsed() < interval)
+            && self.fetching.is_none()
+    }
+
+    fn oldest_cached(&self) -> u64 {
+        self.events.front().map_or(self.last_seq, |e| e.seq - 1)
+    }
+
+    /// The events after `after`, if the tail holds that position.
+    fn serve(&self, after: u64, max: usize) -> Option<Option<ReadBatch>> {
+        if self.gone {
+            return Some(None);
+        }
+        let status = self.status?;
+        if after < self.oldest_cached() || after > self.last_seq {
+            return None;
+        }
+        let skip = usize::try_from(after - self.oldest_cached()).ok()?;
+        Some(Some(ReadBatch {
+            events: self.events.iter().skip(skip).take(max).cloned().collect(),
+            status,
+            first_seq: self.first_seq,
+            last_seq: self.head_seq,
+        }))
     }
 }
 
@@ -727,6 +817,108 @@ impl RedisStore {
         if let Some(task) = lock(&self.inner.renewals).remove(&(key.clone(), epoch)) {
             task.abort();
         }
+    }
+}
+
+impl RedisStore {
+    /// Reads from Redis, bypassing the shared tail.
+    async fn read_direct(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+        after: u64,
+        max: usize,
+    ) -> Result<Option<ReadBatch>, StoreError> {
+        let inner = &self.inner;
+        let keys = inner.keys(key);
+        let mut inv = inner.invocation(&inner.scripts.read, &keys);
+        // Entries hold whole batches: fetching `max` entries returns at least `max` events
+        // when that many exist.
+        inv.arg(millis(inner.config.retention))
+            .arg(epoch.raw())
+            .arg(after)
+            .arg(max.clamp(1, 1024));
+        let reply = inner.invoke(&inv).await?;
+        if reply == Value::Nil {
+            return Ok(None);
+        }
+        let parsed = (|| {
+            let [info, entries] = as_array(&reply)? else {
+                return None;
+            };
+            let info = parse_info(info)?;
+            let mut events = Vec::new();
+            for entry in as_array(entries)? {
+                let [_id, fields] = as_array(entry)? else {
+                    return None;
+                };
+                for pair in as_array(fields)?.chunks(2) {
+                    let [seq, bytes] = pair else { return None };
+                    let seq = as_u64(seq)?;
+                    if seq > after && events.len() < max {
+                        events.push(StoredEvent {
+                            seq,
+                            bytes: Bytes::copy_from_slice(as_bytes(bytes)?),
+                        });
+                    }
+                }
+            }
+            Some(ReadBatch {
+                events,
+                status: info.status,
+                first_seq: info.first_seq,
+                last_seq: info.last_seq,
+            })
+        })();
+        parsed.map(Some).ok_or_else(|| bad_reply("read"))
+    }
+
+    /// Fetches what follows the tail from Redis and appends it, for every local reader.
+    async fn refresh(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+        from: u64,
+        generation: Generation,
+        tail: &Mutex<Tail>,
+    ) -> Result<(), Arc<str>> {
+        let read = self.read_direct(key, epoch, from, TAIL_PAGE).await;
+        let mut t = lock(tail);
+        t.fetching = None;
+        let batch = read.map_err(|e| Arc::<str>::from(e.to_string()))?;
+        if t.epoch != Some(epoch) {
+            return Ok(());
+        }
+        t.fetched_at = Some(tokio::time::Instant::now());
+        match batch {
+            None => {
+                t.gone = true;
+                t.generation = generation;
+            }
+            Some(batch) => {
+                let complete = batch.events.len() < TAIL_PAGE;
+                for e in batch.events {
+                    if e.seq == t.last_seq + 1 {
+                        t.last_seq = e.seq;
+                        t.events.push_back(e);
+                    }
+                }
+                while t.events.len() > TAIL_CAPACITY {
+                    t.events.pop_front();
+                }
+                t.status = Some(batch.status);
+                t.first_seq = batch.first_seq;
+                t.head_seq = batch.last_seq;
+                t.gone = false;
+                // A full page means more is waiting: the tail is not fresh yet.
+                t.generation = if complete {
+                    generation
+                } else {
+                    Generation::stale()
+                };
+            }
+        }
+        Ok(())
     }
 }
 
@@ -838,48 +1030,50 @@ impl Store for RedisStore {
         after: u64,
         max: usize,
     ) -> Result<Option<ReadBatch>, StoreError> {
-        let inner = &self.inner;
-        let keys = inner.keys(key);
-        let mut inv = inner.invocation(&inner.scripts.read, &keys);
-        // Entries hold whole batches: fetching `max` entries returns at least `max` events
-        // when that many exist.
-        inv.arg(millis(inner.config.retention))
-            .arg(epoch.raw())
-            .arg(after)
-            .arg(max.clamp(1, 1024));
-        let reply = inner.invoke(&inv).await?;
-        if reply == Value::Nil {
-            return Ok(None);
-        }
-        let parsed = (|| {
-            let [info, entries] = as_array(&reply)? else {
-                return None;
+        let tag = escape(key);
+        loop {
+            // Without local subscribers there is nothing to share: read directly.
+            let Some((generation, tail)) = self.inner.notifier.local(&tag) else {
+                return self.read_direct(key, epoch, after, max).await;
             };
-            let info = parse_info(info)?;
-            let mut events = Vec::new();
-            for entry in as_array(entries)? {
-                let [_id, fields] = as_array(entry)? else {
-                    return None;
-                };
-                for pair in as_array(fields)?.chunks(2) {
-                    let [seq, bytes] = pair else { return None };
-                    let seq = as_u64(seq)?;
-                    if seq > after && events.len() < max {
-                        events.push(StoredEvent {
-                            seq,
-                            bytes: Bytes::copy_from_slice(as_bytes(bytes)?),
-                        });
+            let fetch = {
+                let mut t = lock(&tail);
+                if t.epoch == Some(epoch)
+                    && t.is_fresh(generation, self.inner.config.check_interval)
+                {
+                    match t.serve(after, max) {
+                        Some(batch) => return Ok(batch),
+                        // Older than the tail: a replay, served directly.
+                        None => break,
                     }
                 }
-            }
-            Some(ReadBatch {
-                events,
-                status: info.status,
-                first_seq: info.first_seq,
-                last_seq: info.last_seq,
-            })
-        })();
-        parsed.map(Some).ok_or_else(|| bad_reply("read"))
+                if t.epoch != Some(epoch) {
+                    *t = Tail {
+                        epoch: Some(epoch),
+                        last_seq: after,
+                        ..Tail::default()
+                    };
+                }
+                if t.epoch == Some(epoch) && after < t.oldest_cached() {
+                    break;
+                }
+                // One fetch per process refreshes the tail for every local reader.
+                let from = t.last_seq;
+                t.fetching
+                    .get_or_insert_with(|| {
+                        let (store, key) = (self.clone(), key.clone());
+                        let tail = tail.clone();
+                        async move { store.refresh(&key, epoch, from, generation, &tail).await }
+                            .boxed()
+                            .shared()
+                    })
+                    .clone()
+            };
+            fetch
+                .await
+                .map_err(|e| StoreError::unavailable(e.to_string()))?;
+        }
+        self.read_direct(key, epoch, after, max).await
     }
 
     async fn subscribe(
