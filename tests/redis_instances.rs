@@ -504,3 +504,26 @@ async fn after_a_drain_other_instances_keep_serving_the_sessions() {
     assert_eq!(datas(&got), expected_tokens(0..100));
     assert_eq!((a.inner.calls(), b.inner.calls()), (1, 0));
 }
+
+#[tokio::test]
+async fn a_claim_whose_process_died_before_answering_is_taken_over() {
+    let Some(url) = url_or_skip() else { return };
+    let prefix = unique_prefix();
+    let lease = Duration::from_millis(300);
+    let dead = store_on(&url, &prefix, lease).await;
+    let key = SessionKey::new("orphan").unwrap();
+    assert!(matches!(
+        dead.claim(&key, Duration::from_secs(60)).await.unwrap(),
+        Claim::Claimed(_)
+    ));
+    // The claiming process dies before its inner service answered.
+    drop(dead);
+    let app = serve_with(store_on(&url, &prefix, lease).await, |l| l).await;
+    // A request meanwhile waits for the claim, then takes the key over once the lease is gone.
+    let evs = get(app.addr, "/tokens?session_id=orphan&n=3", None)
+        .await
+        .collect()
+        .await;
+    assert_eq!(datas(&evs), expected_tokens(0..3));
+    assert_eq!(app.inner.calls(), 1);
+}

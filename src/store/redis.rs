@@ -48,7 +48,9 @@ use crate::session::{Epoch, Outcome, SessionKey};
 ///   read from a **shared tail** of the session kept in the process (its newest 4,096 events),
 ///   which one read per change refreshes for all of them. No blocking command is used, and the
 ///   Redis work per event does not grow with the number of subscribers.
-/// - **Producer crash**: the lease (default 5 s) expires; the next read, lookup or periodic check
+/// - **Producer crash**: a claim whose process dies before its inner service answers is
+///   dropped when its lease expires, and the next request claims the key afresh. A producer that
+///   dies while running: the lease (default 5 s) expires; the next read, lookup or periodic check
 ///   of any instance (subscribers check at least every second) marks the session failed, so
 ///   clients end within the lease TTL plus one second, and reconnects get `204 failed`.
 /// - **No leaks**: a running session's keys carry a TTL renewed with the lease (lease + retention),
@@ -311,7 +313,13 @@ fn bad_reply(what: &str) -> StoreError {
 const CHECK_LEASE: &str = r#"
 local function check_lease(ttl_retention)
   local st = redis.call('HGET', KEYS[1], 'status')
-  if (st == 'starting' or st == 'running') and redis.call('EXISTS', KEYS[3]) == 0 then
+  if st == 'starting' and redis.call('EXISTS', KEYS[3]) == 0 then
+    -- Claimed by a process that died before its response came: as if never claimed.
+    redis.call('DEL', KEYS[1], KEYS[2])
+    redis.call('PUBLISH', ARGV[1], 's' .. ARGV[2])
+    return false
+  end
+  if st == 'running' and redis.call('EXISTS', KEYS[3]) == 0 then
     redis.call('HSET', KEYS[1], 'status', 'failed')
     redis.call('PEXPIRE', KEYS[1], ttl_retention)
     redis.call('PEXPIRE', KEYS[2], ttl_retention)
@@ -329,8 +337,9 @@ end
 /// ARGV: channel, msg, epoch, lease_ms, ttl_ms, retention_ms
 const CLAIM: &str = r#"
 local st = redis.call('HGET', KEYS[1], 'status')
+if st then st = check_lease(ARGV[6]) end
 if st then
-  return {0, info(check_lease(ARGV[6]))}
+  return {0, info(st)}
 end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'status', 'starting', 'first', 1, 'last', 0)
@@ -427,15 +436,17 @@ return 1
 
 /// ARGV: channel, msg, retention_ms
 const LOOKUP: &str = r#"
-local st = redis.call('HGET', KEYS[1], 'status')
+if not redis.call('HGET', KEYS[1], 'status') then return false end
+local st = check_lease(ARGV[3])
 if not st then return false end
-return info(check_lease(ARGV[3]))
+return info(st)
 "#;
 
 /// ARGV: channel, msg, retention_ms, epoch, after, max_entries
 const READ: &str = r#"
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[4] then return false end
 local st = check_lease(ARGV[3])
+if not st then return false end
 local from = string.format('%d-0', tonumber(ARGV[5]) + 1)
 local e = redis.call('XREVRANGE', KEYS[2], from, '-', 'COUNT', 1)
 if #e > 0 then from = e[1][1] end
