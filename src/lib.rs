@@ -71,30 +71,42 @@
 //! Each guarantee is proved by the test named after it (in `tests/` unless noted).
 //!
 //! - **One producer.** Concurrent first requests for one key call the inner service exactly
-//!   once, and all get the identical sequence (`resume.rs`:
+//!   once, and all get the identical sequence (`suite`:
 //!   `concurrent_first_requests_call_the_inner_service_once`).
 //! - **Generation survives the client.** The inner body is driven to its end even when every
-//!   client has gone (`resume.rs`: `generation_continues_after_the_client_disconnects`).
+//!   client has gone (`suite`: `generation_continues_after_the_client_disconnects`).
 //! - **Exactly once, in order, per connection.** A reconnect gets every event after its
 //!   `Last-Event-ID`, then the live ones, with no duplicate and no gap, including events
 //!   appended while the replay is being written (the reader subscribes before it reads)
-//!   (`resume.rs`: `reconnects_get_every_event_exactly_once`,
+//!   (`suite`: `reconnects_get_every_event_exactly_once`,
 //!   `events_appended_during_a_replay_are_neither_lost_nor_repeated`).
 //! - **Own ids.** Every stored event gets an id `<epoch>-<seq>` replacing the inner one; ids are
 //!   strictly increasing within a session and an id from an earlier incarnation of the key is
-//!   recognised (`lifecycle.rs`: `finished_sessions_expire_after_retention`).
+//!   recognised (`suite`: `finished_sessions_expire_after_retention`).
 //! - **Done means done.** A client holding the final event gets `204`
-//!   (`resume.rs`: `reconnect_after_completion_gets_204`).
+//!   (`suite`: `reconnect_after_completion_gets_204`).
 //! - **Failures are visible.** An inner body error ends the session as failed: clients get what
 //!   was stored, then the end; reconnects get `204 failed`; a `tracing` warning records it
-//!   (`lifecycle.rs`: `inner_body_error_fails_the_session`).
+//!   (`suite`: `inner_body_error_fails_the_session`).
 //! - **Slow clients only slow themselves.** Each connection has its own cursor into the stored
-//!   log; events are encoded once and shared as [`bytes::Bytes`] (`resume.rs`:
+//!   log; events are encoded once and shared as [`bytes::Bytes`] (`suite`:
 //!   `a_slow_client_does_not_slow_the_producer_or_others`).
 //! - **Nothing is skipped silently.** A client whose position was evicted is told `410 evicted`;
 //!   a connected client that falls behind eviction is disconnected so its reconnect is told
-//!   (`lifecycle.rs`: `evicted_positions_are_reported_not_skipped`).
-//! - **Non-SSE traffic is untouched**, trailers included (`passthrough.rs`).
+//!   (`suite`: `evicted_positions_are_reported_not_skipped`).
+//! - **Non-SSE traffic is untouched**, trailers included (`passthrough.rs`), and a request
+//!   without a key costs no allocation and no store access (`service.rs`:
+//!   `requests_without_a_key_pass_through_without_allocating`).
+//! - **Cancel stops the generation** (`suite`: `cancel_stops_the_generator_and_reconnects_get_204`).
+//! - **Drain for deploys** (`suite`: `draining_refuses_new_sessions_and_lets_running_ones_finish`,
+//!   `the_drain_deadline_ends_running_sessions_as_failed`; `redis_instances.rs`:
+//!   `after_a_drain_other_instances_keep_serving_the_sessions`).
+//!
+//! The tests named `suite` live in `tests/suite/` and run against every store: memory, Redis and
+//! Redis Cluster. With Redis, the guarantees hold across instances
+//! (`redis_instances.rs`: `a_client_moving_between_instances_gets_every_event_once`,
+//! `concurrent_first_requests_on_several_instances_produce_once`,
+//! `a_dead_producer_is_detected_within_the_lease_and_marked_failed`).
 //!
 //! # Keep-alive, retention and limits
 //!

@@ -21,7 +21,9 @@ use crate::session::{Epoch, Outcome, SessionKey};
 ///
 /// Limits, each with its outcome (see [`MemoryStoreBuilder`]):
 /// - `retention` (default 5 minutes): how long a finished session stays resumable; then it is gone
-///   and a reconnect with one of its ids gets `410 Gone` (`unknown-session`).
+///   and a reconnect with one of its ids gets `410 Gone` (`unknown-session`). A client still
+///   reading a session when it expires sees its stream end, so keep retention well above the
+///   time clients take to read and reconnect.
 /// - `max_sessions` (default 10,000): a new session beyond it is refused with
 ///   `503 Service Unavailable` (`session-limit`); existing sessions are unaffected.
 /// - `max_events_per_session` (default 100,000) and `max_bytes_per_session` (default 64 MiB): the
