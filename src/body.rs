@@ -234,7 +234,7 @@ impl<St: Store> Reader<St> {
                 Err(e) => return Some(Err(self.failed(e))),
             };
             let next_seq = batch.events.first().map_or(batch.first_seq, |e| e.seq);
-            if next_seq > self.cursor + 1 {
+            if next_seq > self.cursor.saturating_add(1) {
                 // The events this client still needs were evicted. Ending the connection makes
                 // the client reconnect and be told so, rather than skipping ahead silently.
                 tracing::debug!(

@@ -241,7 +241,9 @@ impl<St: Store> Session<St> {
             Some(id) if id.seq > info.last_seq => {
                 return reject(StatusCode::BAD_REQUEST, "beyond-head")
             }
-            Some(id) if id.seq < info.first_seq - 1 => return reject(StatusCode::GONE, "evicted"),
+            Some(id) if id.seq < info.first_seq.saturating_sub(1) => {
+                return reject(StatusCode::GONE, "evicted")
+            }
             Some(id) => match info.status {
                 Status::Finished(outcome) if id.seq == info.last_seq => {
                     return reject(StatusCode::NO_CONTENT, outcome.reason())
