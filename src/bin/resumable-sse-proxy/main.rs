@@ -1,0 +1,314 @@
+//! `resumable-sse-proxy`: [`ResumableSseLayer`] as a reverse proxy, in front of a service in any
+//! language.
+//!
+//! ```text
+//! cargo build --release --features proxy,redis --bin resumable-sse-proxy
+//! target/release/resumable-sse-proxy --upstream http://127.0.0.1:8000 --route '/v1/chat/*'
+//! ```
+//!
+//! Every request is forwarded to `--upstream` (plain HTTP) with its body streamed both ways,
+//! without the hop-by-hop headers, with `Host` set for the upstream and `X-Forwarded-For` and
+//! `Forwarded` added. Requests to a `--route` carrying a session key (`--session-key`) go through
+//! [`ResumableSseLayer`], so the upstream's event streams on those routes become resumable
+//! sessions, kept in memory or, with `--redis`, in Redis shared by several proxies. The proxy
+//! serves its own metrics at `GET /metrics`, answers `502` when the upstream cannot be reached
+//! and `504` when it is slower than `--upstream-timeout` to answer; neither creates a session.
+//!
+//! The listener speaks HTTP/1.1 and the upstream is reached over HTTP/1.1 without TLS; protocol
+//! upgrades (WebSocket) are not forwarded. `resumable-sse-proxy --help` lists every flag and its
+//! environment variable.
+
+mod cli;
+mod forward;
+
+use std::convert::Infallible;
+use std::future::poll_fn;
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use resumable_sse::store::Store;
+use resumable_sse::{BoxError, MemoryStore, ResumableSse, ResumableSseLayer};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::cli::{Args, KeySource, Route};
+use crate::forward::{ClientAddr, Forwarder};
+
+type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(2, &format!("cannot start the runtime: {e}")));
+    if let Err(e) = runtime.block_on(run(args)) {
+        fail(1, &e.to_string());
+    }
+}
+
+fn fail(code: i32, message: &str) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(code);
+}
+
+async fn run(args: Args) -> Result<(), BoxError> {
+    let metrics = install_metrics()?;
+    match args.redis.clone() {
+        #[cfg(feature = "redis")]
+        Some(url) => {
+            if args.max_sessions.is_some() {
+                fail(
+                    2,
+                    "--max-sessions applies to the memory store only, not with --redis",
+                );
+            }
+            let store = resumable_sse::RedisStore::builder(url.clone())
+                .prefix(args.redis_prefix.clone())
+                .retention(args.retention)
+                .connect()
+                .await
+                .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
+            tracing::info!(%url, prefix = %args.redis_prefix, "sessions are kept in Redis");
+            serve(store, args, metrics).await
+        }
+        #[cfg(not(feature = "redis"))]
+        Some(_) => fail(
+            2,
+            "--redis needs a build with Redis support: cargo build --features proxy,redis",
+        ),
+        None => {
+            let mut store = MemoryStore::builder().retention(args.retention);
+            if let Some(max) = args.max_sessions {
+                store = store.max_sessions(max);
+            }
+            serve(store.build(), args, metrics).await
+        }
+    }
+}
+
+/// Accepts connections until the process is stopped.
+async fn serve<St: Store>(
+    store: St,
+    args: Args,
+    metrics: PrometheusHandle,
+) -> Result<(), BoxError> {
+    let forwarder = Forwarder::new(args.upstream.clone(), args.upstream_timeout);
+    let layer = ResumableSseLayer::new(store)
+        .session_key(args.session_key.clone())
+        .keep_alive(args.keep_alive.0)
+        .max_lifetime(args.max_lifetime)
+        .max_event_size(args.max_event_size);
+    let app = Arc::new(App {
+        resumable: layer.layer(forwarder.clone()),
+        forwarder,
+        routes: args.routes.clone(),
+        metrics_path: args.metrics_path.0.clone(),
+        metrics,
+    });
+
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let routes: Vec<String> = args.routes.iter().map(Route::to_string).collect();
+    tracing::info!(
+        %addr,
+        upstream = %args.upstream.authority,
+        routes = ?routes,
+        session_key = %args.session_key,
+        "proxy ready"
+    );
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on http://{addr}")?;
+    stdout.flush()?;
+    drop(stdout);
+
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors, for instance: wait a little rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        metrics::counter!("resumable_sse_proxy_connections_total").increment(1);
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(ClientAddr(peer));
+                let app = app.clone();
+                async move { app.handle(req).await }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(tcp), service);
+            // A client that goes away mid-stream ends its connection with an error; its session
+            // goes on without it.
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Routes a request: the metrics, a resumable route, or straight to the upstream.
+struct App<St> {
+    resumable: ResumableSse<Forwarder, St, KeySource>,
+    forwarder: Forwarder,
+    routes: Vec<Route>,
+    metrics_path: Option<String>,
+    metrics: PrometheusHandle,
+}
+
+impl<St: Store> App<St> {
+    async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        if req.method() == Method::GET && self.metrics_path.as_deref() == Some(path.as_str()) {
+            return Ok(self.render_metrics());
+        }
+        let resumable = self.routes.iter().any(|r| r.matches(&path));
+        let kind = if resumable {
+            "resumable"
+        } else {
+            "passthrough"
+        };
+        metrics::counter!("resumable_sse_proxy_requests_total", "route" => kind).increment(1);
+        let res = if resumable {
+            let mut service = self.resumable.clone();
+            poll_fn(|cx| service.poll_ready(cx)).await?;
+            service.call(req).await?.map(BodyExt::boxed_unsync)
+        } else {
+            let mut service = self.forwarder.clone();
+            service
+                .call(req)
+                .await?
+                .map(|b| b.map_err(Into::into).boxed_unsync())
+        };
+        tracing::debug!(
+            %method,
+            %path,
+            status = res.status().as_u16(),
+            route = kind,
+            reason = res.headers().get(resumable_sse::REASON_HEADER).and_then(|v| v.to_str().ok()),
+            elapsed = ?started.elapsed(),
+            "request"
+        );
+        Ok(res)
+    }
+
+    fn render_metrics(&self) -> Response<Body> {
+        self.metrics.run_upkeep();
+        let body = Full::new(Bytes::from(self.metrics.render()))
+            .map_err(|e| match e {})
+            .boxed_unsync();
+        let mut res = Response::new(body);
+        *res.status_mut() = StatusCode::OK;
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        res
+    }
+}
+
+/// Installs the Prometheus recorder and registers every metric at zero, so that each name is
+/// listed from the start.
+fn install_metrics() -> Result<PrometheusHandle, BoxError> {
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    let counters = [
+        ("resumable_sse_sessions_started_total", "Sessions created"),
+        (
+            "resumable_sse_sessions_completed_total",
+            "Sessions whose upstream body ended normally",
+        ),
+        (
+            "resumable_sse_sessions_failed_total",
+            "Sessions ended by an error, a limit or a panic",
+        ),
+        (
+            "resumable_sse_sessions_cancelled_total",
+            "Sessions stopped through Store::cancel",
+        ),
+        (
+            "resumable_sse_replays_total",
+            "Requests answered from the store without calling the upstream",
+        ),
+        (
+            "resumable_sse_events_stored_total",
+            "Events appended to the store",
+        ),
+        (
+            "resumable_sse_store_errors_total",
+            "Failed store operations",
+        ),
+        (
+            "resumable_sse_proxy_connections_total",
+            "Client connections accepted",
+        ),
+    ];
+    for (name, help) in counters {
+        metrics::describe_counter!(name, help);
+        metrics::counter!(name).increment(0);
+    }
+    metrics::describe_counter!(
+        "resumable_sse_rejections_total",
+        "Requests answered with a reason header, by reason"
+    );
+    metrics::describe_counter!(
+        "resumable_sse_proxy_requests_total",
+        "Requests forwarded, by route kind (resumable or passthrough)"
+    );
+    for kind in ["resumable", "passthrough"] {
+        metrics::counter!("resumable_sse_proxy_requests_total", "route" => kind).increment(0);
+    }
+    metrics::describe_counter!(
+        "resumable_sse_proxy_upstream_errors_total",
+        "Upstream requests that got no response head, by kind (connect, timeout, other)"
+    );
+    for kind in ["connect", "timeout", "other"] {
+        metrics::counter!("resumable_sse_proxy_upstream_errors_total", "kind" => kind).increment(0);
+    }
+    let gauges = [
+        (
+            "resumable_sse_sessions_active",
+            "Sessions whose producer runs in this process",
+        ),
+        (
+            "resumable_sse_clients_connected",
+            "Session bodies being served by this process",
+        ),
+    ];
+    for (name, help) in gauges {
+        metrics::describe_gauge!(name, help);
+        metrics::gauge!(name).increment(0.0);
+    }
+    Ok(handle)
+}

@@ -1,0 +1,1052 @@
+//! `resumable-sse-proxy` as a separate process in front of a real Python service (FastAPI with
+//! sse-starlette, `tests/upstream/app.py`) that knows nothing of resumption.
+//!
+//! The Python packages are installed once into a virtual environment under the system's temp
+//! folder, reused by later runs. Without `python3` (or when pip fails) the tests print a SKIP
+//! line, and fail under `CI=true`.
+#![cfg(feature = "proxy")]
+
+mod common;
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::redis::free_port;
+use common::TIMEOUT;
+use futures_util::stream;
+use http::{HeaderMap, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+const PROXY: &str = env!("CARGO_BIN_EXE_resumable-sse-proxy");
+
+// ---------------------------------------------------------------------------------------------
+// The Python upstream
+
+fn upstream_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/upstream")
+}
+
+/// Prints a loud SKIP line, or fails under `CI=true`.
+fn skip_or_fail(why: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("the proxy tests cannot run under CI=true: {why}");
+    }
+    eprintln!("SKIP: proxy tests skipped: {why}");
+}
+
+/// The Python of a virtual environment with `tests/upstream/requirements.txt` installed, made
+/// once (under the temp folder, named after the requirements and the Python version) and reused.
+fn python() -> Option<PathBuf> {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let found = PYTHON.get_or_init(make_venv);
+    match found {
+        Ok(python) => Some(python.clone()),
+        Err(why) => {
+            skip_or_fail(why);
+            None
+        }
+    }
+}
+
+fn make_venv() -> Result<PathBuf, String> {
+    let base = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
+    let version = Command::new(&base)
+        .args(["-c", "import sys; print(sys.version)"])
+        .output()
+        .map_err(|e| format!("cannot run `{base}`: {e}"))?;
+    if !version.status.success() {
+        return Err(format!("`{base}` does not run"));
+    }
+    let requirements = upstream_dir().join("requirements.txt");
+    let pinned = std::fs::read(&requirements).map_err(|e| format!("{e}"))?;
+    // FNV-1a of what the environment depends on.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in pinned.iter().chain(&version.stdout) {
+        hash = (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let dir = std::env::temp_dir().join(format!("resumable-sse-proxy-venv-{hash:016x}"));
+    let python = dir.join("bin/python");
+    if dir.join(".ready").exists() {
+        return Ok(python);
+    }
+    // Built aside and renamed into place, so that an interrupted install is never used.
+    let building = std::env::temp_dir().join(format!(
+        "resumable-sse-proxy-venv-{hash:016x}.{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&building);
+    let run = |cmd: &mut Command, what: &str| -> Result<(), String> {
+        let out = cmd
+            .output()
+            .map_err(|e| format!("{what} did not start: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    eprintln!(
+        "creating the upstream's virtual environment in {}",
+        dir.display()
+    );
+    run(
+        Command::new(&base).args(["-m", "venv"]).arg(&building),
+        &format!("`{base} -m venv`"),
+    )?;
+    run(
+        Command::new(building.join("bin/python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(&requirements),
+        "`pip install -r tests/upstream/requirements.txt`",
+    )?;
+    std::fs::write(building.join(".ready"), b"").map_err(|e| e.to_string())?;
+    if std::fs::rename(&building, &dir).is_err() {
+        // Another run got there first.
+        let _ = std::fs::remove_dir_all(&building);
+        if !dir.join(".ready").exists() {
+            return Err(format!("cannot move the environment to {}", dir.display()));
+        }
+    }
+    Ok(python)
+}
+
+/// Forwards a child's output lines to this test's captured stderr.
+fn relay(name: &'static str, out: impl std::io::Read + Send + 'static) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("[{name}] {line}");
+        }
+    });
+}
+
+/// `uvicorn app:app` on a port of its own, killed when dropped.
+struct Upstream {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Upstream {
+    /// Starts the app on a free port; `None` (after a SKIP line) without Python.
+    fn start() -> Option<Upstream> {
+        Self::start_on(free_port())
+    }
+
+    fn start_on(port: u16) -> Option<Upstream> {
+        let python = python()?;
+        let mut child = Command::new(python)
+            .args(["-m", "uvicorn", "app:app", "--host", "127.0.0.1"])
+            .args(["--port", &port.to_string(), "--log-level", "warning"])
+            .current_dir(upstream_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("uvicorn starts");
+        relay("upstream", child.stdout.take().unwrap());
+        relay("upstream", child.stderr.take().unwrap());
+        let upstream = Upstream {
+            child,
+            addr: ([127, 0, 0, 1], port).into(),
+        };
+        // Ready once it answers.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(upstream.addr) {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = s.write_all(b"GET /json HTTP/1.0\r\nHost: x\r\n\r\n");
+                let mut head = [0u8; 12];
+                if s.read_exact(&mut head).is_ok() && head.ends_with(b"200") {
+                    return Some(upstream);
+                }
+            }
+            assert!(Instant::now() < deadline, "uvicorn did not start on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// How many times the app's stream routes were called for `session`.
+    async fn calls(&self, session: &str) -> u64 {
+        let (status, _, body) = fetch(self.addr, "GET", &format!("/calls?session_id={session}"))
+            .send()
+            .await;
+        assert_eq!(status, 200);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        v["calls"].as_u64().unwrap()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy
+
+/// A running `resumable-sse-proxy`, killed when dropped.
+struct Proxy {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Proxy {
+    fn start(upstream: &str, args: &[&str]) -> Proxy {
+        let mut cmd = Command::new(PROXY);
+        cmd.args(["--upstream", upstream, "--listen", "127.0.0.1:0"])
+            .args(args);
+        Self::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Proxy {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the proxy starts");
+        relay("proxy", child.stderr.take().unwrap());
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("listening on http://") {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let mut proxy = Proxy {
+            child,
+            addr: ([0, 0, 0, 0], 0).into(),
+        };
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the proxy prints `listening on http://ADDR`");
+        proxy.addr = addr.parse().expect("a socket address");
+        assert_ne!(proxy.addr.port(), 0);
+        proxy
+    }
+
+    /// The value of a metric line (`name{labels}`), 0 when absent.
+    async fn metric(&self, series: &str) -> f64 {
+        let (status, headers, body) = fetch(self.addr, "GET", "/metrics").send().await;
+        assert_eq!(status, 200);
+        assert!(headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"));
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The proxy run to its end with `args` and `env`: exit code and stderr.
+fn run_proxy(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(PROXY);
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("the proxy runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP and SSE over hyper
+
+type ReqBody = BoxBody<Bytes, Infallible>;
+
+fn client() -> Client<HttpConnector, ReqBody> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+struct Fetch {
+    req: http::request::Builder,
+    body: ReqBody,
+}
+
+fn fetch(addr: SocketAddr, method: &str, path: &str) -> Fetch {
+    Fetch {
+        req: http::Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}")),
+        body: Empty::new().boxed(),
+    }
+}
+
+impl Fetch {
+    fn header(mut self, name: &str, value: &str) -> Self {
+        self.req = self.req.header(name, value);
+        self
+    }
+
+    fn body(mut self, body: ReqBody) -> Self {
+        self.body = body;
+        self
+    }
+
+    async fn response(self) -> http::Response<Incoming> {
+        let req = self.req.body(self.body).unwrap();
+        tokio::time::timeout(TIMEOUT, client().request(req))
+            .await
+            .expect("response head in time")
+            .expect("request succeeds")
+    }
+
+    /// The whole response.
+    async fn send(self) -> (StatusCode, HeaderMap, Bytes) {
+        let (parts, body) = self.response().await.into_parts();
+        let body = tokio::time::timeout(TIMEOUT, body.collect())
+            .await
+            .expect("body in time")
+            .expect("body reads")
+            .to_bytes();
+        (parts.status, parts.headers, body)
+    }
+
+    /// The response as an event stream.
+    async fn events(self) -> Events {
+        let (parts, body) = self.response().await.into_parts();
+        Events {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            buf: Vec::new(),
+            ev: Ev::default(),
+            fields: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Ev {
+    id: Option<String>,
+    data: String,
+}
+
+/// An SSE reader (LF, CR LF or CR line ends; comments skipped).
+struct Events {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Incoming,
+    buf: Vec<u8>,
+    ev: Ev,
+    fields: bool,
+}
+
+impl Events {
+    fn reason(&self) -> Option<&str> {
+        self.headers
+            .get("resumable-sse-reason")
+            .and_then(|v| v.to_str().ok())
+    }
+
+    /// The next event, or `None` at the end of the body.
+    async fn next(&mut self) -> Option<Ev> {
+        loop {
+            let mut start = 0;
+            let mut found = None;
+            while let Some(end) = self.buf[start..]
+                .iter()
+                .position(|b| *b == b'\n' || *b == b'\r')
+            {
+                let end = start + end;
+                // A CR at the very end may be the first half of CR LF: wait for more.
+                if self.buf[end] == b'\r' && end + 1 == self.buf.len() {
+                    break;
+                }
+                let line = String::from_utf8_lossy(&self.buf[start..end]).into_owned();
+                start = end + 1;
+                if self.buf[end] == b'\r' && self.buf.get(start) == Some(&b'\n') {
+                    start += 1;
+                }
+                if line.is_empty() {
+                    if std::mem::take(&mut self.fields) {
+                        found = Some(std::mem::take(&mut self.ev));
+                        break;
+                    }
+                    continue;
+                }
+                if line.starts_with(':') {
+                    continue;
+                }
+                self.fields = true;
+                let (field, value) = line.split_once(':').unwrap_or((&line, ""));
+                let value = value.strip_prefix(' ').unwrap_or(value);
+                match field {
+                    "id" => self.ev.id = Some(value.to_owned()),
+                    "data" => {
+                        if !self.ev.data.is_empty() {
+                            self.ev.data.push('\n');
+                        }
+                        self.ev.data.push_str(value);
+                    }
+                    _ => {}
+                }
+            }
+            self.buf.drain(..start);
+            if found.is_some() {
+                return found;
+            }
+            match tokio::time::timeout(TIMEOUT, self.body.frame()).await {
+                Err(_) => panic!("no event within {TIMEOUT:?}"),
+                Ok(None) | Ok(Some(Err(_))) => return None,
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn take(&mut self, n: usize) -> Vec<Ev> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.next().await.expect("stream ended early"));
+        }
+        out
+    }
+
+    async fn collect(&mut self) -> Vec<Ev> {
+        let mut out = Vec::new();
+        while let Some(ev) = self.next().await {
+            out.push(ev);
+        }
+        out
+    }
+}
+
+fn tokens(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("token {i}")).collect()
+}
+
+fn datas(evs: &[Ev]) -> Vec<String> {
+    evs.iter().map(|e| e.data.clone()).collect()
+}
+
+/// Reads a session in pieces of `pieces` events, dropping the connection after each and
+/// reconnecting with `Last-Event-ID` (to `addrs[i % len]`), then to its end; checks the final
+/// reconnect is `204`. Returns every event received.
+async fn read_with_reconnects(
+    addrs: &[SocketAddr],
+    path: &str,
+    headers: &[(&str, &str)],
+    pieces: &[usize],
+) -> Vec<Ev> {
+    let open = |i: usize, last: Option<String>| {
+        let mut f = fetch(addrs[i % addrs.len()], "GET", path);
+        for (k, v) in headers {
+            f = f.header(k, v);
+        }
+        if let Some(id) = last {
+            f = f.header("last-event-id", &id);
+        }
+        f.events()
+    };
+    let mut got: Vec<Ev> = Vec::new();
+    for (i, n) in pieces.iter().enumerate() {
+        let last = got.last().and_then(|e| e.id.clone());
+        let mut conn = open(i, last).await;
+        assert_eq!(conn.status, 200, "connection {i}");
+        assert!(conn.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        got.extend(conn.take(*n).await);
+        // Dropping `conn` closes the connection mid-stream.
+    }
+    let last = got.last().and_then(|e| e.id.clone());
+    let mut conn = open(pieces.len(), last).await;
+    assert_eq!(conn.status, 200);
+    got.extend(conn.collect().await);
+    let last = got.last().and_then(|e| e.id.clone());
+    let done = open(pieces.len() + 1, last).await;
+    assert_eq!(done.status, StatusCode::NO_CONTENT);
+    assert_eq!(done.reason(), Some("completed"));
+    got
+}
+
+fn assert_ids_increase(evs: &[Ev]) {
+    let ids: Vec<(&str, u64)> = evs
+        .iter()
+        .map(|e| {
+            let id = e.id.as_deref().expect("every event has an id");
+            let (epoch, seq) = id.rsplit_once('-').expect("an id is EPOCH-SEQ");
+            (epoch, seq.parse().expect("a sequence number"))
+        })
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0].0 == w[1].0 && w[0].1 < w[1].1),
+        "ids of one epoch, strictly increasing: {ids:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests
+
+#[tokio::test]
+async fn reconnects_get_every_token_once_and_the_upstream_is_called_once() {
+    let Some(up) = Upstream::start() else { return };
+    let proxy = Proxy::start(&up.url(), &["--route", "/v1/chat/*"]);
+    let got = read_with_reconnects(
+        &[proxy.addr],
+        "/v1/chat/stream?session_id=s1&n=40&interval_ms=10",
+        &[],
+        &[5, 10, 1],
+    )
+    .await;
+    assert_eq!(datas(&got), tokens(40));
+    assert_ids_increase(&got);
+    assert_eq!(up.calls("s1").await, 1);
+    assert_eq!(
+        proxy.metric("resumable_sse_sessions_started_total").await,
+        1.0
+    );
+    assert_eq!(proxy.metric("resumable_sse_replays_total").await, 3.0);
+
+    // Without a session key the route is forwarded unresumable: the upstream is called each time.
+    for _ in 0..2 {
+        let mut conn = fetch(proxy.addr, "GET", "/v1/chat/stream?n=3")
+            .events()
+            .await;
+        assert_eq!(conn.status, 200);
+        let evs = conn.collect().await;
+        assert_eq!(datas(&evs), tokens(3));
+        assert!(evs.iter().all(|e| e.id.is_none()));
+    }
+    assert_eq!(up.calls("").await, 2);
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn two_proxies_sharing_redis_resume_each_others_sessions() {
+    let Some(url) = common::redis::shared_url() else {
+        return;
+    };
+    let Some(up) = Upstream::start() else { return };
+    let prefix = common::redis::unique_prefix();
+    let args = [
+        "--route",
+        "/v1/chat/*",
+        "--redis",
+        &url,
+        "--redis-prefix",
+        &prefix,
+    ];
+    let a = Proxy::start(&up.url(), &args);
+    let b = Proxy::start(&up.url(), &args);
+    // Connections alternate: a, b, a, b...
+    let got = read_with_reconnects(
+        &[a.addr, b.addr],
+        "/v1/chat/stream?session_id=r1&n=30&interval_ms=10",
+        &[],
+        &[7, 5],
+    )
+    .await;
+    assert_eq!(datas(&got), tokens(30));
+    assert_ids_increase(&got);
+    assert_eq!(up.calls("r1").await, 1);
+    assert_eq!(a.metric("resumable_sse_sessions_started_total").await, 1.0);
+    assert_eq!(b.metric("resumable_sse_sessions_started_total").await, 0.0);
+}
+
+#[tokio::test]
+async fn other_routes_pass_through_byte_for_byte() {
+    let Some(up) = Upstream::start() else { return };
+    let proxy = Proxy::start(&up.url(), &["--route", "/v1/chat/*"]);
+
+    for path in ["/json", "/download?size=5242880", "/nowhere"] {
+        let direct = fetch(up.addr, "GET", path).send().await;
+        let proxied = fetch(proxy.addr, "GET", path).send().await;
+        assert_eq!(proxied.0, direct.0, "{path}: status");
+        assert_eq!(
+            proxied.1.get("content-type"),
+            direct.1.get("content-type"),
+            "{path}"
+        );
+        assert_eq!(proxied.2, direct.2, "{path}: body");
+    }
+    let (_, headers, body) = fetch(proxy.addr, "GET", "/download?size=5242880")
+        .send()
+        .await;
+    assert_eq!(body.len(), 5 * 1024 * 1024);
+    assert_eq!(headers["content-length"], "5242880");
+
+    // A streamed upload (chunked, no length) arrives whole.
+    let upload = || {
+        let chunks = (0..48u8).map(|i| Ok(Frame::data(Bytes::from(vec![i; 65_536]))));
+        StreamBody::new(stream::iter(chunks)).boxed()
+    };
+    let direct = fetch(up.addr, "POST", "/upload")
+        .body(upload())
+        .send()
+        .await;
+    let proxied = fetch(proxy.addr, "POST", "/upload")
+        .body(upload())
+        .send()
+        .await;
+    assert_eq!(proxied.0, 200);
+    assert_eq!(proxied.2, direct.2);
+    let v: Value = serde_json::from_slice(&proxied.2).unwrap();
+    assert_eq!(v["size"], 48 * 65_536);
+    let fixed = fetch(proxy.addr, "POST", "/upload")
+        .body(Full::new(Bytes::from_static(b"hello")).boxed())
+        .send()
+        .await;
+    let v: Value = serde_json::from_slice(&fixed.2).unwrap();
+    assert_eq!(v["size"], 5);
+
+    // What the upstream sees of the request headers.
+    let (status, _, body) = fetch(proxy.addr, "GET", "/headers")
+        .header("connection", "x-private")
+        .header("x-private", "1")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic eDp5")
+        .header("te", "trailers")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-end-to-end", "kept")
+        .send()
+        .await;
+    assert_eq!(status, 200);
+    let pairs: Vec<(String, String)> = serde_json::from_slice(&body).unwrap();
+    let get = |name: &str| -> Vec<&str> {
+        pairs
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    assert_eq!(get("host"), [up.addr.to_string().as_str()]);
+    assert_eq!(get("x-forwarded-for"), ["203.0.113.9, 127.0.0.1"]);
+    assert_eq!(
+        get("forwarded"),
+        [format!("for=127.0.0.1;proto=http;host=\"{}\"", proxy.addr).as_str()]
+    );
+    assert_eq!(get("x-end-to-end"), ["kept"]);
+    for gone in [
+        "x-private",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "upgrade",
+    ] {
+        assert!(get(gone).is_empty(), "{gone} reached the upstream");
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_502_and_creates_no_session() {
+    // Nothing listens on the port yet.
+    let port = free_port();
+    let proxy = Proxy::start(
+        &format!("http://127.0.0.1:{port}"),
+        &["--route", "/v1/chat/*"],
+    );
+    let path = "/v1/chat/stream?session_id=d1&n=5";
+    for p in [path, "/json"] {
+        let (status, _, _) = fetch(proxy.addr, "GET", p).send().await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{p}");
+    }
+    assert_eq!(
+        proxy
+            .metric("resumable_sse_proxy_upstream_errors_total{kind=\"connect\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        proxy.metric("resumable_sse_sessions_started_total").await,
+        0.0
+    );
+
+    // The upstream comes up: the same session key calls it now.
+    let Some(up) = Upstream::start_on(port) else {
+        return;
+    };
+    let mut conn = fetch(proxy.addr, "GET", path).events().await;
+    assert_eq!(conn.status, 200);
+    assert_eq!(datas(&conn.collect().await), tokens(5));
+    assert_eq!(up.calls("d1").await, 1);
+    assert_eq!(
+        proxy.metric("resumable_sse_sessions_started_total").await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_slow_upstream_is_504_and_creates_no_session() {
+    let Some(up) = Upstream::start() else { return };
+    let proxy = Proxy::start(
+        &up.url(),
+        &["--route", "/slow", "--upstream-timeout", "500ms"],
+    );
+    let started = Instant::now();
+    let (status, _, _) = fetch(proxy.addr, "GET", "/slow?session_id=t1&seconds=5")
+        .send()
+        .await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(
+        proxy
+            .metric("resumable_sse_proxy_upstream_errors_total{kind=\"timeout\"}")
+            .await,
+        1.0
+    );
+
+    // The upstream answers in time now: the same session key calls it again.
+    let mut conn = fetch(proxy.addr, "GET", "/slow?session_id=t1&seconds=0&n=3")
+        .events()
+        .await;
+    assert_eq!(conn.status, 200);
+    let evs = conn.collect().await;
+    assert_eq!(datas(&evs), tokens(3));
+    assert_eq!(up.calls("t1").await, 2);
+    let last = evs.last().unwrap().id.clone().unwrap();
+    let done = fetch(proxy.addr, "GET", "/slow?session_id=t1&seconds=0&n=3")
+        .header("last-event-id", &last)
+        .events()
+        .await;
+    assert_eq!(done.status, StatusCode::NO_CONTENT);
+    assert_eq!(up.calls("t1").await, 2);
+}
+
+#[tokio::test]
+async fn the_session_key_can_come_from_a_header() {
+    let Some(up) = Upstream::start() else { return };
+    let proxy = Proxy::start(
+        &up.url(),
+        &[
+            "--route",
+            "/v1/chat/stream",
+            "--session-key",
+            "header:X-Session-Id",
+        ],
+    );
+    let got = read_with_reconnects(
+        &[proxy.addr],
+        "/v1/chat/stream?n=20&interval_ms=10",
+        &[("x-session-id", "h1")],
+        &[4, 6],
+    )
+    .await;
+    assert_eq!(datas(&got), tokens(20));
+    assert_eq!(up.calls("h1").await, 1);
+}
+
+#[tokio::test]
+async fn the_session_key_can_come_from_a_path_segment() {
+    let Some(up) = Upstream::start() else { return };
+    let proxy = Proxy::start(
+        &up.url(),
+        &["--route", "/v1/chat/*", "--session-key", "path:3"],
+    );
+    let got = read_with_reconnects(
+        &[proxy.addr],
+        "/v1/chat/p1/stream?n=20&interval_ms=10",
+        &[],
+        &[4, 6],
+    )
+    .await;
+    assert_eq!(datas(&got), tokens(20));
+    assert_eq!(up.calls("p1").await, 1);
+    // Another segment is another session.
+    let got = read_with_reconnects(&[proxy.addr], "/v1/chat/p2/stream?n=5", &[], &[2]).await;
+    assert_eq!(datas(&got), tokens(5));
+    assert_eq!(up.calls("p2").await, 1);
+}
+
+#[tokio::test]
+async fn settings_come_from_the_environment() {
+    let port = free_port();
+    let mut cmd = Command::new(PROXY);
+    cmd.env(
+        "RESUMABLE_SSE_PROXY_UPSTREAM",
+        format!("http://127.0.0.1:{port}"),
+    )
+    .env("RESUMABLE_SSE_PROXY_LISTEN", "127.0.0.1:0")
+    .env("RESUMABLE_SSE_PROXY_ROUTE", "/a,/v1/chat/*")
+    .env("RESUMABLE_SSE_PROXY_SESSION_KEY", "header:X-Session-Id")
+    .env("RESUMABLE_SSE_PROXY_UPSTREAM_TIMEOUT", "5s")
+    .env("RESUMABLE_SSE_PROXY_KEEP_ALIVE", "off")
+    .env("RESUMABLE_SSE_PROXY_RETENTION", "300s")
+    .env("RESUMABLE_SSE_PROXY_MAX_SESSIONS", "10")
+    .env("RESUMABLE_SSE_PROXY_METRICS_PATH", "/_proxy/metrics");
+    let proxy = Proxy::spawn(cmd);
+    let (status, _, body) = fetch(proxy.addr, "GET", "/_proxy/metrics").send().await;
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    for name in [
+        "resumable_sse_sessions_started_total",
+        "resumable_sse_proxy_upstream_errors_total",
+        "resumable_sse_proxy_requests_total",
+    ] {
+        assert!(text.contains(name), "{name} is listed:\n{text}");
+    }
+    // `/metrics` is forwarded now, and the upstream is down.
+    let (status, _, _) = fetch(proxy.addr, "GET", "/metrics").send().await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    // An invalid key in the header named by the environment is the layer's 400.
+    let res = fetch(proxy.addr, "GET", "/a")
+        .header("x-session-id", &"k".repeat(300))
+        .events()
+        .await;
+    assert_eq!(res.status, StatusCode::BAD_REQUEST);
+    assert_eq!(res.reason(), Some("invalid-session-key"));
+}
+
+#[test]
+fn invalid_settings_are_refused_at_startup() {
+    let up = [
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--route", "/x", "--session-key", "cookie:sid"],
+            "--session-key",
+        ),
+        (
+            &["--route", "/x", "--session-key", "path:0"],
+            "--session-key",
+        ),
+        (
+            &["--route", "/x", "--session-key", "header:a b"],
+            "--session-key",
+        ),
+        (&["--route", "v1/*"], "--route"),
+        (&["--route", "/a/*/b"], "--route"),
+        (
+            &["--route", "/x", "--retention", "5 parsecs"],
+            "--retention",
+        ),
+        (&["--route", "/x", "--keep-alive", "soon"], "--keep-alive"),
+        (
+            &["--route", "/x", "--max-event-size", "big"],
+            "--max-event-size",
+        ),
+        (&[], "--route"),
+    ];
+    for (args, flag) in cases {
+        let all: Vec<&str> = up.iter().chain(args.iter()).copied().collect();
+        let (code, out) = run_proxy(&all, &[]);
+        assert_eq!(code, Some(2), "{args:?}: {out}");
+        assert!(out.contains(flag), "{args:?} names {flag}: {out}");
+    }
+    let (code, out) = run_proxy(&["--upstream", "https://example.com", "--route", "/x"], &[]);
+    assert_eq!(code, Some(2));
+    assert!(out.contains("https"), "{out}");
+    let (code, out) = run_proxy(
+        &["--upstream", "http://127.0.0.1:9"],
+        &[
+            ("RESUMABLE_SSE_PROXY_ROUTE", "/x"),
+            ("RESUMABLE_SSE_PROXY_SESSION_KEY", "bogus"),
+        ],
+    );
+    assert_eq!(code, Some(2));
+    assert!(out.contains("--session-key"), "{out}");
+
+    let (code, help) = run_proxy(&["--help"], &[]);
+    assert_eq!(code, Some(0));
+    for flag in [
+        "upstream",
+        "listen",
+        "route",
+        "session-key",
+        "redis",
+        "redis-prefix",
+        "retention",
+        "keep-alive",
+        "max-lifetime",
+        "max-event-size",
+        "max-sessions",
+        "upstream-timeout",
+        "metrics-path",
+    ] {
+        assert!(help.contains(&format!("--{flag} ")), "--{flag} in --help");
+        let var = format!(
+            "RESUMABLE_SSE_PROXY_{}",
+            flag.to_uppercase().replace('-', "_")
+        );
+        assert!(help.contains(&var), "{var} in --help");
+    }
+}
+
+#[cfg(not(feature = "redis"))]
+#[test]
+fn redis_needs_the_redis_feature() {
+    let (code, out) = run_proxy(
+        &[
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--listen",
+            "127.0.0.1:0",
+            "--route",
+            "/x",
+            "--redis",
+            "redis://127.0.0.1:6379",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(2));
+    assert!(out.contains("--features proxy,redis"), "{out}");
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn max_sessions_is_for_the_memory_store_only() {
+    let (code, out) = run_proxy(
+        &[
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--listen",
+            "127.0.0.1:0",
+            "--route",
+            "/x",
+            "--redis",
+            "redis://127.0.0.1:1",
+            "--max-sessions",
+            "5",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(2));
+    assert!(out.contains("--max-sessions"), "{out}");
+}
+
+/// Events per second of one client on one connection: straight from the upstream, through the
+/// proxy on a route without the layer (plain forwarding) and through the proxy with the layer
+/// (memory store); N = 20000 events with no pause, medians of 7 runs each, interleaved. Also the
+/// CPU time the proxy and the upstream spend per event (from `/proc`).
+///
+/// ```text
+/// cargo test --release --features proxy --test proxy -- --ignored --nocapture events_per_second
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run it in release mode"]
+async fn events_per_second_through_the_proxy_and_direct() {
+    const N: usize = 20_000;
+    const RUNS: usize = 7;
+    let Some(up) = Upstream::start() else { return };
+    let resumable = Proxy::start(&up.url(), &["--route", "/v1/chat/*"]);
+    let forwarding = Proxy::start(&up.url(), &["--route", "/elsewhere"]);
+    let run = |addr: SocketAddr, session: String| async move {
+        let path = format!("/v1/chat/stream?session_id={session}&n={N}&interval_ms=0");
+        let started = Instant::now();
+        let mut conn = fetch(addr, "GET", &path).events().await;
+        assert_eq!(conn.status, 200);
+        let mut count = 0;
+        while let Some(ev) = conn.next().await {
+            assert_eq!(ev.data, format!("token {count}"));
+            count += 1;
+        }
+        assert_eq!(count, N);
+        N as f64 / started.elapsed().as_secs_f64()
+    };
+    let configs: [(&str, SocketAddr, Option<&Proxy>); 3] = [
+        ("direct", up.addr, None),
+        ("proxy, forwarding only", forwarding.addr, Some(&forwarding)),
+        ("proxy, resumable", resumable.addr, Some(&resumable)),
+    ];
+    // (events per second of each run, proxy CPU, upstream CPU)
+    let mut results = vec![(Vec::new(), Duration::ZERO, Duration::ZERO); configs.len()];
+    for (c, (_, addr, _)) in configs.iter().enumerate() {
+        run(*addr, format!("warm-{c}")).await;
+    }
+    for i in 0..RUNS {
+        for (c, (_, addr, proxy)) in configs.iter().enumerate() {
+            let proxy_pid = proxy.map(|p| p.child.id());
+            let p0 = proxy_pid.map_or(Duration::ZERO, cpu_time);
+            let u0 = cpu_time(up.child.id());
+            let rate = run(*addr, format!("c{c}-{i}")).await;
+            let r = &mut results[c];
+            r.0.push(rate);
+            r.1 += proxy_pid
+                .map_or(Duration::ZERO, cpu_time)
+                .saturating_sub(p0);
+            r.2 += cpu_time(up.child.id()).saturating_sub(u0);
+        }
+    }
+    let per_event = |cpu: Duration| cpu.as_secs_f64() * 1e6 / (RUNS * N) as f64;
+    let mut direct = 0.0;
+    println!("{N} events, {RUNS} runs each; events/s (median; runs), CPU per event");
+    for ((name, _, _), (mut rates, proxy_cpu, upstream_cpu)) in configs.iter().zip(results) {
+        let runs = rates
+            .iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        rates.sort_by(f64::total_cmp);
+        let median = rates[rates.len() / 2];
+        if direct == 0.0 {
+            direct = median;
+        }
+        println!(
+            "{name:>24}: {median:>6.0}/s ({:>5.1}% of direct; {runs}); proxy {:.1} us, upstream {:.1} us",
+            100.0 * median / direct,
+            per_event(proxy_cpu),
+            per_event(upstream_cpu)
+        );
+    }
+}
+
+/// The CPU time (user + system) a process has used so far, from `/proc` (zero elsewhere).
+fn cpu_time(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // The fields after the command name, which is in parentheses; utime and stime are the
+    // 14th and 15th fields, in clock ticks (100 a second on Linux).
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().unwrap_or(0) + fields[12].parse::<u64>().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
