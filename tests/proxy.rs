@@ -562,6 +562,53 @@ async fn reconnects_get_every_token_once_and_the_upstream_is_called_once() {
     assert_eq!(up.calls("").await, 2);
 }
 
+#[tokio::test]
+async fn sigterm_drains_running_sessions_then_exits() {
+    let Some(up) = Upstream::start() else { return };
+    let mut proxy = Proxy::start(
+        &up.url(),
+        &["--route", "/v1/chat/*", "--drain-timeout", "30s"],
+    );
+    let mut conn = fetch(
+        proxy.addr,
+        "GET",
+        "/v1/chat/stream?session_id=d1&n=40&interval_ms=25",
+    )
+    .events()
+    .await;
+    assert_eq!(conn.status, 200);
+    let mut got = vec![conn.next().await.expect("a first event")];
+    let pid = proxy.child.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    // The proxy stops accepting connections at once...
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(proxy.addr).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still accepting after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...the running session still finishes, every token once...
+    got.extend(conn.collect().await);
+    assert_eq!(datas(&got), tokens(40));
+    // ...and then the process exits cleanly, well before the drain timeout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = proxy.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not exit after draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert_eq!(up.calls("d1").await, 1);
+}
+
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn two_proxies_sharing_redis_resume_each_others_sessions() {

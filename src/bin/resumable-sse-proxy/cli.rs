@@ -150,6 +150,18 @@ pub(crate) struct Args {
     )]
     pub(crate) upstream_timeout: Duration,
 
+    /// On SIGTERM or Ctrl-C: how long running sessions may take to finish before they are ended
+    /// as failed. New sessions are refused (503 `draining`) meanwhile; with `--redis` other
+    /// proxies keep serving them afterwards.
+    #[arg(
+        long,
+        env = "RESUMABLE_SSE_PROXY_DRAIN_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = parse_duration
+    )]
+    pub(crate) drain_timeout: Duration,
+
     /// The path at which the proxy serves its metrics (GET, Prometheus text) instead of
     /// forwarding; `off` forwards it too.
     #[arg(

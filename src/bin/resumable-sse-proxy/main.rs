@@ -117,6 +117,7 @@ async fn serve<St: Store>(
         .keep_alive(args.keep_alive.0)
         .max_lifetime(args.max_lifetime)
         .max_event_size(args.max_event_size);
+    let drain = layer.drain_handle();
     let app = Arc::new(App {
         resumable: layer.layer(forwarder.clone()),
         forwarder,
@@ -142,8 +143,13 @@ async fn serve<St: Store>(
     stdout.flush()?;
     drop(stdout);
 
+    let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
-        let (tcp, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let (tcp, peer) = match accepted {
             Ok(conn) => conn,
             Err(e) => {
                 // Out of file descriptors, for instance: wait a little rather than spin.
@@ -172,6 +178,40 @@ async fn serve<St: Store>(
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
+    }
+    // Stop accepting; let the running sessions finish, then exit.
+    drop(listener);
+    tracing::info!(
+        running = drain.running(),
+        "shutting down: draining sessions"
+    );
+    let report = drain.drain(args.drain_timeout).await;
+    tracing::info!(
+        ended_at_deadline = report.ended_at_deadline,
+        "drained; exiting"
+    );
+    Ok(())
+}
+
+/// Resolves on SIGTERM (what a deploy sends) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
     }
 }
 
