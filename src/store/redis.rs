@@ -1074,9 +1074,18 @@ impl Store for RedisStore {
                     .get_or_insert_with(|| {
                         let (store, key) = (self.clone(), key.clone());
                         let tail = tail.clone();
-                        async move { store.refresh(&key, epoch, from, generation, &tail).await }
-                            .boxed()
-                            .shared()
+                        // A task of its own: the fetch completes (and clears itself) even when
+                        // the reader that started it goes away mid-flight.
+                        let task = tokio::spawn(async move {
+                            store.refresh(&key, epoch, from, generation, &tail).await
+                        });
+                        async move {
+                            task.await.unwrap_or_else(|e| {
+                                Err(Arc::from(format!("tail fetch failed: {e}")))
+                            })
+                        }
+                        .boxed()
+                        .shared()
                     })
                     .clone()
             };
