@@ -69,7 +69,8 @@ enum Bom {
 /// Feed it the body chunk by chunk with [`Parser::feed`]; chunk boundaries can
 /// fall anywhere, including inside a CRLF pair or inside the leading byte
 /// order mark. Memory use is bounded by `max_event_size`: a line still being
-/// received plus the data buffer of the current block may not grow beyond it.
+/// received plus the data buffer and the event type of the current block may
+/// not grow beyond it.
 ///
 /// Parsing rules (WHATWG HTML, "Interpreting an event stream"):
 ///
@@ -116,7 +117,7 @@ impl fmt::Debug for Parser {
             .field("max_event_size", &self.max)
             .field("pending_line_len", &self.line.len())
             .field("data_len", &self.data.len())
-            .field("event", &String::from_utf8_lossy(&self.event))
+            .field("event_len", &self.event.len())
             .field("retry", &self.retry)
             .field("poisoned", &self.poisoned)
             .finish()
@@ -322,9 +323,19 @@ impl Parser {
         }
     }
 
-    /// Fails when a line of `line_len` bytes would make the event too large.
+    /// The length of the event type of `block`.
+    fn event_len(&self, block: &Block<'_>) -> usize {
+        match block.event {
+            Event::Buffered => self.event.len(),
+            Event::Chunk(value) => value.len(),
+        }
+    }
+
+    /// Fails when a line of `line_len` bytes would make the event too large: the pending line,
+    /// the data buffer and the event type together stay within the limit.
     fn check(&self, line_len: usize, block: &Block<'_>) -> Result<(), EventTooLarge> {
-        if line_len.saturating_add(self.data_len(block)) > self.max {
+        let held = self.data_len(block).saturating_add(self.event_len(block));
+        if line_len.saturating_add(held) > self.max {
             Err(self.error())
         } else {
             Ok(())
@@ -899,6 +910,16 @@ mod tests {
     }
 
     #[test]
+    fn event_type_counts_against_the_limit() {
+        let mut p = Parser::new(32);
+        p.feed(b"event: 0123456789012345678901\n", |_| {}).unwrap();
+        let err = p
+            .feed(b"data: 0123456789\n\n", |_| panic!("reported"))
+            .unwrap_err();
+        assert_eq!(err, EventTooLarge { limit: 32 });
+    }
+
+    #[test]
     fn data_buffer_over_the_limit_is_too_large() {
         let chunk = b"data: 0123456789abcdef\n";
         let mut parser = Parser::new(1024);
@@ -993,7 +1014,7 @@ mod tests {
         parser.feed(b"event: e\ndata: abc", |_| {}).unwrap();
         let debug = format!("{parser:?}");
         assert!(debug.contains("pending_line_len: 9"), "{debug}");
-        assert!(debug.contains("event: \"e\""), "{debug}");
+        assert!(debug.contains("event_len: 1"), "{debug}");
     }
 
     /// A literal transcription of the WHATWG algorithm over the whole input.
