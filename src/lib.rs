@@ -53,9 +53,9 @@
 //! | ... of a failed session (inner body error, size limit, lifetime, producer died) | `204` | `failed` |
 //! | ... of a cancelled session | `204` | `cancelled` |
 //! | `Last-Event-ID` for a session that does not exist (never did, or expired) | `410` | `unknown-session` |
-//! | `Last-Event-ID` from another incarnation of the key (an expired session's epoch) | `410` | `foreign-epoch` |
+//! | `Last-Event-ID` whose epoch is not the session's (an earlier incarnation of the key, or another session's id) | `410` | `foreign-epoch` |
 //! | the position asked for was evicted by the per-session limits | `410` | `evicted` |
-//! | `Last-Event-ID` that is not one of ours (garbage, too long, NUL, overflow, wrong case) | `400` | `malformed-last-event-id` |
+//! | `Last-Event-ID` that is not one of ours (garbage, too long, negative, overflow, wrong case, NUL in `lastEventId`) | `400` | `malformed-last-event-id` |
 //! | `Last-Event-ID` beyond the newest event | `400` | `beyond-head` |
 //! | session key present but invalid (over 256 bytes, not UTF-8) | `400` | `invalid-session-key` |
 //! | the store holds as many sessions as it may | `503` | `session-limit` |
@@ -64,7 +64,9 @@
 //! | a new session while the layer [drains](Drain) | `503` + `retry-after` | `draining` |
 //!
 //! `204` is what makes a browser's `EventSource` stop reconnecting; `4xx` stop it too. None of
-//! these answers calls the inner service, so a generation never runs twice.
+//! these answers calls the inner service, so a generation never runs twice. (A NUL byte in the
+//! `Last-Event-ID` header never reaches the layer: HTTP servers refuse such a header with a bare
+//! `400`. The `lastEventId` parameter is used as it is, not percent-decoded: ids are URL-safe.)
 //!
 //! # Guarantees
 //!

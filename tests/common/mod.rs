@@ -1,6 +1,7 @@
 //! Test harness: an axum app behind the layer on a real TCP socket, and an SSE client over hyper.
 #![allow(dead_code)]
 
+pub mod chaos_proxy;
 pub mod redis;
 
 use std::collections::HashMap;
@@ -162,6 +163,10 @@ pub async fn serve_router(app: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
+        // Nagle plus delayed ACKs would hold every multi-part write ~40 ms.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, app).await.unwrap();
     });
     addr
