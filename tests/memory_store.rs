@@ -63,3 +63,93 @@ async fn expired_sessions_are_swept_from_memory() {
     get(app.addr, "/json?session_id=other", None).await;
     assert_eq!(app.store.len(), 0);
 }
+
+#[derive(Clone)]
+struct User(String);
+
+/// The recommended extractor of the README's security model: the key binds the authenticated
+/// user (a request extension set by an auth layer outside) to the chat id.
+#[tokio::test]
+async fn a_key_bound_to_the_user_keeps_users_out_of_each_others_sessions() {
+    use axum::extract::Request;
+    use axum::middleware::{self, Next};
+
+    async fn auth(mut req: Request, next: Next) -> axum::response::Response {
+        if let Some(user) = req.headers().get("x-user").and_then(|v| v.to_str().ok()) {
+            let user = User(user.to_owned());
+            req.extensions_mut().insert(user);
+        }
+        next.run(req).await
+    }
+
+    let inner = Inner::default();
+    let layer = resumable_sse::ResumableSseLayer::new(MemoryStore::new()).session_key(
+        |parts: &http::request::Parts| {
+            let user = parts.extensions.get::<User>()?;
+            let chat = parts
+                .uri
+                .query()?
+                .strip_prefix("chat=")?
+                .split('&')
+                .next()?;
+            Some(format!("{}/{}", user.0, chat))
+        },
+    );
+    let app = routes(inner.clone())
+        .layer(layer)
+        .layer(middleware::from_fn(auth));
+    let addr = serve_router(app).await;
+
+    let as_user = |user: &'static str, last: Option<String>| async move {
+        let mut req =
+            http::Request::get(format!("http://{addr}/tokens?chat=c1&n=5")).header("x-user", user);
+        if let Some(id) = last {
+            req = req.header("last-event-id", id);
+        }
+        client()
+            .request(req.body(http_body_util::Empty::new()).unwrap())
+            .await
+            .unwrap()
+    };
+    // Alice starts chat c1 and reads it.
+    let alice = as_user("alice", None).await;
+    assert_eq!(alice.status(), 200);
+    let body = http_body_util::BodyExt::collect(alice.into_body())
+        .await
+        .unwrap();
+    let text = String::from_utf8(body.to_bytes().to_vec()).unwrap();
+    let last_id = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .last()
+        .unwrap()
+        .to_owned();
+    assert_eq!(inner.calls(), 1);
+    // Bob naming the same chat, even with Alice's id, never reaches her session.
+    let bob = as_user("bob", Some(last_id.clone())).await;
+    assert_eq!(bob.status(), 410);
+    assert_eq!(bob.headers()["resumable-sse-reason"], "unknown-session");
+    let bob = as_user("bob", None).await;
+    assert_eq!(bob.status(), 200);
+    http_body_util::BodyExt::collect(bob.into_body())
+        .await
+        .unwrap();
+    assert_eq!(inner.calls(), 2, "Bob got a session of his own");
+    // Alice, with her id, is told her stream is complete.
+    let alice = as_user("alice", Some(last_id)).await;
+    assert_eq!(alice.status(), 204);
+    // Without an authenticated user there is no key: the request passes through unresumable.
+    let anon = client()
+        .request(
+            http::Request::get(format!("http://{addr}/tokens?chat=c1&n=2"))
+                .body(http_body_util::Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let body = http_body_util::BodyExt::collect(anon.into_body())
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&body.to_bytes()).contains("id: inner-0"));
+    assert_eq!(inner.calls(), 3);
+}
