@@ -121,7 +121,7 @@ async fn a_key_bound_to_the_user_keeps_users_out_of_each_others_sessions() {
     let last_id = text
         .lines()
         .filter_map(|l| l.strip_prefix("id: "))
-        .last()
+        .next_back()
         .unwrap()
         .to_owned();
     assert_eq!(inner.calls(), 1);
