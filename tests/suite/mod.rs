@@ -363,7 +363,12 @@ pub async fn keep_alive_comments_reach_live_and_replayed_connections<B: Backend>
     // (The replay connection may itself get a keep-alive if the store is slow: look at the log.)
     let key = SessionKey::new("idle").unwrap();
     let info = app.store.lookup(&key).await.unwrap().unwrap();
-    let stored = app.store.read(&key, info.epoch, 0, 100).await.unwrap().unwrap();
+    let stored = app
+        .store
+        .read(&key, info.epoch, 0, 100)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.events.len(), 2);
     assert!(stored.events.iter().all(|e| !e.bytes.starts_with(b":")));
 }
