@@ -94,9 +94,12 @@ where
     let mut watch_cancel = true;
     let mut deadline = pin!(tokio::time::sleep(config.max_lifetime));
     let mut drained = pin!(config.drain.aborted());
-    let mut parser = Parser::new(config.max_event_size);
-    let mut id_buf = IdBuf::default();
-    let mut next_seq: u64 = 1;
+    let mut framer = Framer {
+        parser: Parser::new(config.max_event_size),
+        epoch,
+        next_seq: 1,
+        id_buf: IdBuf::default(),
+    };
     let mut pending: Vec<StoredEvent> = Vec::new();
     let mut in_flight: Option<InFlight> = None;
     let mut ended: Option<Outcome> = None;
@@ -159,30 +162,69 @@ where
                 tracing::warn!(lifetime = ?config.max_lifetime, "session reached its maximum lifetime; ending it as failed");
                 ended = Some(Outcome::Failed);
             },
-            frame = next_frame(body.as_mut()), if can_read => match frame {
-                None => ended = Some(Outcome::Completed),
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "inner SSE body failed; session marked failed");
-                    ended = Some(Outcome::Failed);
-                }
-                Some(Ok(frame)) => {
-                    // Trailers mean nothing to an event stream; only data is parsed.
-                    if let Ok(data) = frame.into_data() {
-                        let fed = parser.feed(&data, |event| {
-                            let id = EventId { epoch, seq: next_seq };
-                            pending.push(StoredEvent {
-                                seq: next_seq,
-                                bytes: encode_event(id.write(&mut id_buf), &event),
-                            });
-                            next_seq += 1;
-                        });
-                        if let Err(e) = fed {
-                            tracing::warn!(error = %e, "inner SSE body produced an oversized event; session marked failed");
-                            ended = Some(Outcome::Failed);
-                        }
+            frame = next_frame(body.as_mut()), if can_read => {
+                ended = framer.take(frame, &mut pending);
+                // Take every frame the body already has ready too, so that one append, one
+                // notification and one reader wake-up carry them all. A frame that is not ready
+                // ends the loop: a paced stream is not delayed.
+                while ended.is_none() && pending.len() < READY_BATCH {
+                    match next_frame(body.as_mut()).now_or_never() {
+                        Some(frame) => ended = framer.take(frame, &mut pending),
+                        None => break,
                     }
                 }
             },
+        }
+    }
+}
+
+/// Events taken from a body's ready frames before they are appended.
+const READY_BATCH: usize = 1024;
+
+/// Turns the inner body's frames into stored events: parse, number, encode once.
+struct Framer {
+    parser: Parser,
+    epoch: Epoch,
+    next_seq: u64,
+    id_buf: IdBuf,
+}
+
+impl Framer {
+    /// Parses one frame into `pending`; `Some` when the body ended.
+    fn take(
+        &mut self,
+        frame: Option<Result<http_body::Frame<Bytes>, BoxError>>,
+        pending: &mut Vec<StoredEvent>,
+    ) -> Option<Outcome> {
+        match frame {
+            None => Some(Outcome::Completed),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "inner SSE body failed; session marked failed");
+                Some(Outcome::Failed)
+            }
+            Some(Ok(frame)) => {
+                // Trailers mean nothing to an event stream; only data is parsed.
+                let data = frame.into_data().ok()?;
+                let (epoch, next_seq, id_buf) = (self.epoch, &mut self.next_seq, &mut self.id_buf);
+                let fed = self.parser.feed(&data, |event| {
+                    let id = EventId {
+                        epoch,
+                        seq: *next_seq,
+                    };
+                    pending.push(StoredEvent {
+                        seq: *next_seq,
+                        bytes: encode_event(id.write(id_buf), &event),
+                    });
+                    *next_seq += 1;
+                });
+                match fed {
+                    Ok(()) => None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "inner SSE body produced an oversized event; session marked failed");
+                        Some(Outcome::Failed)
+                    }
+                }
+            }
         }
     }
 }

@@ -377,8 +377,8 @@ end
 local last = tonumber(redis.call('HGET', KEYS[1], 'last'))
 local stored = false
 local chunk, chunk_first = {}, nil
--- One stream entry per chunk of a batch, keyed by its first sequence number; chunks bound the
--- number of values handed to unpack.
+-- One stream entry per chunk of 64 events of a batch, keyed by its first sequence number: small
+-- entries keep bounded reads small, and bound the number of values handed to unpack.
 local function flush()
   if chunk_first then
     redis.call('XADD', KEYS[2], chunk_first .. '-0', unpack(chunk))
@@ -394,7 +394,7 @@ for i = 6, #ARGV, 2 do
     chunk[#chunk + 1] = ARGV[i + 1]
     last = seq
     stored = true
-    if #chunk >= 2000 then flush() end
+    if #chunk >= 128 then flush() end
   end
 end
 flush()
@@ -450,7 +450,10 @@ if not st then return false end
 local from = string.format('%d-0', tonumber(ARGV[5]) + 1)
 local e = redis.call('XREVRANGE', KEYS[2], from, '-', 'COUNT', 1)
 if #e > 0 then from = e[1][1] end
-local entries = redis.call('XRANGE', KEYS[2], from, '+', 'COUNT', ARGV[6])
+-- Entries are keyed by their first sequence number: bound the range by sequence as well as by
+-- count, so that a read never moves more than it asked for plus one entry at each end.
+local upto = string.format('%d-0', tonumber(ARGV[5]) + tonumber(ARGV[6]))
+local entries = redis.call('XRANGE', KEYS[2], from, upto, 'COUNT', ARGV[6])
 return {info(st), entries}
 "#;
 

@@ -459,12 +459,14 @@ pub async fn evicted_positions_are_reported_not_skipped<B: Backend>(b: &B) {
     let mut slow = get(app.addr, path, None).await;
     app.inner.send("ring", "token 0");
     let first = slow.take(1).await;
-    // The producer runs far past what the ring holds while the slow client reads nothing.
-    for i in 1..50 {
+    // The producer runs far past what the ring holds while the slow client reads nothing. One
+    // append per event: stores may keep whole batches, and this test is about eviction.
+    let key = SessionKey::new("ring").unwrap();
+    for i in 1..50u64 {
         app.inner.send("ring", format!("token {i}"));
+        wait_info(&app.store, &key, |info| info.last_seq == i + 1).await;
     }
     app.inner.end("ring");
-    let key = SessionKey::new("ring").unwrap();
     wait_info(&app.store, &key, |i| i.status.is_finished()).await;
     // A position before the oldest retained event is reported, not skipped.
     let r = get(app.addr, path, Some(first[0].id.as_deref().unwrap())).await;
