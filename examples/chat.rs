@@ -22,6 +22,9 @@
 //!   instances can share them: start two on two ports with the same URL and a reconnect may land
 //!   on either. `--lease-ms MS` sets the producer lease (default 5000): how soon the other
 //!   instances notice that this one died mid-answer.
+//! - `--max-events N`: the most events the store keeps per session (default 100,000, the
+//!   stores' own default); older ones are evicted. The load tool (`examples/loadgen.rs`) raises
+//!   it to keep sessions of a million events whole.
 //!
 //! Log lines go to stderr (`RUST_LOG` sets the level, `warn` by default).
 //!
@@ -30,7 +33,7 @@
 //! | route | answer |
 //! |---|---|
 //! | `GET /` | the page; `/?session=ID&prompt=TEXT` is a session's own address (reloading it or opening it in another tab replays the answer, then follows it live), and `&interval_ms=MS` sets the pace of its answers |
-//! | `GET /chat?session_id=ID&tokens=N&interval_ms=MS` | `N` message events whose data are `token 0` .. `token N-1`, `MS` milliseconds apart (default 0: no sleep at all), then the end; no other event or field |
+//! | `GET /chat?session_id=ID&tokens=N&interval_ms=MS` | `N` message events whose data are `token 0` .. `token N-1`, `MS` milliseconds apart (default 0: no sleep at all), then the end; no other event or field. With `&stamp=1` each data also carries the wall-clock time the event was made, in microseconds since the Unix epoch: `token 5 @1732480000123456` (for latency measurements) |
 //! | `GET /chat?session_id=ID&prompt=TEXT&interval_ms=MS` | the fake answer to `TEXT`: one message event per word (the data of every word but the first starts with its space), `MS` milliseconds apart (default 50); the first event also carries `retry: 500`; a last event `event: done` with data `[DONE]` marks a normal end |
 //! | `GET /answer?prompt=TEXT` | the whole answer to `TEXT` as `text/plain`: what the message events of `/chat?prompt=TEXT` add up to |
 //! | `POST /drop?session_id=ID&client=C` | ends the open `/chat` responses of session `ID` that were opened with `&client=C` (every one of the session's without `client`); their clients reconnect by themselves. `200` with `{"dropped": n}` |
@@ -72,7 +75,8 @@ use resumable_sse::{BoxError, MemoryStore, ResumableSseLayer, SessionKey};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-const USAGE: &str = "usage: chat [--listen ADDR] [--bare] [--redis URL [--lease-ms MS]]";
+const USAGE: &str =
+    "usage: chat [--listen ADDR] [--bare] [--redis URL [--lease-ms MS]] [--max-events N]";
 /// The pause between two words of an answer, unless `interval_ms` says otherwise.
 const ANSWER_INTERVAL: Duration = Duration::from_millis(50);
 /// How soon a browser reconnects after losing the stream (sent as `retry:`).
@@ -86,6 +90,7 @@ struct Options {
     bare: bool,
     redis: Option<String>,
     lease_ms: u64,
+    max_events: Option<usize>,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
@@ -94,6 +99,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
         bare: false,
         redis: None,
         lease_ms: 5000,
+        max_events: None,
     };
     while let Some(arg) = args.next() {
         // `--flag value` and `--flag=value` are both accepted.
@@ -117,6 +123,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
                 opts.lease_ms = value("--lease-ms")?
                     .parse()
                     .map_err(|_| "--lease-ms needs a number of milliseconds".to_owned())?
+            }
+            "--max-events" => {
+                opts.max_events = Some(
+                    value("--max-events")?
+                        .parse()
+                        .map_err(|_| "--max-events needs a number of events".to_owned())?,
+                )
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -145,10 +158,12 @@ async fn main() {
     let result = match opts.redis.clone() {
         #[cfg(feature = "redis")]
         Some(url) => {
-            let store = resumable_sse::RedisStore::builder(url)
-                .lease(Duration::from_millis(opts.lease_ms))
-                .connect()
-                .await;
+            let mut builder =
+                resumable_sse::RedisStore::builder(url).lease(Duration::from_millis(opts.lease_ms));
+            if let Some(max) = opts.max_events {
+                builder = builder.max_events_per_session(max);
+            }
+            let store = builder.connect().await;
             match store {
                 Ok(store) => serve(store, &opts, metrics).await,
                 Err(e) => Err(format!("cannot connect to Redis: {e}").into()),
@@ -156,7 +171,13 @@ async fn main() {
         }
         #[cfg(not(feature = "redis"))]
         Some(_) => Err("this build has no Redis support; rebuild with --features redis".into()),
-        None => serve(MemoryStore::new(), &opts, metrics).await,
+        None => {
+            let mut builder = MemoryStore::builder();
+            if let Some(max) = opts.max_events {
+                builder = builder.max_events_per_session(max);
+            }
+            serve(builder.build(), &opts, metrics).await
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
@@ -278,8 +299,9 @@ async fn chat(Query(q): Params) -> Response {
         let Ok(n) = n.parse::<u64>() else {
             return bad_request("tokens must be a whole number");
         };
+        let stamp = q.get("stamp").is_some_and(|v| v == "1");
         return match interval_param(&q, Duration::ZERO) {
-            Ok(interval) => Sse::new(token_events(n, interval)).into_response(),
+            Ok(interval) => Sse::new(token_events(n, interval, stamp)).into_response(),
             Err(message) => bad_request(message),
         };
     }
@@ -290,11 +312,22 @@ async fn chat(Query(q): Params) -> Response {
     }
 }
 
-/// `token 0` .. `token n-1`, `interval` apart.
-fn token_events(n: u64, interval: Duration) -> impl Stream<Item = Result<Event, Infallible>> {
+/// `token 0` .. `token n-1`, `interval` apart; with `stamp`, each followed by ` @<unix micros>`.
+fn token_events(
+    n: u64,
+    interval: Duration,
+    stamp: bool,
+) -> impl Stream<Item = Result<Event, Infallible>> {
     stream::iter(0..n).then(move |i| async move {
         if i > 0 && !interval.is_zero() {
             tokio::time::sleep(interval).await;
+        }
+        if stamp {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_micros();
+            return Ok(Event::default().data(format!("token {i} @{now}")));
         }
         Ok(Event::default().data(format!("token {i}")))
     })
