@@ -453,55 +453,8 @@ fn install_metrics() -> PrometheusHandle {
     let handle = PrometheusBuilder::new()
         .install_recorder()
         .expect("no other metrics recorder is installed");
-    let counters = [
-        ("resumable_sse_sessions_started_total", "Sessions created"),
-        (
-            "resumable_sse_sessions_completed_total",
-            "Sessions whose inner body ended normally",
-        ),
-        (
-            "resumable_sse_sessions_failed_total",
-            "Sessions ended by an error, a limit or a panic",
-        ),
-        (
-            "resumable_sse_sessions_cancelled_total",
-            "Sessions stopped through Store::cancel",
-        ),
-        (
-            "resumable_sse_replays_total",
-            "Requests answered from the store",
-        ),
-        (
-            "resumable_sse_events_stored_total",
-            "Events appended to the store",
-        ),
-        (
-            "resumable_sse_store_errors_total",
-            "Failed store operations",
-        ),
-    ];
-    for (name, help) in counters {
-        metrics::describe_counter!(name, help);
-        metrics::counter!(name).increment(0);
-    }
-    metrics::describe_counter!(
-        "resumable_sse_rejections_total",
-        "Requests answered with a reason header, by reason"
-    );
-    let gauges = [
-        (
-            "resumable_sse_sessions_active",
-            "Sessions whose producer runs in this process",
-        ),
-        (
-            "resumable_sse_clients_connected",
-            "Session bodies being served by this process",
-        ),
-    ];
-    for (name, help) in gauges {
-        metrics::describe_gauge!(name, help);
-        metrics::gauge!(name).increment(0.0);
-    }
+    // The library describes its own metrics.
+    resumable_sse::metrics::describe();
     handle
 }
 

@@ -18,6 +18,61 @@
 
 use crate::session::Outcome;
 
+/// Describes every metric of this crate to the installed recorder and registers each unlabelled
+/// one at zero, so that an exporter lists every name from the start. Call it once, after
+/// installing the recorder.
+pub fn describe() {
+    const COUNTERS: [(&str, &str); 7] = [
+        ("resumable_sse_sessions_started_total", "Sessions created"),
+        (
+            "resumable_sse_sessions_completed_total",
+            "Sessions whose inner body ended normally",
+        ),
+        (
+            "resumable_sse_sessions_failed_total",
+            "Sessions ended by an error, a limit or a panic",
+        ),
+        (
+            "resumable_sse_sessions_cancelled_total",
+            "Sessions stopped through Store::cancel",
+        ),
+        (
+            "resumable_sse_replays_total",
+            "Requests answered from the store without calling the inner service",
+        ),
+        (
+            "resumable_sse_events_stored_total",
+            "Events appended to the store",
+        ),
+        (
+            "resumable_sse_store_errors_total",
+            "Failed store operations",
+        ),
+    ];
+    const GAUGES: [(&str, &str); 2] = [
+        (
+            "resumable_sse_sessions_active",
+            "Sessions whose producer runs in this process",
+        ),
+        (
+            "resumable_sse_clients_connected",
+            "Session bodies being served by this process",
+        ),
+    ];
+    for (name, help) in COUNTERS {
+        metrics::describe_counter!(name, help);
+        metrics::counter!(name).increment(0);
+    }
+    for (name, help) in GAUGES {
+        metrics::describe_gauge!(name, help);
+        metrics::gauge!(name).increment(0.0);
+    }
+    metrics::describe_counter!(
+        "resumable_sse_rejections_total",
+        "Requests answered with a reason header, by reason"
+    );
+}
+
 pub(crate) fn session_started() {
     metrics::counter!("resumable_sse_sessions_started_total").increment(1);
     metrics::gauge!("resumable_sse_sessions_active").increment(1.0);

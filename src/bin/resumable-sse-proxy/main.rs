@@ -283,45 +283,13 @@ fn install_metrics() -> Result<PrometheusHandle, BoxError> {
     let handle = PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
-    let counters = [
-        ("resumable_sse_sessions_started_total", "Sessions created"),
-        (
-            "resumable_sse_sessions_completed_total",
-            "Sessions whose upstream body ended normally",
-        ),
-        (
-            "resumable_sse_sessions_failed_total",
-            "Sessions ended by an error, a limit or a panic",
-        ),
-        (
-            "resumable_sse_sessions_cancelled_total",
-            "Sessions stopped through Store::cancel",
-        ),
-        (
-            "resumable_sse_replays_total",
-            "Requests answered from the store without calling the upstream",
-        ),
-        (
-            "resumable_sse_events_stored_total",
-            "Events appended to the store",
-        ),
-        (
-            "resumable_sse_store_errors_total",
-            "Failed store operations",
-        ),
-        (
-            "resumable_sse_proxy_connections_total",
-            "Client connections accepted",
-        ),
-    ];
-    for (name, help) in counters {
-        metrics::describe_counter!(name, help);
-        metrics::counter!(name).increment(0);
-    }
+    // The library describes its own metrics; the proxy adds its own.
+    resumable_sse::metrics::describe();
     metrics::describe_counter!(
-        "resumable_sse_rejections_total",
-        "Requests answered with a reason header, by reason"
+        "resumable_sse_proxy_connections_total",
+        "Client connections accepted"
     );
+    metrics::counter!("resumable_sse_proxy_connections_total").increment(0);
     metrics::describe_counter!(
         "resumable_sse_proxy_requests_total",
         "Requests forwarded, by route kind (resumable or passthrough)"
@@ -335,20 +303,6 @@ fn install_metrics() -> Result<PrometheusHandle, BoxError> {
     );
     for kind in ["connect", "timeout", "other"] {
         metrics::counter!("resumable_sse_proxy_upstream_errors_total", "kind" => kind).increment(0);
-    }
-    let gauges = [
-        (
-            "resumable_sse_sessions_active",
-            "Sessions whose producer runs in this process",
-        ),
-        (
-            "resumable_sse_clients_connected",
-            "Session bodies being served by this process",
-        ),
-    ];
-    for (name, help) in gauges {
-        metrics::describe_gauge!(name, help);
-        metrics::gauge!(name).increment(0.0);
     }
     Ok(handle)
 }
