@@ -5,10 +5,9 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::{HeaderMap, StatusCode};
-use resumable_sse::store::{Claim, ResponseHead, Store, StoredEvent};
+use resumable_sse::store::{Claim, EventBlock, EventBlockBuilder, ResponseHead, Store};
 use resumable_sse::{EventId, IdBuf, MemoryStore, SessionKey};
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -18,19 +17,23 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn event(epoch: resumable_sse::Epoch, seq: u64) -> StoredEvent {
+/// A block of the token events `first..first + n`, as the producer builds it.
+fn block(epoch: resumable_sse::Epoch, first: u64, n: u64) -> EventBlock {
+    let mut builder = EventBlockBuilder::new(first);
     let mut buf = IdBuf::default();
-    let id = EventId { epoch, seq };
-    let mut bytes = b"id: ".to_vec();
-    bytes.extend_from_slice(id.write(&mut buf));
-    bytes.extend_from_slice(format!("\ndata: token {seq}\n\n").as_bytes());
-    StoredEvent {
-        seq,
-        bytes: Bytes::from(bytes),
+    for seq in first..first + n {
+        let id = EventId { epoch, seq };
+        builder.push_with(|out| {
+            out.extend_from_slice(b"id: ");
+            out.extend_from_slice(id.write(&mut buf));
+            out.extend_from_slice(format!("\ndata: token {seq}\n\n").as_bytes());
+        });
     }
+    builder.finish().expect("a block has events")
 }
 
-/// A running session holding `n` events.
+/// A running session holding `n` events, one block per event: the worst case for finding a
+/// position (a paced stream, where every event is its own append).
 fn session(
     rt: &tokio::runtime::Runtime,
     n: u64,
@@ -52,7 +55,7 @@ fn session(
         let mut seq = 1;
         while seq <= n {
             let batch: Vec<_> = (seq..(seq + 1000).min(n + 1))
-                .map(|s| event(epoch, s))
+                .map(|s| block(epoch, s, 1))
                 .collect();
             seq += batch.len() as u64;
             store.append(&key, epoch, &batch).await.expect("append");
@@ -74,7 +77,7 @@ fn append(c: &mut Criterion) {
             let (store, key, epoch) = session(&rt, 0);
             let mut seq = 1;
             b.iter(|| {
-                let events: Vec<_> = (seq..seq + batch).map(|s| event(epoch, s)).collect();
+                let events = [block(epoch, seq, batch)];
                 seq += batch;
                 rt.block_on(store.append(&key, epoch, &events))
                     .expect("append")
@@ -100,7 +103,7 @@ fn replay_from_middle(c: &mut Criterion) {
                     .block_on(store.read(&key, epoch, n / 2, 256))
                     .expect("read")
                     .expect("session");
-                assert_eq!(batch.events.len(), 256);
+                assert_eq!(batch.blocks.iter().map(EventBlock::len).sum::<usize>(), 256);
                 batch
             });
         });

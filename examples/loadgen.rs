@@ -9,7 +9,9 @@
 //! The tool builds the example (`cargo build --release --features redis --example chat`) and
 //! starts its executable as a child process per scenario and mode, on `127.0.0.1:0`:
 //!
-//! - **bare**: `chat --bare`, plain axum SSE without the layer, the reference for every ratio;
+//! - **bare**: `chat --bare`, plain axum SSE without the layer, the reference for every ratio. In
+//!   `fanout` it is measured twice, as two baselines: **bare** (independent streams) and **bare
+//!   broadcast** (`broadcast=1`); see the scenario table;
 //! - **memory**: `chat`, the layer on a `MemoryStore`;
 //! - **redis**: `chat --redis URL`, the layer on a `RedisStore`. Without `--redis`, a private
 //!   `redis-server --save "" --appendonly no` on a free port is started (and killed at the end);
@@ -24,15 +26,16 @@
 //! The client is a minimal HTTP/1.1 client over tokio's `TcpStream` with `TCP_NODELAY`, one TCP
 //! connection per stream, on a multi-threaded tokio runtime; it decodes the chunked body in the
 //! task that reads the socket. It counts the `data:` lines of each body and checks that they are
-//! exactly `token 0` .. `token N-1`, in order. Each figure also gets its ratio to bare, measured
-//! in the same run.
+//! exactly `token 0` .. `token N-1`, in order (a bare broadcast joined mid-stream may start at any
+//! token, and must go on in order, with no gap, from there). Each figure also gets its ratio to
+//! bare, and each fan-out figure its ratio to bare broadcast too, measured in the same run.
 //!
 //! # Scenarios (`--scenarios` takes a comma-separated subset of these names)
 //!
 //! | name | what | figures |
 //! |---|---|---|
 //! | `throughput` | one connection, `tokens=1000000&interval_ms=0` | events/s; CPU per event of the server, of this tool (and of a private redis-server); RSS per stored event (RSS of the server after the session completed minus before, over the events); Redis: round trips per event, Redis `used_memory` per event |
-//! | `fanout` | one session with 1,000 subscribers, then 10,000, at an event every 10 ms, then 10,000 at an event every 100 ms (bare: as many connections, each streaming its own events at the same rate, since bare SSE has no sharing); `stamp=1`; a 5 s window once every subscriber streams | p50 and p99 of emit-to-receipt latency of the events emitted in the window, events received over the nominal count (subscribers x window / interval), CPU of the server (utime + stime, % of one core); Redis: round trips per event, connections, CPU of redis-server |
+//! | `fanout` | one session with 1,000 subscribers, then 10,000, at an event every 10 ms, then 10,000 at an event every 100 ms; `stamp=1`; a 5 s window once every subscriber streams. Bare is measured twice: **bare** (independent streams): as many connections, each with a generator and timer of its own at the same rate, since bare SSE has no sharing (when the server falls behind, the timers slip and far fewer events are made: a smaller load than the layer's); **bare broadcast**: `&broadcast=1`, one generator per session whose encoded frames every connection gets, joined mid-stream: the layer's work without resumability | p50 and p99 of emit-to-receipt latency of the events emitted in the window, events received over the nominal count (subscribers x window / interval), CPU of the server (utime + stime, % of one core); Redis: round trips per event, connections, CPU of redis-server. The layer's ratios are given to both baselines; the p99 target is checked against bare broadcast (same load), with the ratio to independent streams printed beside it |
 //! | `breadth` | 1,000 sessions with one subscriber each, 1,000 events each, interval 0, all started at once | aggregate events/s; Redis: round trips per event, connections |
 //! | `resume` | sessions of 100,000 and 1,000,000 events run to completion, then 50 requests each with `Last-Event-ID` in the middle, 20 ms apart, each on a new connection | median time from sending the request to the first replayed byte (bare: to the first byte of a new stream) |
 //! | `idle` | 1,000 connections that got one event and wait (`interval_ms=3600000`), each its own session, then all on one shared session | server RSS per connection (after minus before, over the connections) |
@@ -45,8 +48,10 @@
 //!
 //! `--quick` runs every scenario at a tiny size (10,000 events, 50 subscribers, 1 s windows) for
 //! CI. The tool exits non-zero when any scenario fails: a wrong count, a gap, an error, a timeout.
-//! `--repeat K` runs every scenario K times (modes interleaved) and reports medians. `--chat PATH`
-//! runs that `chat` executable instead of building one (to measure another build of the crate).
+//! `--repeat K` runs every scenario K times (modes interleaved) and reports medians. `--modes`
+//! takes `bare`, `memory` and `redis`; `bare` brings both bare baselines into `fanout`. `--chat
+//! PATH` runs that `chat` executable instead of building one (to measure another build of the
+//! crate).
 //! The table goes to stdout; with `--json`, a JSON document goes to stdout instead and the table
 //! to stderr.
 
@@ -331,7 +336,11 @@ impl Drop for Wrapped {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Mode {
+    /// `chat --bare`; in fan-out, independent streams: a generator per connection.
     Bare,
+    /// `chat --bare` with `broadcast=1`: a generator per session, its frames written to every
+    /// connection of the session. Fan-out only; it runs with `--modes bare`.
+    BareBroadcast,
     Memory,
     Redis,
 }
@@ -340,9 +349,23 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Bare => "bare",
+            Mode::BareBroadcast => "bare broadcast",
             Mode::Memory => "memory",
             Mode::Redis => "redis",
         }
+    }
+
+    /// The mode's key in the JSON document.
+    fn key(self) -> &'static str {
+        match self {
+            Mode::BareBroadcast => "bare_broadcast",
+            m => m.name(),
+        }
+    }
+
+    /// Whether the server runs without the layer.
+    fn is_bare(self) -> bool {
+        matches!(self, Mode::Bare | Mode::BareBroadcast)
     }
 }
 
@@ -356,14 +379,14 @@ impl Server {
     fn start(ctx: &Ctx, mode: Mode) -> Result<Self, String> {
         let mut args = vec!["--listen".to_owned(), "127.0.0.1:0".to_owned()];
         match mode {
-            Mode::Bare => args.push("--bare".to_owned()),
+            Mode::Bare | Mode::BareBroadcast => args.push("--bare".to_owned()),
             Mode::Memory => {}
             Mode::Redis => {
                 let url = ctx.redis.as_ref().ok_or("no Redis")?.url.clone();
                 args.extend(["--redis".to_owned(), url]);
             }
         }
-        if mode != Mode::Bare {
+        if !mode.is_bare() {
             args.extend([
                 "--max-events".to_owned(),
                 ctx.sizes.max_events().to_string(),
@@ -932,6 +955,7 @@ fn unix_micros() -> u64 {
 
 /// What a stream read returned.
 struct Streamed {
+    /// The events read.
     events: u64,
     first_id: Option<String>,
 }
@@ -942,10 +966,24 @@ struct Streamed {
 async fn read_tokens(
     body: &mut Body,
     expect: Option<u64>,
+    on_event: impl FnMut(u64, Option<u64>, u64) -> bool,
+) -> Result<Streamed, String> {
+    read_tokens_from(body, Some(0), expect, on_event).await
+}
+
+/// [`read_tokens`] of a stream that starts at token `first`, or, when `first` is `None`, at any
+/// token (a broadcast joined mid-stream): from there on the tokens must follow in order, with no
+/// gap.
+async fn read_tokens_from(
+    body: &mut Body,
+    first: Option<u64>,
+    expect: Option<u64>,
     mut on_event: impl FnMut(u64, Option<u64>, u64) -> bool,
 ) -> Result<Streamed, String> {
     let mut lines = Lines::default();
-    let mut next = 0u64;
+    // The token expected next; `None` until the first one of a stream that may start anywhere.
+    let mut next = first;
+    let mut events = 0u64;
     let mut first_id = None;
     let mut error = None;
     let mut stop = false;
@@ -962,15 +1000,18 @@ async fn read_tokens(
                     }
                     if let Some(data) = line.strip_prefix(b"data: ") {
                         match parse_token(data) {
-                            Some((n, stamp)) if n == next => {
-                                next += 1;
+                            Some((n, stamp)) if next.unwrap_or(n) == n => {
+                                next = Some(n + 1);
+                                events += 1;
                                 if !on_event(n, stamp, now) {
                                     stop = true;
                                 }
                             }
                             _ => {
+                                let expected =
+                                    next.map_or("a token".to_owned(), |n| format!("`token {n}`"));
                                 error = Some(format!(
-                                    "expected `token {next}`, got `{}`",
+                                    "expected {expected}, got `{}`",
                                     String::from_utf8_lossy(data)
                                 ))
                             }
@@ -983,26 +1024,20 @@ async fn read_tokens(
                 })
             })
             .await
-            .map_err(|e| format!("{e} (after {next} events)"))?;
+            .map_err(|e| format!("{e} (after {events} events)"))?;
         if let Some(e) = error {
             return Err(e);
         }
         if stop {
-            return Ok(Streamed {
-                events: next,
-                first_id,
-            });
+            return Ok(Streamed { events, first_id });
         }
         if !more {
             break;
         }
     }
     match expect {
-        Some(n) if n != next => Err(format!("expected {n} events, got {next}")),
-        _ => Ok(Streamed {
-            events: next,
-            first_id,
-        }),
+        Some(n) if n != events => Err(format!("expected {n} events, got {events}")),
+        _ => Ok(Streamed { events, first_id }),
     }
 }
 
@@ -1317,9 +1352,13 @@ struct FanShared {
     changed: Notify,
 }
 
+/// One subscriber of a fan-out run. With `mid_stream`, its stream may start at any token (a
+/// broadcast it joins), else at `token 0` (a session it replays from the start, or a stream of its
+/// own).
 async fn fanout_subscriber(
     addr: SocketAddr,
     path: String,
+    mid_stream: bool,
     shared: Arc<FanShared>,
     permits: Arc<Semaphore>,
 ) -> Result<Vec<u32>, String> {
@@ -1329,7 +1368,8 @@ async fn fanout_subscriber(
     drop(permit);
     let mut latencies = Vec::new();
     let mut first = true;
-    let streamed = read_tokens(&mut body, None, |_, stamp, now| {
+    let start = if mid_stream { None } else { Some(0) };
+    let streamed = read_tokens_from(&mut body, start, None, |_, stamp, now| {
         if first {
             first = false;
             shared.ready.fetch_add(1, Ordering::SeqCst);
@@ -1363,9 +1403,12 @@ async fn fanout(
     let (ctx, server, mode) = (run.ctx, run.server, run.mode);
     let window = ctx.sizes.fanout_window;
     let tokens = ctx.sizes.fanout_stream.as_millis() as u64 / interval_ms;
+    // Bare broadcast: one generator per session, joined mid-stream by all but the first.
+    let broadcast = mode == Mode::BareBroadcast;
     let path = format!(
-        "/chat?session_id={}&tokens={tokens}&interval_ms={interval_ms}&stamp=1",
-        run.session("fan")
+        "/chat?session_id={}&tokens={tokens}&interval_ms={interval_ms}&stamp=1{}",
+        run.session("fan"),
+        if broadcast { "&broadcast=1" } else { "" }
     );
     let shared = Arc::new(FanShared::default());
     let permits = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
@@ -1375,7 +1418,7 @@ async fn fanout(
         let (shared, permits, path) = (shared.clone(), permits.clone(), path.clone());
         let addr = server.addr;
         tasks.spawn(async move {
-            let r = fanout_subscriber(addr, path, shared.clone(), permits).await;
+            let r = fanout_subscriber(addr, path, broadcast, shared.clone(), permits).await;
             if r.is_err() {
                 shared.failed.fetch_add(1, Ordering::SeqCst);
                 shared.changed.notify_waiters();
@@ -1865,33 +1908,67 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// The layer modes' ratios to the baselines, `(layer, baseline)`: to bare, and to bare broadcast
+/// when it was measured.
+fn ratio_pairs(rep: &Report, modes: &[Mode]) -> Vec<(Mode, Mode)> {
+    let broadcast = rep
+        .figures
+        .iter()
+        .any(|f| f.values.contains_key(&Mode::BareBroadcast));
+    let baselines: &[Mode] = if broadcast {
+        &[Mode::Bare, Mode::BareBroadcast]
+    } else {
+        &[Mode::Bare]
+    };
+    modes
+        .iter()
+        .filter(|m| !m.is_bare())
+        .flat_map(|&m| baselines.iter().map(move |&b| (m, b)))
+        .collect()
+}
+
+/// The ratio of the medians of `f` in `mode` and in `baseline`, when it means something.
+fn figure_ratio(f: &Figure, mode: Mode, baseline: Mode) -> Option<f64> {
+    let v = median(f.values.get(&mode)?)?;
+    let b = median(f.values.get(&baseline)?)?;
+    (f.ratio && b != 0.0).then(|| v / b)
+}
+
 fn print_table(out: &mut dyn Write, rep: &Report, modes: &[Mode]) -> std::io::Result<()> {
+    let pairs = ratio_pairs(rep, modes);
+    let mut shown = modes.to_vec();
+    if pairs.iter().any(|&(_, b)| b == Mode::BareBroadcast) {
+        shown.push(Mode::BareBroadcast);
+        shown.sort();
+    }
     let mut header = "| figure | unit |".to_owned();
-    for m in modes {
+    for m in &shown {
         header.push_str(&format!(" {} |", m.name()));
     }
-    for m in modes.iter().filter(|&&m| m != Mode::Bare) {
-        header.push_str(&format!(" {}/bare |", m.name()));
+    for (m, b) in &pairs {
+        header.push_str(&format!(" {}/{} |", m.name(), b.name()));
     }
     writeln!(out, "{header}")?;
-    let cols = 2 + modes.len() + modes.iter().filter(|&&m| m != Mode::Bare).count();
-    writeln!(out, "|{}", "---|".repeat(cols))?;
+    writeln!(out, "|{}", "---|".repeat(2 + shown.len() + pairs.len()))?;
     for f in &rep.figures {
         let mut row = format!("| {} | {} |", f.label, f.unit);
-        for m in modes {
+        for m in &shown {
             let v = f.values.get(m).and_then(|v| median(v));
             row.push_str(&format!(" {} |", v.map_or("-".to_owned(), fmt_value)));
         }
-        let bare = f.values.get(&Mode::Bare).and_then(|v| median(v));
-        for m in modes.iter().filter(|&&m| m != Mode::Bare) {
-            let v = f.values.get(m).and_then(|v| median(v));
-            let ratio = match (f.ratio, v, bare) {
-                (true, Some(v), Some(b)) if b != 0.0 => format!("{:.2}x", v / b),
-                _ => "-".to_owned(),
-            };
+        for &(m, b) in &pairs {
+            let ratio = figure_ratio(f, m, b).map_or("-".to_owned(), |r| format!("{r:.2}x"));
             row.push_str(&format!(" {ratio} |"));
         }
         writeln!(out, "{row}")?;
+    }
+    if shown.contains(&Mode::BareBroadcast) {
+        writeln!(
+            out,
+            "\nfan-out baselines: `bare` is independent streams (a generator per connection); \
+             `bare broadcast` is one generator per session whose frames every connection of the \
+             session gets, the work the layer does."
+        )?;
     }
     Ok(())
 }
@@ -1899,44 +1976,65 @@ fn print_table(out: &mut dyn Write, rep: &Report, modes: &[Mode]) -> std::io::Re
 /// Checks the figures against the crate's targets (meaningful at full size only).
 fn targets(rep: &Report, sizes: &Sizes) -> Vec<Value> {
     let mut out = Vec::new();
-    let mut check = |target: &str, measured: Option<f64>, limit: f64, at_least: bool| {
-        let Some(m) = measured.filter(|m| m.is_finite()) else {
-            return;
+    // `also`: a figure printed with the target but not checked.
+    let mut check_also =
+        |target: &str, measured: Option<f64>, limit: f64, at_least: bool, also: Option<Value>| {
+            let Some(m) = measured.filter(|m| m.is_finite()) else {
+                return;
+            };
+            let met = if at_least { m >= limit } else { m <= limit };
+            let mut goal = json!({ "target": target, "measured": m, "limit": limit, "met": met });
+            if let Some(also) = also {
+                goal["also"] = also;
+            }
+            out.push(goal);
         };
-        let met = if at_least { m >= limit } else { m <= limit };
-        out.push(json!({ "target": target, "measured": m, "limit": limit, "met": met }));
+    let ratio_to = |key: &str, mode: Mode, baseline: Mode| {
+        Some(rep.median(key, mode)? / rep.median(key, baseline)?)
     };
-    let ratio = |key: &str, mode: Mode| Some(rep.median(key, mode)? / rep.median(key, Mode::Bare)?);
+    let ratio = |key: &str, mode: Mode| ratio_to(key, mode, Mode::Bare);
+    macro_rules! check {
+        ($target:expr, $measured:expr, $limit:expr, $at_least:expr $(,)?) => {
+            check_also($target, $measured, $limit, $at_least, None)
+        };
+    }
     let tp = "one_connection.events_per_s";
-    check(
+    check!(
         "layer + memory, one connection, events/s vs bare (>= 0.8x)",
         ratio(tp, Mode::Memory),
         0.8,
         true,
     );
-    check(
+    check!(
         "layer + Redis, one connection, events/s vs bare (>= 0.5x)",
         ratio(tp, Mode::Redis),
         0.5,
         true,
     );
-    check(
+    check!(
         "layer + Redis, concurrent sessions, aggregate events/s vs bare (>= 0.5x)",
         ratio("breadth.events_per_s", Mode::Redis),
         0.5,
         true,
     );
+    // Fan-out at the same load: against the bare server that also runs one generator per session
+    // and writes its frames to every connection. The ratio to independent streams (a generator per
+    // connection, which falls behind and delivers far fewer events) is printed alongside.
     for (s, i) in &sizes.fanout {
         let key = format!("fanout_{s}_{i}ms.p99_ms");
         for m in [Mode::Memory, Mode::Redis] {
-            check(
+            let independent = ratio(&key, m)
+                .filter(|r| r.is_finite())
+                .map(|r| json!({ "label": "vs bare, independent streams", "measured": r }));
+            check_also(
                 &format!(
-                    "fan-out to {s} at {i} ms, p99 vs bare, {} (<= 2x)",
+                    "fan-out to {s} at {i} ms, p99 vs bare broadcast, {} (<= 2x)",
                     m.name()
                 ),
-                ratio(&key, m),
+                ratio_to(&key, m, Mode::BareBroadcast),
                 2.0,
                 false,
+                independent,
             );
         }
     }
@@ -1946,7 +2044,7 @@ fn targets(rep: &Report, sizes: &Sizes) -> Vec<Value> {
     );
     for (m, limit) in [(Mode::Memory, 1.0), (Mode::Redis, 5.0)] {
         for n in &sizes.resume_sessions {
-            check(
+            check!(
                 &format!("resume, {n} events, {}, ms (< {limit})", m.name()),
                 rep.median(&format!("resume_{n}.ttfb_ms"), m),
                 limit,
@@ -1956,7 +2054,7 @@ fn targets(rep: &Report, sizes: &Sizes) -> Vec<Value> {
         let grow = rep
             .median(&format!("resume_{large}.ttfb_ms"), m)
             .zip(rep.median(&format!("resume_{small}.ttfb_ms"), m));
-        check(
+        check!(
             &format!("resume, {large} vs {small} events, {} (<= 1.5x)", m.name()),
             grow.map(|(l, s)| l / s),
             1.5,
@@ -1973,14 +2071,25 @@ fn targets(rep: &Report, sizes: &Sizes) -> Vec<Value> {
                 .and_then(|v| v.iter().copied().reduce(f64::max))
         })
         .reduce(f64::max);
-    check("Redis connections per process (<= 4)", conns, 4.0, false);
+    check!("Redis connections per process (<= 4)", conns, 4.0, false);
     for m in [Mode::Memory, Mode::Redis] {
-        check(
+        check!(
             &format!("idle connection RSS vs bare, {} (<= 1.25x)", m.name()),
             ratio("idle.rss_kb_per_connection", m),
             1.25,
             false,
         );
+    }
+    out
+}
+
+/// The modes `job` runs in: in fan-out, the bare mode measures both baselines, independent
+/// streams and broadcast.
+fn job_modes(job: Job, modes: &[Mode]) -> Vec<Mode> {
+    let mut out = modes.to_vec();
+    if matches!(job, Job::Fanout { .. }) && modes.contains(&Mode::Bare) {
+        out.push(Mode::BareBroadcast);
+        out.sort();
     }
     out
 }
@@ -2071,7 +2180,7 @@ async fn run(args: Args) -> Result<ExitCode, String> {
     let mut rep = Report::default();
     for round in 0..args.repeat {
         for &job in &jobs {
-            for &mode in &modes {
+            for mode in job_modes(job, &modes) {
                 let t = Instant::now();
                 match run_job(&ctx, job, mode, round, &mut rep).await {
                     Ok(()) => eprintln!(
@@ -2099,10 +2208,15 @@ async fn run(args: Args) -> Result<ExitCode, String> {
     if !args.quick {
         summary.push_str("\n| target | measured | met |\n|---|---|---|\n");
         for g in &goals {
+            let mut measured = fmt_value(g["measured"].as_f64().unwrap_or(f64::NAN));
+            if let (Some(label), Some(v)) =
+                (g["also"]["label"].as_str(), g["also"]["measured"].as_f64())
+            {
+                measured.push_str(&format!(" ({label}: {})", fmt_value(v)));
+            }
             summary.push_str(&format!(
-                "| {} | {} | {} |\n",
+                "| {} | {measured} | {} |\n",
                 g["target"].as_str().unwrap_or_default(),
-                fmt_value(g["measured"].as_f64().unwrap_or(f64::NAN)),
                 if g["met"] == true { "met" } else { "MISSED" }
             ));
         }
@@ -2115,6 +2229,7 @@ async fn run(args: Args) -> Result<ExitCode, String> {
     }
     if args.json {
         eprint!("{summary}");
+        let pairs = ratio_pairs(&rep, &modes);
         let figures: Vec<Value> = rep
             .figures
             .iter()
@@ -2124,12 +2239,25 @@ async fn run(args: Args) -> Result<ExitCode, String> {
                     .iter()
                     .map(|(m, v)| {
                         (
-                            m.name().to_owned(),
+                            m.key().to_owned(),
                             json!({ "median": median(v), "samples": v }),
                         )
                     })
                     .collect();
-                json!({ "key": f.key, "label": f.label, "unit": f.unit, "values": values })
+                let ratios: serde_json::Map<String, Value> = pairs
+                    .iter()
+                    .filter_map(|&(m, b)| {
+                        let r = figure_ratio(f, m, b)?;
+                        Some((format!("{}/{}", m.key(), b.key()), json!(r)))
+                    })
+                    .collect();
+                json!({
+                    "key": f.key,
+                    "label": f.label,
+                    "unit": f.unit,
+                    "values": values,
+                    "ratios": ratios,
+                })
             })
             .collect();
         let doc = json!({
@@ -2137,6 +2265,11 @@ async fn run(args: Args) -> Result<ExitCode, String> {
             "quick": args.quick,
             "rounds": args.repeat,
             "load_average": { "start": started, "end": ended },
+            "baselines": {
+                "bare": "chat --bare; in fan-out, independent streams: a generator per connection",
+                "bare_broadcast": "chat --bare with broadcast=1 (fan-out only): one generator \
+                                   per session, its frames written to every connection",
+            },
             "figures": figures,
             "targets": goals,
             "notes": rep.notes,

@@ -13,7 +13,7 @@ use tokio::time::{Instant, Sleep};
 use crate::metrics;
 use crate::session::{Epoch, SessionKey};
 use crate::sse::KEEP_ALIVE;
-use crate::store::{Store, StoredEvent, Subscription};
+use crate::store::{EventBlock, Store, Subscription};
 use crate::BoxError;
 
 pin_project! {
@@ -112,13 +112,18 @@ where
 pub(crate) struct SessionEvents {
     stream: Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>>,
     keep_alive: Option<KeepAlive>,
+    /// Whether the first frame was sent, and whether to be pending once now (see `poll_frame`).
+    started: bool,
+    yield_next: bool,
     done: bool,
 }
 
 struct KeepAlive {
     interval: Duration,
     sleep: Pin<Box<Sleep>>,
-    last_activity: Instant,
+    /// Whether an event went out since the timer was last armed. Events only set the flag, so
+    /// the clock is read once per interval, not once per event.
+    active: bool,
 }
 
 impl SessionEvents {
@@ -132,8 +137,10 @@ impl SessionEvents {
             keep_alive: keep_alive.map(|interval| KeepAlive {
                 interval,
                 sleep: Box::pin(tokio::time::sleep(interval)),
-                last_activity: Instant::now(),
+                active: false,
             }),
+            started: false,
+            yield_next: false,
             done: false,
         }
     }
@@ -142,11 +149,22 @@ impl SessionEvents {
         if self.done {
             return Poll::Ready(None);
         }
+        if std::mem::take(&mut self.yield_next) {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         match self.stream.as_mut().poll_next(cx) {
             Poll::Ready(Some(Ok(bytes))) => {
                 if let Some(ka) = &mut self.keep_alive {
                     // The timer is re-armed lazily when it fires, not on every event.
-                    ka.last_activity = Instant::now();
+                    ka.active = true;
+                }
+                if !self.started {
+                    // After the first frame, be pending once (having asked to be polled again):
+                    // hyper then writes the head and that frame at once instead of filling its
+                    // buffer with what a replay has ready, so the first byte leaves early.
+                    self.started = true;
+                    self.yield_next = true;
                 }
                 return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
@@ -165,20 +183,19 @@ impl SessionEvents {
         };
         loop {
             ready!(ka.sleep.as_mut().poll(cx));
-            let due = ka.last_activity + ka.interval;
-            let now = Instant::now();
-            if due <= now {
-                ka.last_activity = now;
-                ka.sleep.as_mut().reset(now + ka.interval);
+            let next = Instant::now() + ka.interval;
+            ka.sleep.as_mut().reset(next);
+            // A comment goes out after a whole interval without events: between one and two
+            // intervals after the last event.
+            if !std::mem::take(&mut ka.active) {
                 return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(KEEP_ALIVE)))));
             }
-            ka.sleep.as_mut().reset(due);
         }
     }
 }
 
-/// How many events one store read fetches.
-const READ_BATCH: usize = 256;
+/// How many events one store read fetches at most.
+const READ_BATCH: usize = 1024;
 
 /// One connection's cursor into a session log: it replays what is stored after the cursor, then
 /// waits for changes. The log is the buffer, so a slow reader only delays itself.
@@ -188,8 +205,10 @@ pub(crate) struct Reader<St: Store> {
     epoch: Epoch,
     cursor: u64,
     subscription: Option<St::Subscription>,
-    buffered: VecDeque<StoredEvent>,
+    buffered: VecDeque<EventBlock>,
     finished: bool,
+    /// The last read returned everything up to the newest event.
+    caught_up: bool,
     _connected: metrics::ConnectedClient,
 }
 
@@ -203,18 +222,28 @@ impl<St: Store> Reader<St> {
             subscription: None,
             buffered: VecDeque::new(),
             finished: false,
+            caught_up: false,
             _connected: metrics::ConnectedClient::new(),
         }
     }
 
     async fn next(&mut self) -> Option<Result<Bytes, BoxError>> {
         loop {
-            if let Some(event) = self.buffered.pop_front() {
-                self.cursor = event.seq;
-                return Some(Ok(event.bytes));
+            if let Some(block) = self.buffered.pop_front() {
+                // A whole block, or what follows the cursor in it, is one frame: shared with the
+                // store, never copied.
+                self.cursor = block.last_seq();
+                return Some(Ok(block.bytes().clone()));
             }
             if self.finished {
                 return None;
+            }
+            if std::mem::take(&mut self.caught_up) {
+                // The last read reached the newest event: nothing can be new until the store
+                // signals a change, so wait for it rather than read an empty page.
+                if let Some(s) = &mut self.subscription {
+                    s.changed().await;
+                }
             }
             if self.subscription.is_none() {
                 // Subscribe before the first read, so nothing appended in between is missed.
@@ -233,7 +262,10 @@ impl<St: Store> Reader<St> {
                 Ok(None) => return None,
                 Err(e) => return Some(Err(self.failed(e))),
             };
-            let next_seq = batch.events.first().map_or(batch.first_seq, |e| e.seq);
+            let next_seq = batch
+                .blocks
+                .first()
+                .map_or(batch.first_seq, EventBlock::first_seq);
             if next_seq > self.cursor.saturating_add(1) {
                 // The events this client still needs were evicted. Ending the connection makes
                 // the client reconnect and be told so, rather than skipping ahead silently.
@@ -244,7 +276,7 @@ impl<St: Store> Reader<St> {
                 );
                 return None;
             }
-            if batch.events.is_empty() {
+            if batch.blocks.is_empty() {
                 if batch.status.is_finished() {
                     return None;
                 }
@@ -253,8 +285,13 @@ impl<St: Store> Reader<St> {
                 }
                 continue;
             }
-            self.finished = batch.status.is_finished() && batch.events.len() < READ_BATCH;
-            self.buffered.extend(batch.events);
+            let events: usize = batch.blocks.iter().map(EventBlock::len).sum();
+            self.finished = batch.status.is_finished() && events < READ_BATCH;
+            self.caught_up = batch
+                .blocks
+                .last()
+                .is_some_and(|b| b.last_seq() >= batch.last_seq);
+            self.buffered.extend(batch.blocks);
         }
     }
 

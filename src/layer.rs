@@ -88,7 +88,9 @@ impl<St, K> ResumableSseLayer<St, K> {
     }
 
     /// Sends a `:` comment on every connection the layer serves after this long without an event
-    /// (default 15 s); `None` turns keep-alives off.
+    /// (default 15 s); `None` turns keep-alives off. The timer is checked once per interval rather
+    /// than re-armed on every event, so a comment goes out between one and two intervals after
+    /// the last event.
     pub fn keep_alive(mut self, interval: Option<Duration>) -> Self {
         Arc::make_mut(&mut self.config).keep_alive = interval.filter(|d| !d.is_zero());
         self

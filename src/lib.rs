@@ -113,8 +113,9 @@
 //! # Keep-alive, retention and limits
 //!
 //! - [`ResumableSseLayer::keep_alive`]: a `:` comment on every session connection after 15 s
-//!   without an event (configurable, can be turned off). Keep-alive comments of the inner body
-//!   are not stored.
+//!   without an event (configurable, can be turned off): the timer is not re-armed on every
+//!   event, so the comment comes between one and two intervals after the last event. Keep-alive
+//!   comments of the inner body are not stored.
 //! - [`ResumableSseLayer::max_lifetime`] (default one hour): a longer session is stopped and
 //!   ends as failed.
 //! - [`ResumableSseLayer::max_event_size`] (default 1 MiB): a larger event ends the session as

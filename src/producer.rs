@@ -15,8 +15,8 @@ use http_body_util::BodyExt;
 use crate::layer::Config;
 use crate::metrics;
 use crate::session::{Epoch, EventId, IdBuf, Outcome, SessionKey};
-use crate::sse::{encode_event, Parser};
-use crate::store::{Appended, Store, StoreError, StoredEvent};
+use crate::sse::{encode_event_into, Parser};
+use crate::store::{Appended, EventBlock, EventBlockBuilder, Store, StoreError};
 use crate::BoxError;
 
 /// Events produced while the store is unreachable are held up to this many; then the inner body
@@ -25,8 +25,12 @@ const MAX_PENDING_EVENTS: usize = 10_000;
 /// Consecutive failed appends before the session is given up as failed.
 const MAX_APPEND_FAILURES: u32 = 8;
 
+/// The most bytes the producer puts in one block (a larger event is a block of its own): a
+/// reader sends a block, or its part after the reader's position, as one write.
+const MAX_BLOCK_BYTES: usize = 64 << 10;
+
 type InFlight =
-    Pin<Box<dyn Future<Output = (Result<Appended, StoreError>, Vec<StoredEvent>)> + Send>>;
+    Pin<Box<dyn Future<Output = (Result<Appended, StoreError>, Vec<EventBlock>)> + Send>>;
 
 /// Spawns the producer of a claimed, started session. It owns the inner body from now on: no
 /// client connection can stop it, only its end, an error, a limit or a cancel.
@@ -97,18 +101,19 @@ where
     let mut framer = Framer {
         parser: Parser::new(config.max_event_size),
         epoch,
-        next_seq: 1,
+        block: EventBlockBuilder::new(1),
         id_buf: IdBuf::default(),
+        pending: Vec::new(),
+        pending_events: 0,
     };
-    let mut pending: Vec<StoredEvent> = Vec::new();
     let mut in_flight: Option<InFlight> = None;
     let mut ended: Option<Outcome> = None;
     let mut failures: u32 = 0;
 
     loop {
-        if in_flight.is_none() && !pending.is_empty() {
+        if in_flight.is_none() && framer.has_pending() {
             // Everything produced while the previous write was in flight goes in this one.
-            let batch = std::mem::take(&mut pending);
+            let batch = framer.take_pending();
             let (store, key) = (store.clone(), key.clone());
             in_flight = Some(Box::pin(async move {
                 let result = store.append(&key, epoch, &batch).await;
@@ -120,7 +125,7 @@ where
                 return Some(outcome);
             }
         }
-        let can_read = ended.is_none() && pending.len() < MAX_PENDING_EVENTS;
+        let can_read = ended.is_none() && framer.pending_events() < MAX_PENDING_EVENTS;
         tokio::select! {
             biased;
             result = &mut cancelled, if watch_cancel => match result {
@@ -132,12 +137,12 @@ where
                     watch_cancel = false;
                 }
             },
-            Some((result, mut batch)) = OptionFuture::from(in_flight.as_mut()), if in_flight.is_some() => {
+            Some((result, batch)) = OptionFuture::from(in_flight.as_mut()), if in_flight.is_some() => {
                 in_flight = None;
                 match result {
                     Ok(Appended::Stored) => {
                         failures = 0;
-                        metrics::events_stored(batch.len());
+                        metrics::events_stored(batch.iter().map(EventBlock::len).sum());
                     }
                     Ok(Appended::Stopped) => return None,
                     Err(e) => {
@@ -148,8 +153,7 @@ where
                             return Some(Outcome::Failed);
                         }
                         // Retry the same events first, in order, with what came since.
-                        batch.append(&mut pending);
-                        pending = batch;
+                        framer.put_back(batch);
                         tokio::time::sleep(backoff(failures)).await;
                     }
                 }
@@ -163,13 +167,13 @@ where
                 ended = Some(Outcome::Failed);
             },
             frame = next_frame(body.as_mut()), if can_read => {
-                ended = framer.take(frame, &mut pending);
+                ended = framer.take(frame);
                 // Take every frame the body already has ready too, so that one append, one
                 // notification and one reader wake-up carry them all. A frame that is not ready
                 // ends the loop: a paced stream is not delayed.
-                while ended.is_none() && pending.len() < READY_BATCH {
+                while ended.is_none() && framer.pending_events() < READY_BATCH {
                     match next_frame(body.as_mut()).now_or_never() {
-                        Some(frame) => ended = framer.take(frame, &mut pending),
+                        Some(frame) => ended = framer.take(frame),
                         None => break,
                     }
                 }
@@ -181,20 +185,25 @@ where
 /// Events taken from a body's ready frames before they are appended.
 const READY_BATCH: usize = 1024;
 
-/// Turns the inner body's frames into stored events: parse, number, encode once.
+/// Turns the inner body's frames into stored events: parse, number, encode once, back to back
+/// into blocks.
 struct Framer {
     parser: Parser,
     epoch: Epoch,
-    next_seq: u64,
+    /// The block being filled.
+    block: EventBlockBuilder,
     id_buf: IdBuf,
+    /// Full blocks waiting for the next append (and failed ones waiting for their retry).
+    pending: Vec<EventBlock>,
+    /// Events in `pending`.
+    pending_events: usize,
 }
 
 impl Framer {
-    /// Parses one frame into `pending`; `Some` when the body ended.
+    /// Parses one frame into the current block; `Some` when the body ended.
     fn take(
         &mut self,
         frame: Option<Result<http_body::Frame<Bytes>, BoxError>>,
-        pending: &mut Vec<StoredEvent>,
     ) -> Option<Outcome> {
         match frame {
             None => Some(Outcome::Completed),
@@ -205,17 +214,27 @@ impl Framer {
             Some(Ok(frame)) => {
                 // Trailers mean nothing to an event stream; only data is parsed.
                 let data = frame.into_data().ok()?;
-                let (epoch, next_seq, id_buf) = (self.epoch, &mut self.next_seq, &mut self.id_buf);
-                let fed = self.parser.feed(&data, |event| {
+                let Self {
+                    parser,
+                    epoch,
+                    block,
+                    id_buf,
+                    pending,
+                    pending_events,
+                } = self;
+                let fed = parser.feed(&data, |event| {
+                    if block.byte_len() >= MAX_BLOCK_BYTES {
+                        if let Some(full) = block.finish() {
+                            *pending_events += full.len();
+                            pending.push(full);
+                        }
+                    }
                     let id = EventId {
-                        epoch,
-                        seq: *next_seq,
+                        epoch: *epoch,
+                        seq: block.next_seq(),
                     };
-                    pending.push(StoredEvent {
-                        seq: *next_seq,
-                        bytes: encode_event(id.write(id_buf), &event),
-                    });
-                    *next_seq += 1;
+                    let id = id.write(id_buf);
+                    block.push_with(|buf| encode_event_into(buf, id, &event));
                 });
                 match fed {
                     Ok(()) => None,
@@ -226,6 +245,31 @@ impl Framer {
                 }
             }
         }
+    }
+
+    /// Events framed and not yet handed to an append.
+    fn pending_events(&self) -> usize {
+        self.pending_events + self.block.len()
+    }
+
+    fn has_pending(&self) -> bool {
+        self.pending_events() > 0
+    }
+
+    /// Every framed event, in blocks, for one append.
+    fn take_pending(&mut self) -> Vec<EventBlock> {
+        if let Some(block) = self.block.finish() {
+            self.pending.push(block);
+        }
+        self.pending_events = 0;
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Puts the blocks of a failed append back in front of what was framed since.
+    fn put_back(&mut self, mut failed: Vec<EventBlock>) {
+        self.pending_events += failed.iter().map(EventBlock::len).sum::<usize>();
+        failed.append(&mut self.pending);
+        self.pending = failed;
     }
 }
 

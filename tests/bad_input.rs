@@ -861,6 +861,8 @@ struct Subscriber {
     conn: tokio::net::TcpStream,
     /// Bytes received and not parsed yet (the response head is skipped on connect).
     buf: Vec<u8>,
+    /// Body bytes (chunk payloads) not yet split into events.
+    body: Vec<u8>,
 }
 
 impl Subscriber {
@@ -876,6 +878,7 @@ impl Subscriber {
         let mut s = Self {
             conn,
             buf: Vec::new(),
+            body: Vec::new(),
         };
         let body_at = loop {
             if let Some(end) = s.buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -905,8 +908,8 @@ impl Subscriber {
         n > 0
     }
 
-    /// The next chunk of the body (chunked: each event is one chunk); `None` at the end of the
-    /// connection.
+    /// The next chunk of the body (a chunk holds one or more whole events); `None` at the end
+    /// of the connection.
     async fn next_chunk(&mut self) -> Option<Vec<u8>> {
         loop {
             // `<hex size>\r\n<bytes>\r\n`
@@ -936,24 +939,28 @@ impl Subscriber {
     async fn read_events(&mut self, n: usize) -> Vec<String> {
         let mut datas = Vec::with_capacity(n);
         while datas.len() < n {
+            if let Some(end) = self.body.windows(2).position(|w| w == b"\n\n") {
+                let event = String::from_utf8(self.body.drain(..end + 2).collect()).unwrap();
+                let data = event
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .expect("a data line");
+                datas.push(data.to_owned());
+                continue;
+            }
             let chunk = self.next_chunk().await.expect("more events");
             assert!(
                 !chunk.is_empty(),
                 "the body ended after {} events",
                 datas.len()
             );
-            let event = String::from_utf8(chunk).unwrap();
-            let data = event
-                .lines()
-                .find_map(|l| l.strip_prefix("data: "))
-                .expect("a data line");
-            datas.push(data.to_owned());
+            self.body.extend_from_slice(&chunk);
         }
         datas
     }
 
-    /// Whether the body ends now (its last chunk comes next).
+    /// Whether the body ends now, with no byte after the events read.
     async fn ends(&mut self) -> bool {
-        self.next_chunk().await.is_some_and(|c| c.is_empty())
+        self.body.is_empty() && self.next_chunk().await.is_some_and(|c| c.is_empty())
     }
 }

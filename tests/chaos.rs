@@ -386,7 +386,7 @@ async fn a_client_reading_one_event_per_second_delays_neither_the_producer_nor_f
 async fn a_redis_read_joining_a_tail_fetch_abandoned_by_a_disconnected_reader_succeeds() {
     use common::redis::{shared_url, unique_prefix};
     use futures_util::FutureExt;
-    use resumable_sse::store::{Claim, ResponseHead, StoredEvent};
+    use resumable_sse::store::{Claim, EventBlock, ResponseHead};
     use resumable_sse::RedisStore;
 
     let _serial = SERIAL.lock().await;
@@ -407,12 +407,13 @@ async fn a_redis_read_joining_a_tail_fetch_abandoned_by_a_disconnected_reader_su
         headers,
     };
     store.start(&key, epoch, head).await.unwrap();
-    let events: Vec<StoredEvent> = (1..=3)
-        .map(|seq| StoredEvent {
-            seq,
-            bytes: bytes::Bytes::from(format!("id: x-{seq}\ndata: {seq}\n\n")),
-        })
-        .collect();
+    let mut builder = resumable_sse::store::EventBlockBuilder::new(1);
+    for seq in 1..=3 {
+        builder.push_with(|buf| {
+            buf.extend_from_slice(format!("id: x-{seq}\ndata: {seq}\n\n").as_bytes())
+        });
+    }
+    let events: Vec<EventBlock> = builder.finish().into_iter().collect();
     store.append(&key, epoch, &events).await.unwrap();
     // A connected client: the process now shares one tail fetch among its readers.
     let _subscription = store.subscribe(&key, epoch).await.unwrap();
@@ -437,5 +438,5 @@ async fn a_redis_read_joining_a_tail_fetch_abandoned_by_a_disconnected_reader_su
         .await
         .expect("the next reader's read succeeds")
         .expect("the session exists");
-    assert_eq!(batch.events, events);
+    assert_eq!(batch.blocks, events);
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use resumable_sse::store::{
-    Appended, Claim, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError, StoredEvent,
+    Appended, Claim, EventBlock, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError,
     Subscription,
 };
 use resumable_sse::{Epoch, EventId, Outcome, SessionKey};
@@ -27,7 +27,7 @@ struct Entry {
     epoch: Epoch,
     status: Status,
     head: Option<Arc<ResponseHead>>,
-    events: Vec<StoredEvent>,
+    blocks: Vec<EventBlock>,
     last_seq: u64,
     expires_at: Instant,
     changed: watch::Sender<()>,
@@ -40,7 +40,10 @@ impl Entry {
             epoch: self.epoch,
             status: self.status,
             head: self.head.clone(),
-            first_seq: self.events.first().map_or(self.last_seq + 1, |e| e.seq),
+            first_seq: self
+                .blocks
+                .first()
+                .map_or(self.last_seq + 1, EventBlock::first_seq),
             last_seq: self.last_seq,
         }
     }
@@ -125,7 +128,7 @@ impl Store for MapStore {
                 epoch,
                 status: Status::Starting,
                 head: None,
-                events: Vec::new(),
+                blocks: Vec::new(),
                 last_seq: 0,
                 expires_at: Instant::now() + lifetime,
                 changed: watch::Sender::new(()),
@@ -164,16 +167,24 @@ impl Store for MapStore {
         &self,
         key: &SessionKey,
         epoch: Epoch,
-        events: &[StoredEvent],
+        blocks: &[EventBlock],
     ) -> Result<Appended, StoreError> {
         let appended = self.with(key, Some(epoch), |e| {
             if e.status != Status::Running {
                 return Appended::Stopped;
             }
-            for event in events {
-                assert_eq!(event.seq, e.last_seq + 1, "consecutive sequence numbers");
-                e.last_seq = event.seq;
-                e.events.push(event.clone());
+            for block in blocks {
+                // A retried append may repeat stored events: skip them.
+                let Some(block) = block.slice(e.last_seq + 1..) else {
+                    continue;
+                };
+                assert_eq!(
+                    block.first_seq(),
+                    e.last_seq + 1,
+                    "consecutive sequence numbers"
+                );
+                e.last_seq = block.last_seq();
+                e.blocks.push(block);
             }
             e.changed.send_replace(());
             Appended::Stored
@@ -208,13 +219,12 @@ impl Store for MapStore {
     ) -> Result<Option<ReadBatch>, StoreError> {
         Ok(self.with(key, Some(epoch), |e| {
             let info = e.info();
+            let last = after.saturating_add(max as u64);
             ReadBatch {
-                events: e
-                    .events
+                blocks: e
+                    .blocks
                     .iter()
-                    .filter(|ev| ev.seq > after)
-                    .take(max)
-                    .cloned()
+                    .filter_map(|b| b.slice(after + 1..=last))
                     .collect(),
                 status: e.status,
                 first_seq: info.first_seq,

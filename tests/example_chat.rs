@@ -219,6 +219,88 @@ async fn bare_mode_serves_the_same_tokens_without_the_layer() {
     assert_eq!(datas(&again.collect().await), expected_tokens(0..50));
 }
 
+/// `token N` of an event whose data is `token N @STAMP`.
+fn token_of(ev: &Ev) -> &str {
+    ev.data.split_once(" @").expect("a stamped token").0
+}
+
+#[tokio::test]
+async fn bare_broadcast_connections_share_one_generator() {
+    let server = Server::chat(&["--bare"]);
+    let addr = server.addr;
+    let path = "/chat?session_id=bc1&tokens=300&interval_ms=10&stamp=1&broadcast=1";
+    let mut first = get(addr, path, None).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(
+        first.headers[http::header::CONTENT_TYPE],
+        "text/event-stream"
+    );
+    let head = first.take(20).await;
+    // The second connection joins mid-stream; its own parameters are not used.
+    let late = "/chat?session_id=bc1&tokens=5&interval_ms=1000&broadcast=1";
+    let mut second = get(addr, late, None).await;
+    assert_eq!(second.status, 200);
+    let joined = second.collect().await;
+    let all: Vec<Ev> = head.into_iter().chain(first.collect().await).collect();
+
+    let tokens: Vec<&str> = all.iter().map(token_of).collect();
+    assert_eq!(
+        tokens,
+        expected_tokens(0..300),
+        "the first connection gets every event"
+    );
+    assert!(all.iter().all(|e| e.id.is_none() && e.event.is_none()));
+    // The later one gets the events made after it joined, in order, and each is the very event
+    // the first one got, stamp and all: one generator made them.
+    assert!(
+        !joined.is_empty() && joined.len() <= 280,
+        "{} events after joining",
+        joined.len()
+    );
+    assert_eq!(joined, all[300 - joined.len()..]);
+    let stamps: Vec<u64> = all
+        .iter()
+        .map(|e| e.data.split_once(" @").unwrap().1.parse().unwrap())
+        .collect();
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]));
+
+    // The session is forgotten when its generator ends: the next request starts another.
+    let again = get(addr, "/chat?session_id=bc1&tokens=3&broadcast=1", None)
+        .await
+        .collect()
+        .await;
+    assert_eq!(datas(&again), expected_tokens(0..3));
+    // Another session has a generator of its own.
+    let other = get(addr, "/chat?session_id=bc2&tokens=4&broadcast=1", None)
+        .await
+        .collect()
+        .await;
+    assert_eq!(datas(&other), expected_tokens(0..4));
+    let (status, _, _) = request(addr, "GET", "/chat?tokens=3&broadcast=1", None, "").await;
+    assert_eq!(status, 400, "broadcast=1 needs a session_id");
+}
+
+#[tokio::test]
+async fn layer_ignores_broadcast() {
+    let server = Server::chat(&[]);
+    let addr = server.addr;
+    let path = "/chat?session_id=lb1&tokens=50&interval_ms=5&broadcast=1";
+    let mut first = get(addr, path, None).await;
+    let head = first.take(10).await;
+    assert_eq!(datas(&head), expected_tokens(0..10));
+    // A second request replays the session from the start, as without `broadcast`.
+    let second = get(addr, path, None).await.collect().await;
+    assert_eq!(datas(&second), expected_tokens(0..50));
+    assert!(second.iter().all(|e| e.id.is_some()));
+    let rest = first.collect().await;
+    assert_eq!(rest, second[10..]);
+    // Without a session the answer is streamed, not refused.
+    let unkeyed = get(addr, "/chat?tokens=3&broadcast=1", None).await;
+    assert_eq!(unkeyed.status, 200);
+    let mut unkeyed = unkeyed;
+    assert_eq!(datas(&unkeyed.collect().await), expected_tokens(0..3));
+}
+
 #[tokio::test]
 async fn prompt_answer_adds_up_to_the_published_text() {
     let server = Server::chat(&[]);

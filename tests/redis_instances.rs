@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use common::redis::*;
 use common::*;
-use resumable_sse::store::{Appended, Claim, ResponseHead, Status, Store, StoredEvent};
+use resumable_sse::store::{
+    Appended, Claim, EventBlock, EventBlockBuilder, ReadBatch, ResponseHead, Status, Store,
+};
 use resumable_sse::{OnStoreError, Outcome, RedisStore, SessionKey};
 
 async fn store_on(url: &str, prefix: &str, lease: Duration) -> RedisStore {
@@ -32,11 +34,29 @@ fn head() -> ResponseHead {
     }
 }
 
-fn event(seq: u64) -> StoredEvent {
-    StoredEvent {
-        seq,
-        bytes: bytes::Bytes::from(format!("id: x-{seq}\ndata: {seq}\n\n")),
+fn encoded(seq: u64) -> String {
+    format!("id: x-{seq}\ndata: {seq}\n\n")
+}
+
+/// One block of the events numbered `seqs`, as the layer appends them.
+fn events(seqs: std::ops::RangeInclusive<u64>) -> EventBlock {
+    let mut b = EventBlockBuilder::new(*seqs.start());
+    for seq in seqs {
+        b.push_with(|buf| buf.extend_from_slice(encoded(seq).as_bytes()));
     }
+    b.finish().expect("at least one event")
+}
+
+/// The sequence numbers of a page, checking that every event is the one appended under it.
+fn read_seqs(batch: &ReadBatch) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    for block in &batch.blocks {
+        for (seq, bytes) in block.iter() {
+            assert_eq!(bytes, encoded(seq).as_bytes(), "event {seq}");
+            seqs.push(seq);
+        }
+    }
+    seqs
 }
 
 #[tokio::test]
@@ -102,7 +122,7 @@ async fn a_dead_producer_is_detected_within_the_lease_and_marked_failed() {
     };
     producer.start(&key, epoch, head()).await.unwrap();
     producer
-        .append(&key, epoch, &[event(1), event(2)])
+        .append(&key, epoch, &[events(1..=2)])
         .await
         .unwrap();
     // A client follows the session on the other instance.
@@ -159,21 +179,21 @@ async fn a_producer_that_lost_the_session_cannot_write() {
     ));
     a.start(&key, epoch, head()).await.unwrap();
     assert_eq!(
-        a.append(&key, epoch, &[event(1)]).await.unwrap(),
+        a.append(&key, epoch, &[events(1..=1)]).await.unwrap(),
         Appended::Stored
     );
     // Another instance cancels the session: the producer's next write is refused.
     assert!(b.cancel(&key).await.unwrap());
     assert_eq!(
-        a.append(&key, epoch, &[event(2)]).await.unwrap(),
+        a.append(&key, epoch, &[events(2..=2)]).await.unwrap(),
         Appended::Stopped
     );
     let read = b.read(&key, epoch, 0, 10).await.unwrap().unwrap();
-    assert_eq!(read.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1]);
+    assert_eq!(read_seqs(&read), [1]);
     // A writer with another epoch is refused too.
     let stranger = resumable_sse::Epoch::from_raw(epoch.raw() ^ 1);
     assert_eq!(
-        a.append(&key, stranger, &[event(2)]).await.unwrap(),
+        a.append(&key, stranger, &[events(2..=2)]).await.unwrap(),
         Appended::Stopped
     );
 }
@@ -187,25 +207,96 @@ async fn retried_appends_store_nothing_twice() {
         panic!("claimable");
     };
     store.start(&key, epoch, head()).await.unwrap();
-    store
-        .append(&key, epoch, &[event(1), event(2)])
-        .await
-        .unwrap();
+    store.append(&key, epoch, &[events(1..=2)]).await.unwrap();
     // The same batch again (as after a lost reply), then a batch overlapping it.
-    store
-        .append(&key, epoch, &[event(1), event(2)])
-        .await
-        .unwrap();
-    store
-        .append(&key, epoch, &[event(2), event(3)])
-        .await
-        .unwrap();
+    store.append(&key, epoch, &[events(1..=2)]).await.unwrap();
+    store.append(&key, epoch, &[events(2..=3)]).await.unwrap();
     let read = store.read(&key, epoch, 0, 100).await.unwrap().unwrap();
-    assert_eq!(
-        read.events.iter().map(|e| e.seq).collect::<Vec<_>>(),
-        [1, 2, 3]
-    );
+    assert_eq!(read_seqs(&read), [1, 2, 3]);
     assert_eq!(read.last_seq, 3);
+    // A retry that carries an already stored block and a new one stores the new one only.
+    for _ in 0..2 {
+        assert_eq!(
+            store
+                .append(&key, epoch, &[events(1..=3), events(4..=5)])
+                .await
+                .unwrap(),
+            Appended::Stored
+        );
+    }
+    // Long blocks, stored in several chunks, and retried grouped otherwise: the partly stored
+    // chunk keeps only what follows.
+    store.append(&key, epoch, &[events(6..=200)]).await.unwrap();
+    store
+        .append(&key, epoch, &[events(100..=230), events(231..=231)])
+        .await
+        .unwrap();
+    store
+        .append(&key, epoch, &[events(6..=200), events(201..=240)])
+        .await
+        .unwrap();
+    let read = store.read(&key, epoch, 0, 1000).await.unwrap().unwrap();
+    assert_eq!(read_seqs(&read), (1..=240).collect::<Vec<_>>());
+    assert_eq!((read.first_seq, read.last_seq), (1, 240));
+    // Events that do not follow the newest stored one are refused, and nothing is stored.
+    assert!(store
+        .append(&key, epoch, &[events(241..=241), events(243..=243)])
+        .await
+        .is_err());
+    let info = store.lookup(&key).await.unwrap().unwrap();
+    assert_eq!(info.last_seq, 240);
+}
+
+#[tokio::test]
+async fn blocks_are_stored_in_chunks_and_read_back_in_pages() {
+    let Some(url) = url_or_skip() else { return };
+    let prefix = unique_prefix();
+    let store = store_on(&url, &prefix, Duration::from_secs(2)).await;
+    let key = SessionKey::new("chunks").unwrap();
+    let Claim::Claimed(epoch) = store.claim(&key, Duration::from_secs(60)).await.unwrap() else {
+        panic!("claimable");
+    };
+    store.start(&key, epoch, head()).await.unwrap();
+    // 300 small events in one block: chunks of 64 events.
+    store.append(&key, epoch, &[events(1..=300)]).await.unwrap();
+    // Three events of 100 KiB: a chunk each.
+    let mut big = EventBlockBuilder::new(301);
+    let data = "x".repeat(100 * 1024);
+    for seq in 301..=303 {
+        big.push_with(|buf| {
+            buf.extend_from_slice(format!("id: x-{seq}\ndata: {data}\n\n").as_bytes())
+        });
+    }
+    let big = big.finish().unwrap();
+    store
+        .append(&key, epoch, std::slice::from_ref(&big))
+        .await
+        .unwrap();
+    let client = ::redis::Client::open(url.as_str()).unwrap();
+    let mut rc = client.get_multiplexed_async_connection().await.unwrap();
+    let entries: u64 = ::redis::cmd("XLEN")
+        .arg(format!("{prefix}:{{chunks}}:events"))
+        .query_async(&mut rc)
+        .await
+        .unwrap();
+    assert_eq!(entries, 5 + 3, "one stream entry per chunk");
+    // Pages start and end inside chunks.
+    let page = store.read(&key, epoch, 70, 100).await.unwrap().unwrap();
+    assert_eq!(read_seqs(&page), (71..=170).collect::<Vec<_>>());
+    let page = store.read(&key, epoch, 299, 3).await.unwrap().unwrap();
+    let got: Vec<(u64, bytes::Bytes)> = page.blocks.iter().flat_map(|b| b.iter()).collect();
+    let want: Vec<(u64, bytes::Bytes)> = events(300..=300)
+        .iter()
+        .chain(big.slice(..=302).unwrap().iter())
+        .collect();
+    assert_eq!(got, want);
+    assert!(store
+        .read(&key, epoch, 303, 10)
+        .await
+        .unwrap()
+        .unwrap()
+        .blocks
+        .is_empty());
 }
 
 #[tokio::test]
@@ -526,4 +617,81 @@ async fn a_claim_whose_process_died_before_answering_is_taken_over() {
         .await;
     assert_eq!(datas(&evs), expected_tokens(0..3));
     assert_eq!(app.inner.calls(), 1);
+}
+
+#[tokio::test]
+async fn one_renewal_task_keeps_every_lease_of_the_process() {
+    let Some(url) = url_or_skip() else { return };
+    let lease = Duration::from_millis(500);
+    let prefix = unique_prefix();
+    let store = store_on(&url, &prefix, lease).await;
+    let mut sessions = Vec::new();
+    for i in 0..300 {
+        let key = SessionKey::new(format!("renewed-{i}")).unwrap();
+        let Claim::Claimed(epoch) = store.claim(&key, Duration::from_secs(60)).await.unwrap()
+        else {
+            panic!("claimable");
+        };
+        store.start(&key, epoch, head()).await.unwrap();
+        sessions.push((key, epoch));
+    }
+    // Several leases later, every session still runs and takes events.
+    tokio::time::sleep(lease * 3).await;
+    for (key, epoch) in &sessions {
+        assert_eq!(
+            store.append(key, *epoch, &[events(1..=1)]).await.unwrap(),
+            Appended::Stored
+        );
+        let info = store.lookup(key).await.unwrap().unwrap();
+        assert_eq!(info.status, Status::Running);
+    }
+    // A finished session is no longer renewed: its lease stays gone.
+    let (key, epoch) = &sessions[0];
+    store.finish(key, *epoch, Outcome::Completed).await.unwrap();
+    tokio::time::sleep(lease * 2).await;
+    let client = ::redis::Client::open(url.as_str()).unwrap();
+    let mut rc = client.get_multiplexed_async_connection().await.unwrap();
+    let leases: u64 = ::redis::cmd("EXISTS")
+        .arg(format!("{prefix}:{{renewed-0}}:lease"))
+        .arg(format!("{prefix}:{{renewed-1}}:lease"))
+        .query_async(&mut rc)
+        .await
+        .unwrap();
+    assert_eq!(leases, 1, "only the running session holds a lease");
+    let info = store.lookup(key).await.unwrap().unwrap();
+    assert_eq!(info.status, Status::Finished(Outcome::Completed));
+}
+
+#[tokio::test]
+async fn a_cancel_whose_announcement_was_lost_reaches_the_producer_at_its_next_renewal() {
+    let Some(url) = url_or_skip() else { return };
+    let prefix = unique_prefix();
+    let lease = Duration::from_millis(600);
+    let store = store_on(&url, &prefix, lease).await;
+    let key = SessionKey::new("quiet-cancel").unwrap();
+    let Claim::Claimed(epoch) = store.claim(&key, Duration::from_secs(60)).await.unwrap() else {
+        panic!("claimable");
+    };
+    store.start(&key, epoch, head()).await.unwrap();
+    let cancelled = tokio::spawn({
+        let (store, key) = (store.clone(), key.clone());
+        async move { store.cancelled(&key, epoch).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!cancelled.is_finished());
+    // Cancelled behind the store's back: nothing is announced.
+    let client = ::redis::Client::open(url.as_str()).unwrap();
+    let mut rc = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = ::redis::cmd("HSET")
+        .arg(format!("{prefix}:{{quiet-cancel}}:meta"))
+        .arg("status")
+        .arg("cancelled")
+        .query_async(&mut rc)
+        .await
+        .unwrap();
+    tokio::time::timeout(lease, cancelled)
+        .await
+        .expect("the producer learns within a third of the lease (plus slack)")
+        .unwrap()
+        .unwrap();
 }

@@ -19,7 +19,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use resumable_sse::store::memory::MemorySubscription;
 use resumable_sse::store::{
-    Appended, Claim, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError, StoredEvent,
+    Appended, Claim, EventBlock, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError,
 };
 use resumable_sse::{
     BoxError, Epoch, EventId, MemoryStore, Outcome, ResumableBody, ResumableSse, ResumableSseLayer,
@@ -144,7 +144,7 @@ impl Store for CountingStore {
         &self,
         key: &SessionKey,
         epoch: Epoch,
-        events: &[StoredEvent],
+        events: &[EventBlock],
     ) -> Result<Appended, StoreError> {
         self.record("append");
         self.inner.append(key, epoch, events).await

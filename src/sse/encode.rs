@@ -1,6 +1,6 @@
 //! Encoding of blocks back into the `text/event-stream` format.
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::EventRef;
 
@@ -31,6 +31,24 @@ pub const KEEP_ALIVE: &[u8] = b":\n\n";
 /// );
 /// ```
 pub fn encode_event(id: &[u8], event: &EventRef<'_>) -> Bytes {
+    let mut out = BytesMut::new();
+    encode_event_into(&mut out, id, event);
+    out.freeze()
+}
+
+/// Appends the encoding of [`encode_event`] to `out`, reserving exactly what it needs: the way to
+/// write several events back to back into one buffer (one allocation for all of them).
+///
+/// ```
+/// use bytes::BytesMut;
+/// use resumable_sse::sse::{encode_event_into, EventRef};
+///
+/// let mut out = BytesMut::new();
+/// encode_event_into(&mut out, b"1", &EventRef { event: b"", data: Some(b"a"), retry: None });
+/// encode_event_into(&mut out, b"2", &EventRef { event: b"", data: Some(b"b"), retry: None });
+/// assert_eq!(out, &b"id: 1\ndata: a\n\nid: 2\ndata: b\n\n"[..]);
+/// ```
+pub fn encode_event_into(out: &mut BytesMut, id: &[u8], event: &EventRef<'_>) {
     debug_assert!(
         !id.contains(&b'\r') && !id.contains(&b'\n'),
         "CR or LF in id"
@@ -67,38 +85,37 @@ pub fn encode_event(id: &[u8], event: &EventRef<'_>) -> Bytes {
         len += data.len() + b"data: ".len() * lines + 1;
     }
 
-    let mut out = Vec::with_capacity(len);
-    out.extend_from_slice(b"id: ");
-    out.extend_from_slice(id);
-    out.push(b'\n');
+    out.reserve(len);
+    let start = out.len();
+    out.put_slice(b"id: ");
+    out.put_slice(id);
+    out.put_u8(b'\n');
     if !event.event.is_empty() {
-        out.extend_from_slice(b"event: ");
-        out.extend_from_slice(event.event);
-        out.push(b'\n');
+        out.put_slice(b"event: ");
+        out.put_slice(event.event);
+        out.put_u8(b'\n');
     }
     if let Some(retry) = retry {
-        out.extend_from_slice(b"retry: ");
-        out.extend_from_slice(retry);
-        out.push(b'\n');
+        out.put_slice(b"retry: ");
+        out.put_slice(retry);
+        out.put_u8(b'\n');
     }
     if let Some(data) = event.data {
         let mut start = 0;
         if let Some(first) = first_lf {
             let rest = memchr::memchr_iter(b'\n', &data[first + 1..]).map(|lf| first + 1 + lf);
             for lf in std::iter::once(first).chain(rest) {
-                out.extend_from_slice(b"data: ");
-                out.extend_from_slice(&data[start..=lf]);
+                out.put_slice(b"data: ");
+                out.put_slice(&data[start..=lf]);
                 start = lf + 1;
             }
         }
-        out.extend_from_slice(b"data: ");
-        out.extend_from_slice(&data[start..]);
-        out.push(b'\n');
+        out.put_slice(b"data: ");
+        out.put_slice(&data[start..]);
+        out.put_u8(b'\n');
     }
-    out.push(b'\n');
-    debug_assert_eq!(out.len(), len);
-    // With `len == capacity` the vector becomes the `Bytes` without another allocation.
-    Bytes::from(out)
+    out.put_u8(b'\n');
+    debug_assert_eq!(out.len() - start, len);
 }
 
 #[cfg(test)]

@@ -8,16 +8,17 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{
-    Appended, Claim, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError, StoredEvent,
+    Appended, Claim, EventBlock, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError,
     Subscription,
 };
 use crate::session::{Epoch, Outcome, SessionKey};
 
 /// Sessions in this process's memory: the store for a single instance, tests and the demo.
 ///
-/// Events are kept as shared [`Bytes`](bytes::Bytes) in a ring per session; a reader's position is
-/// an index into it, so replay from the middle of a session costs the same whatever its length,
-/// and no reader copies the history.
+/// Events are kept as the producer appended them, in [`EventBlock`]s (one shared buffer per
+/// batch) in a ring per session; a reader finds its position by a binary search over the blocks,
+/// so replay from the middle of a session costs about the same whatever its length, and no reader
+/// copies the history: what it sends are slices of the stored blocks.
 ///
 /// Limits, each with its outcome (see [`MemoryStoreBuilder`]):
 /// - `retention` (default 5 minutes): how long a finished session stays resumable; then it is gone
@@ -89,7 +90,9 @@ struct Session {
 struct State {
     status: Status,
     head: Option<Arc<ResponseHead>>,
-    events: VecDeque<StoredEvent>,
+    blocks: VecDeque<EventBlock>,
+    /// Events and bytes in `blocks`.
+    events: usize,
     bytes: usize,
     last_seq: u64,
     expires_at: Instant,
@@ -97,7 +100,46 @@ struct State {
 
 impl State {
     fn first_seq(&self) -> u64 {
-        self.events.front().map_or(self.last_seq + 1, |e| e.seq)
+        self.blocks
+            .front()
+            .map_or(self.last_seq + 1, EventBlock::first_seq)
+    }
+
+    /// Evicts the oldest events until the session is within its limits, keeping at least its
+    /// newest event.
+    fn evict(&mut self, limits: &Limits) {
+        while self.events > 1
+            && (self.events > limits.max_events_per_session
+                || self.bytes > limits.max_bytes_per_session)
+        {
+            let Some(oldest) = self.blocks.front_mut() else {
+                return;
+            };
+            // The oldest block's events that must go for both limits.
+            let over_events = self.events.saturating_sub(limits.max_events_per_session);
+            let over_bytes = self.bytes.saturating_sub(limits.max_bytes_per_session);
+            let (mut drop, mut freed) = (0, 0);
+            for end in oldest.ends() {
+                if drop >= over_events && freed >= over_bytes {
+                    break;
+                }
+                drop += 1;
+                freed = end as usize;
+            }
+            let drop = drop.min(self.events - 1);
+            if drop >= oldest.len() {
+                if let Some(gone) = self.blocks.pop_front() {
+                    self.events -= gone.len();
+                    self.bytes -= gone.bytes().len();
+                }
+            } else if let Some(rest) = oldest.slice(oldest.first_seq() + drop as u64..) {
+                self.events -= drop;
+                self.bytes -= oldest.bytes().len() - rest.bytes().len();
+                *oldest = rest;
+            } else {
+                return;
+            }
+        }
     }
 }
 
@@ -278,7 +320,8 @@ impl Store for MemoryStore {
             state: Mutex::new(State {
                 status: Status::Starting,
                 head: None,
-                events: VecDeque::new(),
+                blocks: VecDeque::new(),
+                events: 0,
                 bytes: 0,
                 last_seq: 0,
                 expires_at: now + lifetime,
@@ -323,7 +366,7 @@ impl Store for MemoryStore {
         &self,
         key: &SessionKey,
         epoch: Epoch,
-        events: &[StoredEvent],
+        blocks: &[EventBlock],
     ) -> Result<Appended, StoreError> {
         let Some(s) = self.get_epoch(key, epoch) else {
             return Ok(Appended::Stopped);
@@ -333,24 +376,24 @@ impl Store for MemoryStore {
             if st.status != Status::Running {
                 return Ok(Appended::Stopped);
             }
-            let limits = &self.inner.limits;
-            for e in events {
-                debug_assert_eq!(
-                    e.seq,
-                    st.last_seq + 1,
-                    "sequence numbers must be consecutive"
-                );
-                st.last_seq = e.seq;
-                st.bytes += e.bytes.len();
-                st.events.push_back(e.clone());
-            }
-            while st.events.len() > limits.max_events_per_session
-                || (st.bytes > limits.max_bytes_per_session && st.events.len() > 1)
-            {
-                if let Some(old) = st.events.pop_front() {
-                    st.bytes -= old.bytes.len();
+            for block in blocks {
+                // Events already stored (a retried append) are skipped.
+                let Some(block) = block.slice(st.last_seq + 1..) else {
+                    continue;
+                };
+                if block.first_seq() != st.last_seq + 1 {
+                    return Err(StoreError::unavailable(format!(
+                        "events must be appended in order: got {} after {}",
+                        block.first_seq(),
+                        st.last_seq
+                    )));
                 }
+                st.last_seq = block.last_seq();
+                st.events += block.len();
+                st.bytes += block.bytes().len();
+                st.blocks.push_back(block);
             }
+            st.evict(&self.inner.limits);
         }
         s.notify();
         Ok(Appended::Stored)
@@ -392,13 +435,20 @@ impl Store for MemoryStore {
         };
         let st = lock(&s.state);
         let first_seq = st.first_seq();
-        // Sequence numbers in the ring are consecutive: the position is arithmetic, not a search.
-        let start = usize::try_from(after.saturating_add(1).saturating_sub(first_seq))
-            .unwrap_or(usize::MAX)
-            .min(st.events.len());
-        let events = st.events.range(start..).take(max).cloned().collect();
+        let last = after.saturating_add(max as u64);
+        // The first block with an event after `after`: a binary search, whatever the length.
+        let start = st.blocks.partition_point(|b| b.last_seq() <= after);
+        let mut blocks = Vec::new();
+        for block in st.blocks.range(start..) {
+            if block.first_seq() > last {
+                break;
+            }
+            if let Some(part) = block.slice(after.saturating_add(1)..=last) {
+                blocks.push(part);
+            }
+        }
         Ok(Some(ReadBatch {
-            events,
+            blocks,
             status: st.status,
             first_seq,
             last_seq: st.last_seq,
@@ -439,5 +489,112 @@ impl Store for MemoryStore {
         s.cancelled.send_replace(true);
         s.notify();
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EventBlockBuilder;
+    use http::{HeaderMap, StatusCode};
+
+    /// A block of events `first..first + n`, each `"<seq>;"` padded to `size` bytes.
+    fn block(first: u64, n: u64, size: usize) -> EventBlock {
+        let mut b = EventBlockBuilder::new(first);
+        for seq in first..first + n {
+            b.push_with(|buf| buf.extend_from_slice(format!("{seq:>size$};").as_bytes()));
+        }
+        b.finish().unwrap()
+    }
+
+    async fn running(store: &MemoryStore) -> (SessionKey, Epoch) {
+        let key = SessionKey::new("k").unwrap();
+        let Ok(Claim::Claimed(epoch)) = store.claim(&key, Duration::from_secs(60)).await else {
+            panic!("claim");
+        };
+        let head = ResponseHead {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+        };
+        store.start(&key, epoch, head).await.unwrap();
+        (key, epoch)
+    }
+
+    async fn stored(store: &MemoryStore, key: &SessionKey, epoch: Epoch) -> Vec<u64> {
+        let batch = store.read(key, epoch, 0, 1000).await.unwrap().unwrap();
+        batch
+            .blocks
+            .iter()
+            .flat_map(|b| b.iter().map(|(seq, _)| seq))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn eviction_cuts_inside_a_block_and_keeps_the_newest_events() {
+        let store = MemoryStore::builder().max_events_per_session(4).build();
+        let (key, epoch) = running(&store).await;
+        store.append(&key, epoch, &[block(1, 10, 9)]).await.unwrap();
+        assert_eq!(stored(&store, &key, epoch).await, [7, 8, 9, 10]);
+        let info = store.lookup(&key).await.unwrap().unwrap();
+        assert_eq!((info.first_seq, info.last_seq), (7, 10));
+        store.append(&key, epoch, &[block(11, 2, 9)]).await.unwrap();
+        assert_eq!(stored(&store, &key, epoch).await, [9, 10, 11, 12]);
+    }
+
+    #[tokio::test]
+    async fn eviction_by_bytes_counts_the_bytes_of_each_event() {
+        // Events of 10 bytes; 35 bytes allowed: the newest three stay.
+        let store = MemoryStore::builder().max_bytes_per_session(35).build();
+        let (key, epoch) = running(&store).await;
+        store
+            .append(&key, epoch, &[block(1, 4, 9), block(5, 3, 9)])
+            .await
+            .unwrap();
+        assert_eq!(stored(&store, &key, epoch).await, [5, 6, 7]);
+        // One event larger than the limit is kept alone.
+        store.append(&key, epoch, &[block(8, 1, 99)]).await.unwrap();
+        assert_eq!(stored(&store, &key, epoch).await, [8]);
+    }
+
+    #[tokio::test]
+    async fn a_retried_append_stores_nothing_twice() {
+        let store = MemoryStore::new();
+        let (key, epoch) = running(&store).await;
+        store.append(&key, epoch, &[block(1, 3, 9)]).await.unwrap();
+        // The same block again, then one overlapping it, then a new one.
+        let retry = [block(1, 3, 9), block(2, 4, 9), block(6, 2, 9)];
+        store.append(&key, epoch, &retry).await.unwrap();
+        assert_eq!(
+            stored(&store, &key, epoch).await,
+            (1..=7).collect::<Vec<_>>()
+        );
+        // A gap is refused, and nothing of it is stored.
+        assert!(store.append(&key, epoch, &[block(9, 1, 9)]).await.is_err());
+        assert_eq!(
+            stored(&store, &key, epoch).await,
+            (1..=7).collect::<Vec<_>>()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_page_is_sliced_from_the_blocks_without_copying() {
+        let store = MemoryStore::new();
+        let (key, epoch) = running(&store).await;
+        let blocks = [block(1, 5, 9), block(6, 5, 9)];
+        store.append(&key, epoch, &blocks).await.unwrap();
+        let page = store.read(&key, epoch, 3, 4).await.unwrap().unwrap();
+        let seqs: Vec<_> = page
+            .blocks
+            .iter()
+            .map(|b| (b.first_seq(), b.last_seq()))
+            .collect();
+        assert_eq!(seqs, [(4, 5), (6, 7)]);
+        // The page shares the stored buffers.
+        assert_eq!(
+            page.blocks[0].bytes().as_ptr(),
+            blocks[0].bytes()[30..].as_ptr()
+        );
+        assert_eq!(page.blocks[1].bytes().as_ptr(), blocks[1].bytes().as_ptr());
+        assert_eq!((page.first_seq, page.last_seq), (1, 10));
     }
 }

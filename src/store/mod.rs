@@ -33,26 +33,18 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
 use crate::session::{Epoch, Outcome, SessionKey};
 use crate::BoxError;
 
+pub use block::{EventBlock, EventBlockBuilder, InvalidBlock};
+
+mod block;
 pub mod memory;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
-
-/// One stored event: its sequence number and its bytes on the wire (the complete block, with its
-/// `id:` line and the blank line that ends it). Cloning it clones a reference, not the bytes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredEvent {
-    /// The event's sequence number in its session, from 1.
-    pub seq: u64,
-    /// The encoded event.
-    pub bytes: Bytes,
-}
 
 /// The status and headers of the response that created a session, replayed to every reconnect.
 #[derive(Clone, Debug)]
@@ -109,10 +101,11 @@ pub enum Claim {
 /// A page of a session's log, read atomically with the session's status.
 #[derive(Clone, Debug)]
 pub struct ReadBatch {
-    /// Events after the requested position, in order, at most the requested number. When the
-    /// requested position was evicted the page starts at the oldest retained event; the caller
-    /// sees the gap by comparing sequence numbers.
-    pub events: Vec<StoredEvent>,
+    /// Events after the requested position, in order and consecutive, at most the requested
+    /// number, in blocks (a store returns the blocks it keeps, sliced where the page starts and
+    /// ends). When the requested position was evicted the page starts at the oldest retained
+    /// event; the caller sees the gap by comparing sequence numbers.
+    pub blocks: Vec<EventBlock>,
     /// The status at the time of the read. When it is finished and `events` is empty the caller
     /// has everything.
     pub status: Status,
@@ -233,14 +226,15 @@ pub trait Store: Clone + Send + Sync + 'static {
         epoch: Epoch,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Appends a batch of events, in order, with consecutive sequence numbers following the
-    /// newest stored one, and wakes subscribers. Only a [`Status::Running`] session accepts
-    /// events. The store may evict its oldest events to respect its per-session limits.
+    /// Appends blocks of events, in order, with consecutive sequence numbers following the
+    /// newest stored one, and wakes subscribers; a block whose events are already stored (a
+    /// retried append) is skipped, so retries are idempotent. Only a [`Status::Running`] session
+    /// accepts events. The store may evict its oldest events to respect its per-session limits.
     fn append(
         &self,
         key: &SessionKey,
         epoch: Epoch,
-        events: &[StoredEvent],
+        blocks: &[EventBlock],
     ) -> impl Future<Output = Result<Appended, StoreError>> + Send;
 
     /// Ends a running session with `outcome` (a finished session keeps its first outcome), wakes

@@ -1,6 +1,7 @@
 //! [`RedisStore`]: sessions in Redis (or Valkey, or a Redis Cluster), shared by every instance.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -8,11 +9,12 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Script, Value};
+use redis::{Cmd, ErrorKind, Pipeline, RedisFuture, RedisResult, Script, ServerErrorKind, Value};
 use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
 
 use super::{
-    Appended, Claim, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError, StoredEvent,
+    Appended, Claim, EventBlock, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError,
     Subscription,
 };
 use crate::session::{Epoch, Outcome, SessionKey};
@@ -20,15 +22,26 @@ use crate::session::{Epoch, Outcome, SessionKey};
 /// Sessions in Redis: every instance behind a load balancer shares them, and they survive the
 /// instance that produced them.
 ///
+/// Requires Redis 6.2 or later (stream trimming by `MINID`), Valkey, or a Redis Cluster of them.
+///
 /// # Layout
 ///
 /// Per session, under one hash tag so that they share a Cluster slot
 /// (`<prefix>:{<escaped key>}:...`):
 /// - `:meta`, a hash: epoch, status, the response head, the oldest and newest sequence numbers;
-/// - `:events`, a Redis Stream with **one entry per appended batch**, whose id is the batch's
-///   first sequence number and whose fields map each sequence number to its encoded event;
+/// - `:events`, a Redis Stream of **chunks**: each entry holds up to 64 consecutive events (and
+///   at most 64 KiB of them, or one larger event) as two values, whatever the number of events:
+///   `o`, where each event ends in the chunk (little-endian `u32` offsets, 4 bytes per event),
+///   and `d`, the events back to back exactly as they go on the wire. The entry id is the
+///   sequence number of the chunk's first event (`<seq>-0`), so that a position is found with one
+///   range lookup;
 /// - `:lease`, a string with a TTL that the producing process renews; when it expires, the
 ///   producer is dead.
+///
+/// The producer's [`EventBlock`]s are cut into chunks in the process, deterministically (a retry
+/// cuts the same blocks the same way), and a read gets the chunks back as they are and slices
+/// them into the page: Redis and its Lua scripts handle a few strings per chunk, never one per
+/// event, and the events reach the client without being split or copied again.
 ///
 /// The session key is percent-escaped into the key name (so `{`, `}`, `*`, `?`, `[`, newlines and
 /// every non-alphanumeric byte are inert), and every value reaches the Lua scripts as an argument,
@@ -39,15 +52,26 @@ use crate::session::{Epoch, Outcome, SessionKey};
 /// - **One producer across instances**: the claim is one script; the producer's appends are
 ///   fenced by its epoch and by the session's status, so a producer that lost the session (it was
 ///   cancelled, failed or expired) cannot write.
-/// - **Batched writes**: one script call per batch (append, trim, renew TTLs, notify); the layer
-///   puts every event produced while a write is in flight into the next one.
+/// - **Batched writes**: one script call per append (store the chunks, trim, renew the TTL,
+///   notify); the layer puts every event produced while a write is in flight into the next one.
+/// - **Paged reads in one call**: a read finds the chunk holding the position after the reader's
+///   and returns it with the chunks after it, up to the requested number of events, together
+///   with the session's status.
 /// - **Live tail with two connections per process**, whatever the number of subscribers and
 ///   sessions: one multiplexed command connection ([`ConnectionManager`], which reconnects by
 ///   itself) and one pub/sub connection on which every change of every session is announced on one
 ///   channel; subscribers in the process wait on an in-memory signal fed by that connection, and
-///   read from a **shared tail** of the session kept in the process (its newest 4,096 events),
-///   which one read per change refreshes for all of them. No blocking command is used, and the
-///   Redis work per event does not grow with the number of subscribers.
+///   read from a **shared tail** of the session kept in the process (its newest 4,096 events, in
+///   the chunks read from Redis), which one read per change refreshes for all of them. No blocking
+///   command is used, and the Redis work per event does not grow with the number of subscribers.
+/// - **One lease renewal for the whole process**: every third of the lease, one task renews the
+///   leases of every session the process produces, in one pipeline per 256 sessions (on a
+///   Cluster, whose sessions live on several nodes, one call per session, all at once): a
+///   session costs no task or timer of its own.
+/// - **Cancels reach the producer** through the status announcement; a producer whose
+///   announcement was lost learns at its next renewal (which finds the session no longer
+///   running and announces it in the process), within a third of the lease. The producer polls
+///   nothing while it waits.
 /// - **Producer crash**: a claim whose process dies before its inner service answers is
 ///   dropped when its lease expires, and the next request claims the key afresh. A producer that
 ///   dies while running: the lease (default 5 s) expires; the next read, lookup or periodic check
@@ -55,15 +79,22 @@ use crate::session::{Epoch, Outcome, SessionKey};
 ///   clients end within the lease TTL plus one second, and reconnects get `204 failed`.
 /// - **No leaks**: a running session's keys carry a TTL renewed with the lease (lease + retention),
 ///   a finished session's keys expire after `retention`, and at most `max_events_per_session`
-///   events are kept (the oldest whole batches are trimmed; a position before the oldest kept one
-///   is answered `410 evicted`).
+///   events are kept (the oldest whole chunks are trimmed, so up to one chunk more may stay; a
+///   position before the oldest kept one is answered `410 evicted`).
 /// - **Redis trouble**: a request that finds Redis down gets the layer's
 ///   [`OnStoreError`](crate::OnStoreError) answer; a producer retries failed appends with backoff
 ///   and holds what it produced meanwhile (bounded; the generation waits when the bound is
-///   reached). Appends are idempotent (an event whose sequence number is already stored is
-///   skipped), so a retry after a lost reply stores nothing twice. If Redis lost the session, its
-///   epoch is gone with it: reconnects get `410 unknown-session` and the producer stops; nothing is
-///   spliced onto another history.
+///   reached). Appends are idempotent: a chunk whose events are all stored is skipped, and one
+///   that is partly stored (a retry that grouped events differently) keeps only its events after
+///   the newest stored one, so a retry after a lost reply stores nothing twice; events that do not
+///   follow the newest stored one are refused with an error, and nothing of that append is
+///   stored. If Redis lost the session, its epoch is gone with it: reconnects get
+///   `410 unknown-session` and the producer stops; nothing is spliced onto another history.
+/// - **Response timeout** (default 10 s, [`RedisStoreBuilder::response_timeout`]): it counts
+///   from the moment a command is queued on the shared connection, so it includes the time spent
+///   behind every other session's commands; a short one fails healthy commands of a busy process.
+///   A server that is down is noticed sooner than this: its connection breaks, or fails to
+///   connect within 2 s.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), redis::RedisError> {
@@ -99,6 +130,7 @@ struct Config {
     lease: Duration,
     max_events_per_session: usize,
     check_interval: Duration,
+    response_timeout: Duration,
 }
 
 struct Inner {
@@ -107,17 +139,17 @@ struct Inner {
     channel: String,
     scripts: Scripts,
     notifier: Notifier,
-    /// Lease renewals of the sessions this process produces.
-    renewals: Mutex<HashMap<(SessionKey, Epoch), tokio::task::AbortHandle>>,
+    /// The sessions this process produces, whose leases the renewal task renews.
+    renewals: Mutex<HashMap<SessionKey, (Epoch, Arc<Keys>)>>,
+    renewal_task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        for (_, task) in lock(&self.renewals).drain() {
-            task.abort();
-        }
-        if let Some(task) = lock(&self.notifier.task).take() {
-            task.abort();
+        for task in [&self.renewal_task, &self.notifier.task] {
+            if let Some(task) = lock(task).take() {
+                task.abort();
+            }
         }
     }
 }
@@ -183,6 +215,7 @@ impl RedisStore {
                 lease: Duration::from_secs(5),
                 max_events_per_session: 100_000,
                 check_interval: Duration::from_secs(1),
+                response_timeout: Duration::from_secs(10),
             },
         }
     }
@@ -218,9 +251,21 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// The most events kept per session (default 100,000); the oldest batches are trimmed.
+    /// The most events kept per session (default 100,000); the oldest chunks are trimmed.
     pub fn max_events_per_session(mut self, max: usize) -> Self {
         self.config.max_events_per_session = max.max(1);
+        self
+    }
+
+    /// How long a command may wait for its reply (default 10 s, at least 100 ms) before it fails
+    /// as [`Unavailable`](super::StoreErrorKind::Unavailable).
+    ///
+    /// Every session of the process shares one connection, and the time counts from the moment
+    /// a command is queued on it: it includes the wait behind the commands queued before. Keep it
+    /// well above the time Redis takes to work through a burst (a few seconds); a server that is
+    /// down is noticed without it, when its connection breaks.
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.config.response_timeout = timeout.max(Duration::from_millis(100));
         self
     }
 
@@ -228,14 +273,16 @@ impl RedisStoreBuilder {
     pub async fn connect(self) -> RedisResult<RedisStore> {
         let first = self.nodes.first().cloned().unwrap_or_default();
         let pubsub_client = redis::Client::open(first.as_str())?;
+        let timeout = self.config.response_timeout;
         let conn = if self.cluster {
             let client = redis::cluster::ClusterClientBuilder::new(self.nodes.clone())
-                .response_timeout(Duration::from_secs(2))
+                .response_timeout(timeout)
+                .connection_timeout(Duration::from_secs(2))
                 .build()?;
             Conn::Cluster(client.get_async_connection().await?)
         } else {
             let config = ConnectionManagerConfig::new()
-                .set_response_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(timeout))
                 .set_connection_timeout(Some(Duration::from_secs(2)))
                 .set_number_of_retries(2)
                 .set_max_delay(Duration::from_millis(500));
@@ -248,13 +295,15 @@ impl RedisStoreBuilder {
             scripts: Scripts::new(),
             notifier: Notifier {
                 client: pubsub_client,
-                sessions: Mutex::new(HashMap::new()),
+                sessions: Mutex::new(Sessions::default()),
                 task: Mutex::new(None),
             },
             renewals: Mutex::new(HashMap::new()),
+            renewal_task: Mutex::new(None),
             config: self.config,
         });
         Notifier::start(&inner);
+        Inner::start_renewals(&inner);
         Ok(RedisStore { inner })
     }
 }
@@ -268,23 +317,70 @@ fn escape(key: &SessionKey) -> String {
     percent_encoding::utf8_percent_encode(key.as_str(), SAFE).to_string()
 }
 
+/// The Redis keys of one session, built once per session and shared by the callers that use it
+/// (its producer, its local readers).
 struct Keys {
-    meta: String,
-    events: String,
-    lease: String,
-    tag: String,
+    /// `<prefix>:{<escaped key>}`, which each key name continues.
+    base: Box<str>,
+    /// The session key itself: announcements name the session with it.
+    key: SessionKey,
+}
+
+impl Keys {
+    fn new(prefix: &str, key: &SessionKey) -> Self {
+        Keys {
+            base: format!("{prefix}:{{{}}}", escape(key)).into(),
+            key: key.clone(),
+        }
+    }
+
+    fn meta(&self) -> KeyName<'_> {
+        KeyName(&self.base, ":meta")
+    }
+
+    fn events(&self) -> KeyName<'_> {
+        KeyName(&self.base, ":events")
+    }
+
+    fn lease(&self) -> KeyName<'_> {
+        KeyName(&self.base, ":lease")
+    }
+}
+
+/// A key name written as one argument straight from its two parts.
+#[derive(Clone, Copy)]
+struct KeyName<'a>(&'a str, &'static str);
+
+impl KeyName<'_> {
+    fn len(self) -> usize {
+        self.0.len() + self.1.len()
+    }
+}
+
+impl redis::ToRedisArgs for KeyName<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        use std::io::Write;
+        let mut arg = out.writer_for_next_arg();
+        // Writing into the command's buffer cannot fail.
+        let _ = arg.write_all(self.0.as_bytes());
+        let _ = arg.write_all(self.1.as_bytes());
+    }
 }
 
 impl Inner {
-    fn keys(&self, key: &SessionKey) -> Keys {
-        let tag = escape(key);
-        let base = format!("{}:{{{}}}", self.config.prefix, tag);
-        Keys {
-            meta: format!("{base}:meta"),
-            events: format!("{base}:events"),
-            lease: format!("{base}:lease"),
-            tag,
+    /// The keys of a session: those already built for its local readers or its producer, or
+    /// new ones.
+    fn keys(&self, key: &SessionKey) -> Arc<Keys> {
+        if let Some(local) = lock(&self.notifier.sessions).map.get(key.as_str()) {
+            return local.keys.clone();
         }
+        if let Some((_, keys)) = lock(&self.renewals).get(key) {
+            return keys.clone();
+        }
+        Arc::new(Keys::new(&self.config.prefix, key))
     }
 
     fn ttl_ms(&self) -> u64 {
@@ -306,20 +402,20 @@ fn bad_reply(what: &str) -> StoreError {
 
 // --- Lua scripts -------------------------------------------------------------------------------
 //
-// KEYS: meta, events, lease. Common ARGV prefix: channel, notification message.
+// KEYS: meta, events, lease. Common ARGV prefix: channel, notification message (the session key).
 // Status values: starting, running, completed, failed, cancelled.
+// Sequence numbers are handled as Lua numbers (doubles): exact up to 2^53.
 
 /// Marks a session whose producer lost its lease as failed. Shared by the scripts that read.
 const CHECK_LEASE: &str = r#"
-local function check_lease(ttl_retention)
-  local st = redis.call('HGET', KEYS[1], 'status')
-  if st == 'starting' and redis.call('EXISTS', KEYS[3]) == 0 then
-    -- Claimed by a process that died before its response came: as if never claimed.
-    redis.call('DEL', KEYS[1], KEYS[2])
-    redis.call('PUBLISH', ARGV[1], 's' .. ARGV[2])
-    return false
-  end
-  if st == 'running' and redis.call('EXISTS', KEYS[3]) == 0 then
+local function check_lease(st, ttl_retention)
+  if (st == 'starting' or st == 'running') and redis.call('EXISTS', KEYS[3]) == 0 then
+    if st == 'starting' then
+      -- Claimed by a process that died before its response came: as if never claimed.
+      redis.call('DEL', KEYS[1], KEYS[2])
+      redis.call('PUBLISH', ARGV[1], 's' .. ARGV[2])
+      return false
+    end
     redis.call('HSET', KEYS[1], 'status', 'failed')
     redis.call('PEXPIRE', KEYS[1], ttl_retention)
     redis.call('PEXPIRE', KEYS[2], ttl_retention)
@@ -329,15 +425,15 @@ local function check_lease(ttl_retention)
   return st
 end
 local function info(st)
-  return {redis.call('HGET', KEYS[1], 'epoch'), st, redis.call('HGET', KEYS[1], 'head') or false,
-          redis.call('HGET', KEYS[1], 'first'), redis.call('HGET', KEYS[1], 'last')}
+  local m = redis.call('HMGET', KEYS[1], 'epoch', 'head', 'first', 'last')
+  return {m[1], st, m[2], m[3], m[4]}
 end
 "#;
 
 /// ARGV: channel, msg, epoch, lease_ms, ttl_ms, retention_ms
 const CLAIM: &str = r#"
 local st = redis.call('HGET', KEYS[1], 'status')
-if st then st = check_lease(ARGV[6]) end
+if st then st = check_lease(st, ARGV[6]) end
 if st then
   return {0, info(st)}
 end
@@ -350,7 +446,8 @@ return {1}
 
 /// ARGV: channel, msg, epoch, head
 const START: &str = r#"
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[3] or redis.call('HGET', KEYS[1], 'status') ~= 'starting' then
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'status')
+if m[1] ~= ARGV[3] or m[2] ~= 'starting' then
   return 0
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'head', ARGV[4])
@@ -360,7 +457,8 @@ return 1
 
 /// ARGV: channel, msg, epoch
 const RELEASE: &str = r#"
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[3] or redis.call('HGET', KEYS[1], 'status') ~= 'starting' then
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'status')
+if m[1] ~= ARGV[3] or m[2] ~= 'starting' then
   return 0
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
@@ -368,59 +466,78 @@ redis.call('PUBLISH', ARGV[1], 's' .. ARGV[2])
 return 1
 "#;
 
-/// ARGV: channel, msg, epoch, ttl_ms, max_events, then seq, bytes, seq, bytes...
-/// Returns 1 when stored, 0 when the session does not take events.
+/// ARGV: channel, msg, epoch, ttl_ms, max_events, then per chunk: first seq, ends (little-endian
+/// u32 offsets), data. Returns 1 when stored (or already stored), 0 when the session does not
+/// take events; an error when the events do not follow the newest stored one.
 const APPEND: &str = r#"
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[3] or redis.call('HGET', KEYS[1], 'status') ~= 'running' then
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'status', 'first', 'last')
+if m[1] ~= ARGV[3] or m[2] ~= 'running' then
   return 0
 end
-local last = tonumber(redis.call('HGET', KEYS[1], 'last'))
-local stored = false
-local chunk, chunk_first = {}, nil
--- One stream entry per chunk of 64 events of a batch, keyed by its first sequence number: small
--- entries keep bounded reads small, and bound the number of values handed to unpack.
-local function flush()
-  if chunk_first then
-    redis.call('XADD', KEYS[2], chunk_first .. '-0', unpack(chunk))
-    chunk, chunk_first = {}, nil
+local last = tonumber(m[4])
+-- Check the whole append before writing anything: every chunk is already stored, or follows.
+local upto = last
+for i = 6, #ARGV, 3 do
+  local first, n = tonumber(ARGV[i]), #ARGV[i + 1] / 4
+  if not first or first < 1 or n < 1 or n % 1 ~= 0 then
+    return redis.error_reply('ERR resumable-sse: malformed chunk')
+  end
+  if first + n - 1 > upto then
+    if first > upto + 1 then
+      return redis.error_reply(string.format(
+        'ERR resumable-sse: events must be appended in order: got %d after %d', first, upto))
+    end
+    upto = first + n - 1
   end
 end
-for i = 6, #ARGV, 2 do
-  local seq = tonumber(ARGV[i])
-  -- Idempotent: a retried batch whose reply was lost stores nothing twice.
-  if seq > last then
-    if not chunk_first then chunk_first = ARGV[i] end
-    chunk[#chunk + 1] = ARGV[i]
-    chunk[#chunk + 1] = ARGV[i + 1]
-    last = seq
-    stored = true
-    if #chunk >= 128 then flush() end
+-- Idempotent: a retried append whose reply was lost stores nothing twice.
+if upto == last then
+  return 1
+end
+for i = 6, #ARGV, 3 do
+  local id, ends, data = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local first, n = tonumber(id), #ends / 4
+  if first + n - 1 > last then
+    if first <= last then
+      -- Partly stored (a retry that grouped the events differently): keep what follows `last`.
+      local skip = last - first + 1
+      local base = struct.unpack('<I4', ends, 4 * skip - 3)
+      local rest = {}
+      for k = skip + 1, n do
+        rest[#rest + 1] = struct.pack('<I4', struct.unpack('<I4', ends, 4 * k - 3) - base)
+      end
+      ends, data = table.concat(rest), string.sub(data, base + 1)
+      first, n = last + 1, n - skip
+      id = string.format('%d', first)
+    end
+    redis.call('XADD', KEYS[2], id .. '-0', 'o', ends, 'd', data)
+    last = first + n - 1
   end
 end
-flush()
-if stored then
-  redis.call('HSET', KEYS[1], 'last', last)
-  local keep_from = last - tonumber(ARGV[5]) + 1
-  local first = tonumber(redis.call('HGET', KEYS[1], 'first'))
-  if keep_from > first then
-    -- Trim whole batches: keep the one that holds keep_from.
-    local e = redis.call('XREVRANGE', KEYS[2], string.format('%d-0', keep_from), '-', 'COUNT', 1)
-    if #e > 0 then
-      local id = e[1][1]
+redis.call('HSET', KEYS[1], 'last', string.format('%d', last))
+local keep_from = last - tonumber(ARGV[5]) + 1
+if keep_from > tonumber(m[3]) then
+  -- Trim whole chunks: keep the one that holds keep_from.
+  local e = redis.call('XREVRANGE', KEYS[2], string.format('%d-0', keep_from), '-', 'COUNT', 1)
+  if #e > 0 then
+    local id = e[1][1]
+    local first = string.match(id, '^(%d+)')
+    if tonumber(first) > tonumber(m[3]) then
       redis.call('XTRIM', KEYS[2], 'MINID', id)
-      redis.call('HSET', KEYS[1], 'first', string.match(id, '^(%d+)'))
+      redis.call('HSET', KEYS[1], 'first', first)
     end
   end
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-  redis.call('PUBLISH', ARGV[1], 'e' .. ARGV[2])
 end
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[1], 'e' .. ARGV[2])
 return 1
 "#;
 
 /// ARGV: channel, msg, epoch, outcome, retention_ms. Also used to cancel (epoch empty: any).
 const FINISH: &str = r#"
-local st = redis.call('HGET', KEYS[1], 'status')
-if not st or (ARGV[3] ~= '' and redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[3]) then
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'status')
+local st = m[2]
+if not st or (ARGV[3] ~= '' and m[1] ~= ARGV[3]) then
   return 0
 end
 if st ~= 'starting' and st ~= 'running' then
@@ -436,31 +553,41 @@ return 1
 
 /// ARGV: channel, msg, retention_ms
 const LOOKUP: &str = r#"
-if not redis.call('HGET', KEYS[1], 'status') then return false end
-local st = check_lease(ARGV[3])
+local st = check_lease(redis.call('HGET', KEYS[1], 'status'), ARGV[3])
 if not st then return false end
 return info(st)
 "#;
 
-/// ARGV: channel, msg, retention_ms, epoch, after, max_entries
+/// ARGV: channel, msg, retention_ms, epoch, after, max_events.
+/// Returns {status, first, last, entries}: the raw stream entries holding the events
+/// (after, after + max] (from the oldest retained one when `after` was evicted).
 const READ: &str = r#"
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[4] then return false end
-local st = check_lease(ARGV[3])
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'status', 'first', 'last')
+if m[1] ~= ARGV[4] then return false end
+local st = check_lease(m[2], ARGV[3])
 if not st then return false end
-local from = string.format('%d-0', tonumber(ARGV[5]) + 1)
-local e = redis.call('XREVRANGE', KEYS[2], from, '-', 'COUNT', 1)
-if #e > 0 then from = e[1][1] end
--- Entries are keyed by their first sequence number: bound the range by sequence as well as by
--- count, so that a read never moves more than it asked for plus one entry at each end.
-local upto = string.format('%d-0', tonumber(ARGV[5]) + tonumber(ARGV[6]))
-local entries = redis.call('XRANGE', KEYS[2], from, upto, 'COUNT', ARGV[6])
-return {info(st), entries}
+local after = math.max(tonumber(ARGV[5]), tonumber(m[3]) - 1)
+local upto = math.min(after + tonumber(ARGV[6]), tonumber(m[4]))
+local entries = {}
+if upto > after then
+  -- Entries are keyed by their first sequence number: the one holding after + 1 is the last
+  -- that starts at or before it; the range after it is bounded by sequence, so a read moves
+  -- what it asked for and at most one chunk's worth before it.
+  local from = string.format('%d-0', after + 1)
+  local e = redis.call('XREVRANGE', KEYS[2], from, '-', 'COUNT', 1)
+  if #e > 0 then
+    from = string.format('%d-0', tonumber(string.match(e[1][1], '^(%d+)')) + 1)
+  end
+  entries = redis.call('XRANGE', KEYS[2], from, string.format('%d-0', upto))
+  if #e > 0 then table.insert(entries, 1, e[1]) end
+end
+return {st, m[3], m[4], entries}
 "#;
 
 /// ARGV: channel, msg, epoch, lease_ms, ttl_ms
 const RENEW: &str = r#"
-local st = redis.call('HGET', KEYS[1], 'status')
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[3] or (st ~= 'starting' and st ~= 'running') then
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'status')
+if m[1] ~= ARGV[3] or (m[2] ~= 'starting' and m[2] ~= 'running') then
   return 0
 end
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
@@ -471,8 +598,9 @@ return 1
 
 /// ARGV: channel, msg, epoch
 const STATUS: &str = r#"
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[3] then return false end
-return redis.call('HGET', KEYS[1], 'status')
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'status')
+if m[1] ~= ARGV[3] then return false end
+return m[2]
 "#;
 
 struct Scripts {
@@ -504,21 +632,173 @@ impl Scripts {
     }
 }
 
+/// One script call: `EVALSHA` with a session's keys and the common arguments, to which the
+/// caller adds its own. The arguments are written once, straight into the command.
+struct Call<'a> {
+    script: &'a Script,
+    cmd: Cmd,
+}
+
+impl Call<'_> {
+    fn arg(&mut self, arg: impl redis::ToRedisArgs) -> &mut Self {
+        self.cmd.arg(arg);
+        self
+    }
+}
+
 impl Inner {
-    /// Prepares a script call on a session's keys with the common arguments.
-    fn invocation<'a>(&self, script: &'a Script, keys: &Keys) -> redis::ScriptInvocation<'a> {
-        let mut inv = script.prepare_invoke();
-        inv.key(&keys.meta)
-            .key(&keys.events)
-            .key(&keys.lease)
+    /// Prepares a script call on a session's keys, with room for `args` more arguments of
+    /// `bytes` bytes in all.
+    fn call<'a>(&self, script: &'a Script, keys: &Keys, args: usize, bytes: usize) -> Call<'a> {
+        let name = keys.key.as_str();
+        let (meta, events, lease) = (keys.meta(), keys.events(), keys.lease());
+        let size =
+            64 + meta.len() + events.len() + lease.len() + self.channel.len() + name.len() + bytes;
+        let mut cmd = Cmd::with_capacity(8 + args, size);
+        cmd.arg("EVALSHA")
+            .arg(script.get_hash())
+            .arg(3)
+            .arg(meta)
+            .arg(events)
+            .arg(lease)
             .arg(&self.channel)
-            .arg(&keys.tag);
-        inv
+            .arg(name);
+        Call { script, cmd }
     }
 
-    async fn invoke(&self, inv: &redis::ScriptInvocation<'_>) -> Result<Value, StoreError> {
+    async fn invoke(&self, call: &Call<'_>) -> Result<Value, StoreError> {
         let mut conn = self.conn.clone();
-        inv.invoke_async(&mut conn).await.map_err(unavailable)
+        match call.cmd.query_async::<Value>(&mut conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                // The server's script cache was emptied (a restart, SCRIPT FLUSH): load, retry.
+                call.script
+                    .load_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                call.cmd.query_async(&mut conn).await.map_err(unavailable)
+            }
+            r => r.map_err(unavailable),
+        }
+    }
+}
+
+// --- Chunks ------------------------------------------------------------------------------------
+
+/// The most events in one stream entry.
+const CHUNK_EVENTS: usize = 64;
+/// The most bytes in one stream entry, unless it holds a single larger event.
+const CHUNK_BYTES: u32 = 64 * 1024;
+
+/// Cuts a block into the chunks stored as stream entries: at most [`CHUNK_EVENTS`] events and
+/// [`CHUNK_BYTES`] bytes each, at least one event each. The same block is always cut the same
+/// way.
+fn cut(block: &EventBlock) -> Vec<EventBlock> {
+    let first = block.first_seq();
+    let mut chunks = Vec::with_capacity(block.len() / CHUNK_EVENTS + 1);
+    // The chunk being built: its first event's index, where it starts, how many events.
+    let (mut start, mut base, mut count) = (0u64, 0u32, 0usize);
+    let mut prev_end = 0u32;
+    let push = |from: u64, to: u64, chunks: &mut Vec<EventBlock>| {
+        if let Some(chunk) = block.slice(first + from..first + to) {
+            chunks.push(chunk);
+        }
+    };
+    for (i, end) in (0u64..).zip(block.ends()) {
+        if count > 0 && (count == CHUNK_EVENTS || end - base > CHUNK_BYTES) {
+            push(start, i, &mut chunks);
+            (start, base, count) = (i, prev_end, 0);
+        }
+        count += 1;
+        prev_end = end;
+    }
+    push(start, block.len() as u64, &mut chunks);
+    chunks
+}
+
+/// A chunk's ends as little-endian `u32`s, relative to its bytes.
+fn pack_ends(chunk: &EventBlock, out: &mut Vec<u8>) {
+    out.clear();
+    out.reserve(chunk.len() * 4);
+    for end in chunk.ends() {
+        out.extend_from_slice(&end.to_le_bytes());
+    }
+}
+
+/// A stream entry `[id, [field, value, ...]]` with fields `o` (ends) and `d` (data) back into a
+/// block, sharing the reply's buffer.
+fn decode_entry(entry: Value) -> Result<EventBlock, StoreError> {
+    let corrupt =
+        |why: &str| StoreError::unavailable(format!("corrupt event chunk in Redis: {why}"));
+    let Value::Array(parts) = entry else {
+        return Err(bad_reply("read"));
+    };
+    let mut parts = parts.into_iter();
+    let (Some(id), Some(Value::Array(fields)), None) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad_reply("read"));
+    };
+    let first_seq = as_bytes(&id)
+        .and_then(|id| id.split(|&b| b == b'-').next())
+        .and_then(|seq| std::str::from_utf8(seq).ok()?.parse::<u64>().ok())
+        .ok_or_else(|| corrupt("entry id"))?;
+    let (mut ends, mut data) = (None, None);
+    let mut fields = fields.into_iter();
+    while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+        match (as_bytes(&name), value) {
+            (Some(b"o"), Value::BulkString(v)) => ends = Some(v),
+            (Some(b"d"), Value::BulkString(v)) => data = Some(v),
+            _ => {}
+        }
+    }
+    let (Some(ends), Some(data)) = (ends, data) else {
+        return Err(corrupt("missing field"));
+    };
+    if ends.len() % 4 != 0 {
+        return Err(corrupt("offsets"));
+    }
+    let ends = ends
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    EventBlock::new(first_seq, Bytes::from(data), ends).map_err(StoreError::unavailable)
+}
+
+/// Gathers a page of consecutive events after a position, at most `max` of them, from blocks
+/// in order; where the position was evicted, the page starts at the oldest event given.
+struct Page {
+    next: u64,
+    left: u64,
+    blocks: Vec<EventBlock>,
+}
+
+impl Page {
+    fn new(after: u64, max: usize) -> Self {
+        Self {
+            next: after.saturating_add(1),
+            left: u64::try_from(max).unwrap_or(u64::MAX),
+            blocks: Vec::new(),
+        }
+    }
+
+    /// Adds what `block` holds of the page; `false` once the page is complete (full, or
+    /// interrupted by a gap).
+    fn push(&mut self, block: &EventBlock) -> bool {
+        if self.left == 0 {
+            return false;
+        }
+        let Some(block) = block.slice(self.next..) else {
+            return true;
+        };
+        if !self.blocks.is_empty() && block.first_seq() != self.next {
+            return false;
+        }
+        let Some(block) = block.slice(..block.first_seq().saturating_add(self.left)) else {
+            return false;
+        };
+        self.left -= block.len() as u64;
+        self.next = block.last_seq().saturating_add(1);
+        self.blocks.push(block);
+        self.left > 0
     }
 }
 
@@ -580,6 +860,42 @@ fn parse_info(v: &Value) -> Option<SessionInfo> {
     })
 }
 
+/// Parses the reply of the READ script into the page of `max` events after `after`.
+fn parse_read(reply: Value, after: u64, max: usize) -> Result<Option<ReadBatch>, StoreError> {
+    let parts = match reply {
+        Value::Nil => return Ok(None),
+        Value::Array(parts) => parts,
+        _ => return Err(bad_reply("read")),
+    };
+    let mut parts = parts.into_iter();
+    let (Some(status), Some(first), Some(last), Some(Value::Array(entries)), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return Err(bad_reply("read"));
+    };
+    let (Some(status), Some(first_seq), Some(last_seq)) =
+        (status_from(&status), as_u64(&first), as_u64(&last))
+    else {
+        return Err(bad_reply("read"));
+    };
+    let mut page = Page::new(after, max);
+    for entry in entries {
+        if !page.push(&decode_entry(entry)?) {
+            break;
+        }
+    }
+    Ok(Some(ReadBatch {
+        blocks: page.blocks,
+        status,
+        first_seq,
+        last_seq,
+    }))
+}
+
 /// The head as `status\nname: value\n...`: header values never contain CR or LF.
 fn encode_head(head: &ResponseHead) -> Vec<u8> {
     let mut out = head.status.as_str().as_bytes().to_vec();
@@ -611,15 +927,24 @@ fn decode_head(raw: &[u8]) -> Option<ResponseHead> {
 /// fanned out here to the local subscribers of that session.
 struct Notifier {
     client: redis::Client,
-    sessions: Mutex<HashMap<String, Local>>,
+    sessions: Mutex<Sessions>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
+/// The sessions with local subscribers, by session key.
+#[derive(Default)]
+struct Sessions {
+    map: HashMap<Arc<str>, Local>,
+    /// The size at which sessions nobody listens to any more are forgotten.
+    sweep_at: usize,
+}
+
 /// What this process keeps for a session that has local subscribers: the signal they wait on,
-/// and the tail of its log that they all read from.
+/// the tail of its log that they all read from, and its keys.
 struct Local {
     tx: watch::Sender<Generation>,
     tail: Arc<Mutex<Tail>>,
+    keys: Arc<Keys>,
 }
 
 /// Counts of event and status notifications received for a session.
@@ -667,12 +992,12 @@ impl Notifier {
                 return Ok(());
             };
             let payload = msg.get_payload_bytes();
-            let (kind, tag) = payload.split_first().unwrap_or((&b'?', &[]));
-            let Ok(tag) = std::str::from_utf8(tag) else {
+            let (kind, key) = payload.split_first().unwrap_or((&b'?', &[]));
+            let Ok(key) = std::str::from_utf8(key) else {
                 continue;
             };
             let sessions = lock(&inner.notifier.sessions);
-            if let Some(Local { tx, .. }) = sessions.get(tag) {
+            if let Some(Local { tx, .. }) = sessions.map.get(key) {
                 tx.send_modify(|g| match kind {
                     b'e' => g.events += 1,
                     _ => g.status += 1,
@@ -684,34 +1009,51 @@ impl Notifier {
         )))
     }
 
-    fn wake_all(&self) {
-        for local in lock(&self.sessions).values() {
+    /// Announces a status change of a session to its local subscribers.
+    fn announce_status(&self, key: &SessionKey) {
+        if let Some(local) = lock(&self.sessions).map.get(key.as_str()) {
             local.tx.send_modify(|g| g.status += 1);
         }
     }
 
-    fn subscribe(&self, tag: &str) -> watch::Receiver<Generation> {
-        let mut sessions = lock(&self.sessions);
-        // Forget sessions nobody in this process listens to any more.
-        if sessions.len() > 64 {
-            sessions.retain(|_, local| local.tx.receiver_count() > 0);
+    fn wake_all(&self) {
+        for local in lock(&self.sessions).map.values() {
+            local.tx.send_modify(|g| g.status += 1);
         }
-        sessions
-            .entry(tag.to_owned())
-            .or_insert_with(|| Local {
-                tx: watch::Sender::new(Generation::default()),
-                tail: Arc::default(),
-            })
-            .tx
-            .subscribe()
     }
 
-    /// The current generation and the tail of a session with local subscribers.
-    fn local(&self, tag: &str) -> Option<(Generation, Arc<Mutex<Tail>>)> {
+    fn subscribe(&self, keys: &Arc<Keys>) -> watch::Receiver<Generation> {
+        let mut sessions = lock(&self.sessions);
+        if let Some(local) = sessions.map.get(keys.key.as_str()) {
+            return local.tx.subscribe();
+        }
+        // Forget sessions nobody in this process listens to any more, once their number doubled
+        // since the last time (so that this costs O(1) per subscription on average).
+        if sessions.map.len() >= sessions.sweep_at {
+            sessions
+                .map
+                .retain(|_, local| local.tx.receiver_count() > 0);
+            sessions.sweep_at = (sessions.map.len() * 2).max(64);
+        }
+        let local = Local {
+            tx: watch::Sender::new(Generation::default()),
+            tail: Arc::default(),
+            keys: keys.clone(),
+        };
+        let rx = local.tx.subscribe();
+        sessions.map.insert(Arc::from(keys.key.as_str()), local);
+        rx
+    }
+
+    /// The current generation, the tail and the keys of a session with local subscribers.
+    fn local(&self, key: &SessionKey) -> Option<(Generation, Arc<Mutex<Tail>>, Arc<Keys>)> {
         let sessions = lock(&self.sessions);
-        let local = sessions.get(tag).filter(|l| l.tx.receiver_count() > 0)?;
+        let local = sessions
+            .map
+            .get(key.as_str())
+            .filter(|l| l.tx.receiver_count() > 0)?;
         let generation = *local.tx.borrow();
-        Some((generation, local.tail.clone()))
+        Some((generation, local.tail.clone(), local.keys.clone()))
     }
 }
 
@@ -728,8 +1070,10 @@ type Fetch =
 #[derive(Default)]
 struct Tail {
     epoch: Option<Epoch>,
-    /// Consecutive events ending at `last_seq`.
-    events: std::collections::VecDeque<StoredEvent>,
+    /// Consecutive events ending at `last_seq`, in the chunks read from Redis.
+    blocks: VecDeque<EventBlock>,
+    /// The number of events in `blocks`.
+    events: usize,
     last_seq: u64,
     status: Option<Status>,
     first_seq: u64,
@@ -738,7 +1082,7 @@ struct Tail {
     gone: bool,
     /// The notifications the tail reflects, and when it was fetched.
     generation: Generation,
-    fetched_at: Option<tokio::time::Instant>,
+    fetched_at: Option<Instant>,
     fetching: Option<Fetch>,
 }
 
@@ -762,7 +1106,38 @@ impl Tail {
     }
 
     fn oldest_cached(&self) -> u64 {
-        self.events.front().map_or(self.last_seq, |e| e.seq - 1)
+        self.blocks
+            .front()
+            .map_or(self.last_seq, |b| b.first_seq() - 1)
+    }
+
+    /// Appends the blocks that continue the tail, and forgets its oldest events beyond the
+    /// capacity.
+    fn extend(&mut self, blocks: Vec<EventBlock>) {
+        for block in blocks {
+            let Some(block) = block.slice(self.last_seq.saturating_add(1)..) else {
+                continue;
+            };
+            if block.first_seq() != self.last_seq + 1 {
+                break;
+            }
+            self.last_seq = block.last_seq();
+            self.events += block.len();
+            self.blocks.push_back(block);
+        }
+        while self.events > TAIL_CAPACITY {
+            let excess = self.events - TAIL_CAPACITY;
+            let Some(front) = self.blocks.front_mut() else {
+                break;
+            };
+            if front.len() <= excess {
+                self.events -= front.len();
+                self.blocks.pop_front();
+            } else if let Some(rest) = front.slice(front.first_seq() + excess as u64..) {
+                *front = rest;
+                self.events -= excess;
+            }
+        }
     }
 
     /// The events after `after`, if the tail holds that position.
@@ -774,9 +1149,15 @@ impl Tail {
         if after < self.oldest_cached() || after > self.last_seq {
             return None;
         }
-        let skip = usize::try_from(after - self.oldest_cached()).ok()?;
+        let from = self.blocks.partition_point(|b| b.last_seq() <= after);
+        let mut page = Page::new(after, max);
+        for block in self.blocks.range(from..) {
+            if !page.push(block) {
+                break;
+            }
+        }
         Some(Some(ReadBatch {
-            events: self.events.iter().skip(skip).take(max).cloned().collect(),
+            blocks: page.blocks,
             status,
             first_seq: self.first_seq,
             last_seq: self.head_seq,
@@ -791,135 +1172,218 @@ impl Tail {
 pub struct RedisSubscription {
     rx: watch::Receiver<Generation>,
     check_interval: Duration,
+    /// The periodic check: one timer for the subscription's life, re-armed when it fires.
+    tick: Pin<Box<Sleep>>,
+}
+
+impl RedisSubscription {
+    fn new(rx: watch::Receiver<Generation>, check_interval: Duration) -> Self {
+        Self {
+            rx,
+            check_interval,
+            tick: Box::pin(tokio::time::sleep(check_interval)),
+        }
+    }
+
+    async fn tick(&mut self) {
+        (&mut self.tick).await;
+        let next = Instant::now() + self.check_interval;
+        self.tick.as_mut().reset(next);
+    }
 }
 
 impl Subscription for RedisSubscription {
     async fn changed(&mut self) {
-        let _ = tokio::time::timeout(self.check_interval, self.rx.changed()).await;
+        tokio::select! {
+            biased;
+            changed = self.rx.changed() => {
+                if changed.is_err() {
+                    // The store is gone: only the periodic check is left.
+                    self.tick().await;
+                }
+            }
+            () = self.tick.as_mut() => {
+                let next = Instant::now() + self.check_interval;
+                self.tick.as_mut().reset(next);
+            }
+        }
+    }
+}
+
+// --- Lease renewals ----------------------------------------------------------------------------
+
+/// Renewals sent in one pipeline.
+const RENEWALS_PER_CALL: usize = 256;
+
+type Held = (SessionKey, Epoch, Arc<Keys>);
+
+impl Inner {
+    /// Starts the one task that renews the leases of every session this process produces.
+    fn start_renewals(inner: &Arc<Inner>) {
+        let weak = Arc::downgrade(inner);
+        let every = inner.config.lease / 3;
+        let task = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.renew_all().await;
+            }
+        });
+        *lock(&inner.renewal_task) = Some(task.abort_handle());
+    }
+
+    /// Renews every lease held; forgets the sessions that ended or were taken over, and
+    /// announces them in this process (their producer's [`Store::cancelled`] checks them).
+    async fn renew_all(&self) {
+        let held: Vec<Held> = lock(&self.renewals)
+            .iter()
+            .map(|(key, (epoch, keys))| (key.clone(), *epoch, keys.clone()))
+            .collect();
+        for batch in held.chunks(RENEWALS_PER_CALL) {
+            let replies = match self.renew_batch(batch).await {
+                Ok(replies) => replies,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not renew producer leases");
+                    continue;
+                }
+            };
+            for ((key, epoch, _), reply) in batch.iter().zip(replies) {
+                match reply {
+                    Ok(Value::Int(1)) => {}
+                    Ok(_) => {
+                        // Finished, cancelled, taken over or gone: nothing more to renew.
+                        self.release_lease(key, *epoch);
+                        self.notifier.announce_status(key);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not renew a producer lease"),
+                }
+            }
+        }
+    }
+
+    fn renew_call<'a>(&'a self, keys: &Keys, epoch: Epoch) -> Call<'a> {
+        let mut call = self.call(&self.scripts.renew, keys, 3, 48);
+        call.arg(epoch.raw())
+            .arg(millis(self.config.lease))
+            .arg(self.ttl_ms());
+        call
+    }
+
+    /// Sends renewals: in one pipeline on one server; on a Cluster, whose sessions live on
+    /// several nodes, as concurrent calls on the shared connection.
+    async fn renew_batch(
+        &self,
+        batch: &[Held],
+    ) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
+        if let Conn::Cluster(_) = self.conn {
+            let calls: Vec<Call<'_>> = batch
+                .iter()
+                .map(|(_, epoch, keys)| self.renew_call(keys, *epoch))
+                .collect();
+            return Ok(
+                futures_util::future::join_all(calls.iter().map(|call| self.invoke(call))).await,
+            );
+        }
+        let mut pipe = redis::pipe();
+        for (_, epoch, keys) in batch {
+            pipe.add_command(self.renew_call(keys, *epoch).cmd);
+        }
+        let mut conn = self.conn.clone();
+        let mut replies = conn
+            .req_packed_commands(&pipe, 0, batch.len())
+            .await
+            .map_err(unavailable)?;
+        let no_script = |v: &Value| matches!(v, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript));
+        if replies.iter().any(no_script) {
+            // The server's script cache was emptied: load, retry (renewing twice is harmless).
+            self.scripts
+                .renew
+                .load_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            replies = conn
+                .req_packed_commands(&pipe, 0, batch.len())
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(replies
+            .into_iter()
+            .map(|v| match v {
+                Value::ServerError(e) => Err(StoreError::unavailable(redis::RedisError::from(e))),
+                v => Ok(v),
+            })
+            .collect())
+    }
+
+    fn hold_lease(&self, key: &SessionKey, epoch: Epoch) {
+        let keys = self.keys(key);
+        lock(&self.renewals).insert(key.clone(), (epoch, keys));
+    }
+
+    fn release_lease(&self, key: &SessionKey, epoch: Epoch) {
+        let mut renewals = lock(&self.renewals);
+        if renewals.get(key).is_some_and(|(e, _)| *e == epoch) {
+            renewals.remove(key);
+        }
     }
 }
 
 // --- The store ---------------------------------------------------------------------------------
 
 impl RedisStore {
-    fn spawn_renewal(&self, key: &SessionKey, epoch: Epoch) {
-        let weak = Arc::downgrade(&self.inner);
-        let (k, every) = (key.clone(), self.inner.config.lease / 3);
-        let task = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let Some(inner) = weak.upgrade() else { return };
-                let keys = inner.keys(&k);
-                let mut inv = inner.invocation(&inner.scripts.renew, &keys);
-                inv.arg(epoch.raw())
-                    .arg(millis(inner.config.lease))
-                    .arg(inner.ttl_ms());
-                match inner.invoke(&inv).await.map(|v| as_u64(&v)) {
-                    Ok(Some(1)) => {}
-                    Ok(_) => {
-                        lock(&inner.renewals).remove(&(k, epoch));
-                        return;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "could not renew a producer lease"),
-                }
-            }
-        });
-        lock(&self.inner.renewals).insert((key.clone(), epoch), task.abort_handle());
-    }
-
-    fn stop_renewal(&self, key: &SessionKey, epoch: Epoch) {
-        if let Some(task) = lock(&self.inner.renewals).remove(&(key.clone(), epoch)) {
-            task.abort();
-        }
-    }
-}
-
-impl RedisStore {
     /// Reads from Redis, bypassing the shared tail.
     async fn read_direct(
         &self,
-        key: &SessionKey,
+        keys: &Keys,
         epoch: Epoch,
         after: u64,
         max: usize,
     ) -> Result<Option<ReadBatch>, StoreError> {
         let inner = &self.inner;
-        let keys = inner.keys(key);
-        let mut inv = inner.invocation(&inner.scripts.read, &keys);
-        // Entries hold whole batches: fetching `max` entries returns at least `max` events
-        // when that many exist.
-        inv.arg(millis(inner.config.retention))
+        let mut call = inner.call(&inner.scripts.read, keys, 4, 64);
+        call.arg(millis(inner.config.retention))
             .arg(epoch.raw())
             .arg(after)
-            .arg(max.clamp(1, 1024));
-        let reply = inner.invoke(&inv).await?;
-        if reply == Value::Nil {
-            return Ok(None);
-        }
-        let parsed = (|| {
-            let [info, entries] = as_array(&reply)? else {
-                return None;
-            };
-            let info = parse_info(info)?;
-            let mut events = Vec::new();
-            for entry in as_array(entries)? {
-                let [_id, fields] = as_array(entry)? else {
-                    return None;
-                };
-                for pair in as_array(fields)?.chunks(2) {
-                    let [seq, bytes] = pair else { return None };
-                    let seq = as_u64(seq)?;
-                    if seq > after && events.len() < max {
-                        events.push(StoredEvent {
-                            seq,
-                            bytes: Bytes::copy_from_slice(as_bytes(bytes)?),
-                        });
-                    }
-                }
-            }
-            Some(ReadBatch {
-                events,
-                status: info.status,
-                first_seq: info.first_seq,
-                last_seq: info.last_seq,
-            })
-        })();
-        parsed.map(Some).ok_or_else(|| bad_reply("read"))
+            .arg(max);
+        parse_read(inner.invoke(&call).await?, after, max)
+    }
+
+    /// The status of the session if `epoch` is its current one (`Nil` otherwise).
+    async fn status(&self, keys: &Keys, epoch: Epoch) -> Result<Value, StoreError> {
+        let inner = &self.inner;
+        let mut call = inner.call(&inner.scripts.status, keys, 1, 24);
+        call.arg(epoch.raw());
+        inner.invoke(&call).await
     }
 
     /// Fetches what follows the tail from Redis and appends it, for every local reader.
     async fn refresh(
         &self,
-        key: &SessionKey,
+        keys: &Keys,
         epoch: Epoch,
         from: u64,
         generation: Generation,
         tail: &Mutex<Tail>,
     ) -> Result<(), Arc<str>> {
-        let read = self.read_direct(key, epoch, from, TAIL_PAGE).await;
+        let read = self.read_direct(keys, epoch, from, TAIL_PAGE).await;
         let mut t = lock(tail);
         t.fetching = None;
         let batch = read.map_err(|e| Arc::<str>::from(e.to_string()))?;
         if t.epoch != Some(epoch) {
             return Ok(());
         }
-        t.fetched_at = Some(tokio::time::Instant::now());
+        t.fetched_at = Some(Instant::now());
         match batch {
             None => {
                 t.gone = true;
                 t.generation = generation;
             }
             Some(batch) => {
-                let complete = batch.events.len() < TAIL_PAGE;
-                for e in batch.events {
-                    if e.seq == t.last_seq + 1 {
-                        t.last_seq = e.seq;
-                        t.events.push_back(e);
-                    }
-                }
-                while t.events.len() > TAIL_CAPACITY {
-                    t.events.pop_front();
-                }
+                let events: usize = batch.blocks.iter().map(EventBlock::len).sum();
+                let complete = events < TAIL_PAGE;
+                t.extend(batch.blocks);
                 t.status = Some(batch.status);
                 t.first_seq = batch.first_seq;
                 t.head_seq = batch.last_seq;
@@ -943,17 +1407,17 @@ impl Store for RedisStore {
         let inner = &self.inner;
         let keys = inner.keys(key);
         let epoch = Epoch::random();
-        let mut inv = inner.invocation(&inner.scripts.claim, &keys);
-        inv.arg(epoch.raw())
+        let mut call = inner.call(&inner.scripts.claim, &keys, 4, 80);
+        call.arg(epoch.raw())
             .arg(millis(inner.config.lease))
             .arg(inner.ttl_ms())
             .arg(millis(inner.config.retention));
         let _ = lifetime; // the producer enforces it; the keys live as long as the lease is renewed
-        let reply = inner.invoke(&inv).await?;
+        let reply = inner.invoke(&call).await?;
         let a = as_array(&reply).ok_or_else(|| bad_reply("claim"))?;
         match a {
             [flag] if as_u64(flag) == Some(1) => {
-                self.spawn_renewal(key, epoch);
+                inner.hold_lease(key, epoch);
                 Ok(Claim::Claimed(epoch))
             }
             [_, info] => parse_info(info)
@@ -971,39 +1435,54 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let inner = &self.inner;
         let keys = inner.keys(key);
-        let mut inv = inner.invocation(&inner.scripts.start, &keys);
-        inv.arg(epoch.raw()).arg(encode_head(&head));
-        inner.invoke(&inv).await.map(drop)
+        let head = encode_head(&head);
+        let mut call = inner.call(&inner.scripts.start, &keys, 2, 32 + head.len());
+        call.arg(epoch.raw()).arg(head);
+        inner.invoke(&call).await.map(drop)
     }
 
     async fn release(&self, key: &SessionKey, epoch: Epoch) -> Result<(), StoreError> {
-        self.stop_renewal(key, epoch);
         let inner = &self.inner;
         let keys = inner.keys(key);
-        let mut inv = inner.invocation(&inner.scripts.release, &keys);
-        inv.arg(epoch.raw());
-        inner.invoke(&inv).await.map(drop)
+        inner.release_lease(key, epoch);
+        let mut call = inner.call(&inner.scripts.release, &keys, 1, 32);
+        call.arg(epoch.raw());
+        inner.invoke(&call).await.map(drop)
     }
 
     async fn append(
         &self,
         key: &SessionKey,
         epoch: Epoch,
-        events: &[StoredEvent],
+        blocks: &[EventBlock],
     ) -> Result<Appended, StoreError> {
-        if events.is_empty() {
+        if blocks.is_empty() {
             return Ok(Appended::Stored);
         }
         let inner = &self.inner;
         let keys = inner.keys(key);
-        let mut inv = inner.invocation(&inner.scripts.append, &keys);
-        inv.arg(epoch.raw())
+        let chunks: Vec<EventBlock> = blocks.iter().flat_map(cut).collect();
+        let bytes: usize = chunks
+            .iter()
+            .map(|c| c.bytes().len() + 4 * c.len() + 32)
+            .sum();
+        let mut call = inner.call(
+            &inner.scripts.append,
+            &keys,
+            3 + 3 * chunks.len(),
+            64 + bytes,
+        );
+        call.arg(epoch.raw())
             .arg(inner.ttl_ms())
             .arg(inner.config.max_events_per_session);
-        for e in events {
-            inv.arg(e.seq).arg(&e.bytes[..]);
+        let mut ends = Vec::new();
+        for chunk in &chunks {
+            pack_ends(chunk, &mut ends);
+            call.arg(chunk.first_seq())
+                .arg(&ends[..])
+                .arg(&chunk.bytes()[..]);
         }
-        match as_u64(&inner.invoke(&inv).await?) {
+        match as_u64(&inner.invoke(&call).await?) {
             Some(1) => Ok(Appended::Stored),
             Some(_) => Ok(Appended::Stopped),
             None => Err(bad_reply("append")),
@@ -1016,22 +1495,22 @@ impl Store for RedisStore {
         epoch: Epoch,
         outcome: Outcome,
     ) -> Result<(), StoreError> {
-        self.stop_renewal(key, epoch);
         let inner = &self.inner;
         let keys = inner.keys(key);
-        let mut inv = inner.invocation(&inner.scripts.finish, &keys);
-        inv.arg(epoch.raw())
+        inner.release_lease(key, epoch);
+        let mut call = inner.call(&inner.scripts.finish, &keys, 3, 64);
+        call.arg(epoch.raw())
             .arg(outcome_name(outcome))
             .arg(millis(inner.config.retention));
-        inner.invoke(&inv).await.map(drop)
+        inner.invoke(&call).await.map(drop)
     }
 
     async fn lookup(&self, key: &SessionKey) -> Result<Option<SessionInfo>, StoreError> {
         let inner = &self.inner;
         let keys = inner.keys(key);
-        let mut inv = inner.invocation(&inner.scripts.lookup, &keys);
-        inv.arg(millis(inner.config.retention));
-        match inner.invoke(&inv).await? {
+        let mut call = inner.call(&inner.scripts.lookup, &keys, 1, 24);
+        call.arg(millis(inner.config.retention));
+        match inner.invoke(&call).await? {
             Value::Nil => Ok(None),
             v => parse_info(&v).map(Some).ok_or_else(|| bad_reply("lookup")),
         }
@@ -1044,11 +1523,11 @@ impl Store for RedisStore {
         after: u64,
         max: usize,
     ) -> Result<Option<ReadBatch>, StoreError> {
-        let tag = escape(key);
-        loop {
+        let keys = loop {
             // Without local subscribers there is nothing to share: read directly.
-            let Some((generation, tail)) = self.inner.notifier.local(&tag) else {
-                return self.read_direct(key, epoch, after, max).await;
+            let Some((generation, tail, keys)) = self.inner.notifier.local(key) else {
+                let keys = self.inner.keys(key);
+                return Box::pin(self.read_direct(&keys, epoch, after, max)).await;
             };
             let fetch = {
                 let mut t = lock(&tail);
@@ -1058,7 +1537,7 @@ impl Store for RedisStore {
                     match t.serve(after, max) {
                         Some(batch) => return Ok(batch),
                         // Older than the tail: a replay, served directly.
-                        None => break,
+                        None => break keys,
                     }
                 }
                 if t.epoch != Some(epoch) {
@@ -1068,19 +1547,19 @@ impl Store for RedisStore {
                         ..Tail::default()
                     };
                 }
-                if t.epoch == Some(epoch) && after < t.oldest_cached() {
-                    break;
+                if after < t.oldest_cached() {
+                    break keys;
                 }
                 // One fetch per process refreshes the tail for every local reader.
                 let from = t.last_seq;
                 t.fetching
                     .get_or_insert_with(|| {
-                        let (store, key) = (self.clone(), key.clone());
+                        let store = self.clone();
                         let tail = tail.clone();
                         // A task of its own: the fetch completes (and clears itself) even when
                         // the reader that started it goes away mid-flight.
                         let task = tokio::spawn(async move {
-                            store.refresh(&key, epoch, from, generation, &tail).await
+                            store.refresh(&keys, epoch, from, generation, &tail).await
                         });
                         async move {
                             task.await.unwrap_or_else(|e| {
@@ -1095,8 +1574,10 @@ impl Store for RedisStore {
             fetch
                 .await
                 .map_err(|e| StoreError::unavailable(e.to_string()))?;
-        }
-        self.read_direct(key, epoch, after, max).await
+        };
+        // Boxed: a reader keeps its read future for its whole life, but a call's state only
+        // while the call is in flight.
+        Box::pin(self.read_direct(&keys, epoch, after, max)).await
     }
 
     async fn subscribe(
@@ -1104,50 +1585,51 @@ impl Store for RedisStore {
         key: &SessionKey,
         _epoch: Epoch,
     ) -> Result<RedisSubscription, StoreError> {
-        Ok(RedisSubscription {
-            rx: self.inner.notifier.subscribe(&escape(key)),
-            check_interval: self.inner.config.check_interval,
-        })
+        let keys = self.inner.keys(key);
+        Ok(RedisSubscription::new(
+            self.inner.notifier.subscribe(&keys),
+            self.inner.config.check_interval,
+        ))
     }
 
     async fn cancelled(&self, key: &SessionKey, epoch: Epoch) -> Result<(), StoreError> {
-        let inner = &self.inner;
-        let keys = inner.keys(key);
-        let mut rx = inner.notifier.subscribe(&keys.tag);
-        let mut seen = *rx.borrow_and_update();
+        let keys = self.inner.keys(key);
+        let mut rx = self.inner.notifier.subscribe(&keys);
+        let mut seen = rx.borrow_and_update().status;
         loop {
-            let mut inv = inner.invocation(&inner.scripts.status, &keys);
-            inv.arg(epoch.raw());
-            match inner.invoke(&inv).await? {
+            // Boxed, like the reads: the call's state takes memory while it is in flight, not
+            // for the producer's whole life.
+            match Box::pin(self.status(&keys, epoch)).await? {
                 Value::Nil => return Ok(()),
                 v => match status_from(&v) {
                     Some(Status::Finished(Outcome::Cancelled)) | None => return Ok(()),
                     Some(_) => {}
                 },
             }
-            // Only status announcements (or the periodic check) can mean a cancel.
-            let _ = tokio::time::timeout(inner.config.check_interval, async {
-                while rx.changed().await.is_ok() {
-                    let now = *rx.borrow_and_update();
-                    if now.status != seen.status {
-                        seen = now;
-                        return;
-                    }
+            // Only a status announcement can mean a cancel; the lease renewal announces, in this
+            // process, a session it found ended or gone (covering a lost announcement).
+            loop {
+                if rx.changed().await.is_err() {
+                    // The store is gone: nothing will announce anything any more.
+                    std::future::pending::<()>().await;
                 }
-                std::future::pending::<()>().await
-            })
-            .await;
+                let now = rx.borrow_and_update().status;
+                if now != seen {
+                    seen = now;
+                    break;
+                }
+            }
         }
     }
 
     async fn cancel(&self, key: &SessionKey) -> Result<bool, StoreError> {
         let inner = &self.inner;
         let keys = inner.keys(key);
-        let mut inv = inner.invocation(&inner.scripts.finish, &keys);
-        inv.arg("")
+        let mut call = inner.call(&inner.scripts.finish, &keys, 3, 48);
+        call.arg("")
             .arg(outcome_name(Outcome::Cancelled))
             .arg(millis(inner.config.retention));
-        Ok(as_u64(&inner.invoke(&inv).await?) == Some(1))
+        Ok(as_u64(&inner.invoke(&call).await?) == Some(1))
     }
 }
 
@@ -1155,12 +1637,55 @@ impl Store for RedisStore {
 mod tests {
     use super::*;
 
+    fn block(first_seq: u64, sizes: &[usize]) -> EventBlock {
+        let mut bytes = Vec::new();
+        let mut ends = Vec::new();
+        for (i, &size) in sizes.iter().enumerate() {
+            bytes.extend(std::iter::repeat(b'a' + (i % 26) as u8).take(size));
+            ends.push(bytes.len() as u32);
+        }
+        EventBlock::new(first_seq, Bytes::from(bytes), ends).unwrap()
+    }
+
+    fn seqs(blocks: &[EventBlock]) -> Vec<(u64, u64)> {
+        blocks
+            .iter()
+            .map(|b| (b.first_seq(), b.last_seq()))
+            .collect()
+    }
+
+    fn entry(chunk: &EventBlock) -> Value {
+        let mut ends = Vec::new();
+        pack_ends(chunk, &mut ends);
+        Value::Array(vec![
+            Value::BulkString(format!("{}-0", chunk.first_seq()).into_bytes()),
+            Value::Array(vec![
+                Value::BulkString(b"o".to_vec()),
+                Value::BulkString(ends),
+                Value::BulkString(b"d".to_vec()),
+                Value::BulkString(chunk.bytes().to_vec()),
+            ]),
+        ])
+    }
+
     #[test]
     fn keys_escape_glob_and_hash_tag_characters() {
         let key = SessionKey::new("a}{*?[\n b").unwrap();
         let e = escape(&key);
         assert!(!e.contains(['{', '}', '*', '?', '[', '\n', ' ']), "{e}");
         assert_eq!(e, "a%7D%7B%2A%3F%5B%0A%20b");
+        let keys = Keys::new("p", &key);
+        let mut cmd = Cmd::new();
+        cmd.arg(keys.meta()).arg(keys.lease());
+        let args: Vec<_> = cmd.args_iter().collect();
+        let want = [format!("p:{{{e}}}:meta"), format!("p:{{{e}}}:lease")];
+        assert_eq!(args.len(), 2);
+        for (arg, want) in args.into_iter().zip(want) {
+            assert!(
+                matches!(arg, redis::Arg::Simple(a) if a == want.as_bytes()),
+                "{want}"
+            );
+        }
     }
 
     #[test]
@@ -1179,5 +1704,150 @@ mod tests {
         let back = decode_head(&encode_head(&head)).unwrap();
         assert_eq!(back.status, StatusCode::OK);
         assert_eq!(back.headers, head.headers);
+    }
+
+    #[test]
+    fn blocks_are_cut_into_chunks_of_64_events_or_64_kib() {
+        // 150 small events: 64 + 64 + 22.
+        let small = block(5, &[10; 150]);
+        let chunks = cut(&small);
+        assert_eq!(seqs(&chunks), [(5, 68), (69, 132), (133, 154)]);
+        assert_eq!(chunks, cut(&small), "the same block is cut the same way");
+        // Large events: as many as fit in 64 KiB; a larger one is a chunk of its own.
+        let large = block(1, &[30_000, 30_000, 30_000, 100_000, 1, 65_536]);
+        let chunks = cut(&large);
+        assert_eq!(seqs(&chunks), [(1, 2), (3, 3), (4, 4), (5, 5), (6, 6)]);
+        let total: usize = chunks.iter().map(|c| c.bytes().len()).sum();
+        assert_eq!(total, large.bytes().len());
+        // A slice of a block is cut from where it starts.
+        let tail = small.slice(100..).unwrap();
+        assert_eq!(seqs(&cut(&tail)), [(100, 154)]);
+    }
+
+    #[test]
+    fn chunks_round_trip_through_stream_entries() {
+        let b = block(7, &[3, 1, 4, 1, 5]);
+        let back = decode_entry(entry(&b)).unwrap();
+        assert_eq!(back, b);
+        let sliced = b.slice(9..=10).unwrap();
+        assert_eq!(decode_entry(entry(&sliced)).unwrap(), sliced);
+    }
+
+    #[test]
+    fn corrupt_entries_are_errors_not_panics() {
+        let good = block(1, &[2, 2]);
+        let Value::Array(parts) = entry(&good) else {
+            unreachable!()
+        };
+        let with_fields =
+            |fields: Vec<Value>| Value::Array(vec![parts[0].clone(), Value::Array(fields)]);
+        let bulk = |b: &[u8]| Value::BulkString(b.to_vec());
+        for bad in [
+            Value::Nil,
+            Value::Array(vec![]),
+            Value::Array(vec![bulk(b"x-0"), parts[1].clone()]),
+            Value::Array(vec![bulk(b"0-0"), parts[1].clone()]),
+            with_fields(vec![
+                bulk(b"o"),
+                bulk(&[2, 0, 0]),
+                bulk(b"d"),
+                bulk(b"abcd"),
+            ]),
+            with_fields(vec![
+                bulk(b"o"),
+                bulk(&[2, 0, 0, 0]),
+                bulk(b"d"),
+                bulk(b"abcd"),
+            ]),
+            with_fields(vec![bulk(b"o"), bulk(&[]), bulk(b"d"), bulk(b"")]),
+            with_fields(vec![bulk(b"d"), bulk(b"abcd")]),
+            with_fields(vec![bulk(b"o"), Value::Int(4), bulk(b"d"), bulk(b"abcd")]),
+        ] {
+            assert!(decode_entry(bad.clone()).is_err(), "{bad:?}");
+        }
+        let reply = |entries| Value::Array(vec![bulk(b"running"), bulk(b"1"), bulk(b"2"), entries]);
+        assert!(parse_read(reply(Value::Array(vec![entry(&good)])), 0, 10).is_ok());
+        assert!(parse_read(reply(Value::Array(vec![Value::Int(1)])), 0, 10).is_err());
+        assert!(parse_read(reply(Value::Int(1)), 0, 10).is_err());
+        assert!(parse_read(Value::Int(1), 0, 10).is_err());
+        assert!(matches!(parse_read(Value::Nil, 0, 10), Ok(None)));
+    }
+
+    #[test]
+    fn reads_slice_the_chunks_into_the_page() {
+        let entries: Vec<Value> = [
+            block(1, &[1; 64]),
+            block(65, &[1; 64]),
+            block(129, &[1; 10]),
+        ]
+        .iter()
+        .map(entry)
+        .collect();
+        let reply = || {
+            Value::Array(vec![
+                Value::BulkString(b"running".to_vec()),
+                Value::BulkString(b"1".to_vec()),
+                Value::BulkString(b"138".to_vec()),
+                Value::Array(entries.clone()),
+            ])
+        };
+        let page = parse_read(reply(), 60, 70).unwrap().unwrap();
+        assert_eq!(seqs(&page.blocks), [(61, 64), (65, 128), (129, 130)]);
+        assert_eq!((page.first_seq, page.last_seq), (1, 138));
+        let page = parse_read(reply(), 137, 70).unwrap().unwrap();
+        assert_eq!(seqs(&page.blocks), [(138, 138)]);
+        let page = parse_read(reply(), 138, 70).unwrap().unwrap();
+        assert!(page.blocks.is_empty());
+        // An evicted position: the page starts at the oldest event given.
+        let page = parse_read(reply(), 0, 3).unwrap().unwrap();
+        assert_eq!(seqs(&page.blocks), [(1, 3)]);
+    }
+
+    #[test]
+    fn pages_stop_at_a_gap_and_at_the_limit() {
+        let mut page = Page::new(3, 100);
+        assert!(page.push(&block(1, &[1; 3])));
+        assert!(
+            page.push(&block(6, &[1; 2])),
+            "the page starts where the events do"
+        );
+        assert!(!page.push(&block(9, &[1; 2])), "a gap ends the page");
+        assert_eq!(seqs(&page.blocks), [(6, 7)]);
+        let mut page = Page::new(0, 3);
+        assert!(!page.push(&block(1, &[1; 5])));
+        assert_eq!(seqs(&page.blocks), [(1, 3)]);
+        assert!(!Page::new(0, 0).push(&block(1, &[1])));
+    }
+
+    #[test]
+    fn the_tail_keeps_its_newest_events_in_blocks() {
+        let mut t = Tail {
+            status: Some(Status::Running),
+            ..Tail::default()
+        };
+        let mut next = 1;
+        for _ in 0..100 {
+            t.extend(vec![block(next, &[1; 50])]);
+            next += 50;
+        }
+        assert_eq!(t.events, TAIL_CAPACITY);
+        assert_eq!(t.last_seq, 5000);
+        assert_eq!(t.oldest_cached(), 5000 - TAIL_CAPACITY as u64);
+        // Blocks that overlap or skip are sliced or ignored.
+        t.extend(vec![block(4990, &[1; 20]), block(5020, &[1; 3])]);
+        assert_eq!(t.last_seq, 5009);
+        let served = t.serve(4999, 5).unwrap().unwrap();
+        assert_eq!(seqs(&served.blocks), [(5000, 5000), (5001, 5004)]);
+        assert_eq!(t.serve(5009, 5).unwrap().unwrap().blocks.len(), 0);
+        assert!(t.serve(100, 5).is_none(), "older than the tail");
+        let events: usize = t
+            .serve(1000, usize::MAX)
+            .unwrap()
+            .unwrap()
+            .blocks
+            .iter()
+            .map(EventBlock::len)
+            .sum();
+        assert_eq!(events, 4009);
     }
 }

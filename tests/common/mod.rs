@@ -191,6 +191,8 @@ pub struct SseConn {
     body: Incoming,
     buf: BytesMut,
     pub comments: usize,
+    /// Data frames received: the chunks the server wrote.
+    pub frames: usize,
 }
 
 pub async fn get(addr: SocketAddr, path: &str, last_event_id: Option<&str>) -> SseConn {
@@ -209,6 +211,7 @@ pub async fn get(addr: SocketAddr, path: &str, last_event_id: Option<&str>) -> S
         body,
         buf: BytesMut::new(),
         comments: 0,
+        frames: 0,
     }
 }
 
@@ -264,6 +267,7 @@ impl SseConn {
                 Ok(Some(Err(_))) => return None,
                 Ok(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
+                        self.frames += 1;
                         self.buf.extend_from_slice(&data);
                     }
                 }

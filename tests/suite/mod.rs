@@ -30,7 +30,7 @@ pub trait Backend: Sync {
 #[macro_export]
 macro_rules! store_suite {
     ($backend:expr) => {
-        $crate::store_suite!(@tests $backend; reconnects_get_every_event_exactly_once, reconnect_after_completion_gets_204, a_second_client_replays_from_the_start_then_follows_live, events_appended_during_a_replay_are_neither_lost_nor_repeated, generation_continues_after_the_client_disconnects, a_slow_client_does_not_slow_the_producer_or_others, concurrent_first_requests_call_the_inner_service_once, last_event_id_query_parameter_is_a_fallback_for_the_header, inner_body_error_fails_the_session, cancel_stops_the_generator_and_reconnects_get_204, keep_alive_comments_reach_live_and_replayed_connections, keep_alive_can_be_turned_off, finished_sessions_expire_after_retention, a_session_past_its_lifetime_is_stopped_as_failed, an_oversized_event_fails_the_session_and_keeps_earlier_events, evicted_positions_are_reported_not_skipped, draining_refuses_new_sessions_and_lets_running_ones_finish, the_drain_deadline_ends_running_sessions_as_failed);
+        $crate::store_suite!(@tests $backend; reconnects_get_every_event_exactly_once, reconnect_after_completion_gets_204, a_second_client_replays_from_the_start_then_follows_live, events_appended_during_a_replay_are_neither_lost_nor_repeated, a_replay_goes_out_in_a_few_large_writes_not_one_per_event, generation_continues_after_the_client_disconnects, a_slow_client_does_not_slow_the_producer_or_others, concurrent_first_requests_call_the_inner_service_once, last_event_id_query_parameter_is_a_fallback_for_the_header, inner_body_error_fails_the_session, cancel_stops_the_generator_and_reconnects_get_204, keep_alive_comments_reach_live_and_replayed_connections, keep_alive_can_be_turned_off, finished_sessions_expire_after_retention, a_session_past_its_lifetime_is_stopped_as_failed, an_oversized_event_fails_the_session_and_keeps_earlier_events, evicted_positions_are_reported_not_skipped, draining_refuses_new_sessions_and_lets_running_ones_finish, the_drain_deadline_ends_running_sessions_as_failed);
     };
     (@tests $backend:expr; $($name:ident),*) => {
         $(
@@ -159,6 +159,26 @@ pub async fn events_appended_during_a_replay_are_neither_lost_nor_repeated<B: Ba
         got.extend(c.take(50.min(3000 - got.len())).await);
     }
     assert_eq!(datas(&got), expected_tokens(0..3000));
+}
+
+pub async fn a_replay_goes_out_in_a_few_large_writes_not_one_per_event<B: Backend>(b: &B) {
+    const N: usize = 2_000;
+    let app = serve_with(b.store(Opts::default()).await, |l| l).await;
+    let path = format!("/tokens?session_id=burst&n={N}");
+    let live = get(app.addr, &path, None).await.collect().await;
+    assert_eq!(datas(&live), expected_tokens(0..N));
+    // A second client replays the finished session from the start: stored events go out as
+    // slices of the stored blocks, many events per chunk, in order and exactly once.
+    let mut replay = get(app.addr, &path, None).await;
+    let evs = replay.collect().await;
+    assert_eq!(datas(&evs), expected_tokens(0..N));
+    assert_eq!(seqs(&evs), (1..=N as u64).collect::<Vec<_>>());
+    assert!(
+        replay.frames * 20 <= N,
+        "{} chunks for {N} events",
+        replay.frames
+    );
+    assert_eq!(app.inner.calls(), 1);
 }
 
 pub async fn generation_continues_after_the_client_disconnects<B: Backend>(b: &B) {
@@ -369,8 +389,9 @@ pub async fn keep_alive_comments_reach_live_and_replayed_connections<B: Backend>
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(stored.events.len(), 2);
-    assert!(stored.events.iter().all(|e| !e.bytes.starts_with(b":")));
+    let events: Vec<_> = stored.blocks.iter().flat_map(|b| b.iter()).collect();
+    assert_eq!(events.len(), 2);
+    assert!(events.iter().all(|(_, e)| !e.starts_with(b":")));
 }
 
 pub async fn keep_alive_can_be_turned_off<B: Backend>(b: &B) {
