@@ -12,7 +12,12 @@
 //!   one at once makes the allocator return the same buffer every time, and
 //!   a fixed placement can land on a pathological case of the CPU (a copy
 //!   whose destination is 1 to 31 bytes past its source modulo 4096, "4K
-//!   aliasing") that no real stream hits systematically.
+//!   aliasing") that no real stream hits systematically;
+//! * `framing_blocks`: the same, written the way the layer's producer writes
+//!   events: back to back into an [`EventBlockBuilder`] with
+//!   [`encode_event_into`], a block finished at 64 KiB and at the end of the
+//!   body (the producer finishes one per store append). The last
+//!   [`RETAINED`] blocks are kept.
 //!
 //! Two event sizes (`data: token 12345\n\n`, 19 bytes, and a 4096-byte
 //! single-line event) and three chunkings (1-byte chunks, 64-byte chunks and
@@ -25,7 +30,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use resumable_sse::sse::{encode_event, EventRef, Parser};
+use resumable_sse::sse::{encode_event, encode_event_into, EventRef, Parser};
+use resumable_sse::store::{EventBlock, EventBlockBuilder};
 
 /// Events in the token body (19 bytes each).
 const TOKEN_EVENTS: usize = 1000;
@@ -140,6 +146,38 @@ fn framing(
     events
 }
 
+fn framing_blocks(
+    parser: &mut Parser,
+    ids: &mut Ids,
+    builder: &mut EventBlockBuilder,
+    retained: &mut VecDeque<EventBlock>,
+    chunks: &[&[u8]],
+) -> usize {
+    let mut events = 0;
+    let mut keep = |block: EventBlock| {
+        if retained.len() == RETAINED {
+            retained.pop_front();
+        }
+        retained.push_back(block);
+    };
+    for chunk in chunks {
+        parser
+            .feed(chunk, |event| {
+                if builder.byte_len() >= 64 << 10 {
+                    keep(builder.finish().expect("a non-empty block"));
+                }
+                let id = ids.next();
+                builder.push_with(|buf| encode_event_into(buf, id, &event));
+                events += 1;
+            })
+            .unwrap();
+    }
+    if let Some(block) = builder.finish() {
+        keep(block);
+    }
+    events
+}
+
 fn bench(c: &mut Criterion) {
     let bodies = [token_body(), big_body()];
     let mut passthrough_group = c.benchmark_group("passthrough");
@@ -183,6 +221,28 @@ fn bench(c: &mut Criterion) {
         }
     }
     framing_group.finish();
+
+    let mut blocks_group = c.benchmark_group("framing_blocks");
+    configure(&mut blocks_group);
+    for body in &bodies {
+        blocks_group.throughput(Throughput::Elements(body.events as u64));
+        for (chunking, chunks) in chunkings(body) {
+            let mut parser = Parser::default();
+            let mut ids = Ids::new();
+            let mut builder = EventBlockBuilder::new(1);
+            let mut retained = VecDeque::with_capacity(RETAINED);
+            let events =
+                framing_blocks(&mut parser, &mut ids, &mut builder, &mut retained, &chunks);
+            assert_eq!(events, body.events);
+            let id = BenchmarkId::new(&body.name, chunking);
+            blocks_group.bench_function(id, |b| {
+                b.iter(|| {
+                    framing_blocks(&mut parser, &mut ids, &mut builder, &mut retained, &chunks)
+                })
+            });
+        }
+    }
+    blocks_group.finish();
 }
 
 /// The body split into 1-byte chunks, 64-byte chunks and one chunk per event.
