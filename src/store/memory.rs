@@ -1,7 +1,7 @@
 //! [`MemoryStore`]: sessions in this process's memory.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -55,7 +55,7 @@ impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore")
             .field("limits", &self.inner.limits)
-            .field("sessions", &lock(&self.inner.sessions).map.len())
+            .field("sessions", &read(&self.inner.sessions).map.len())
             .finish()
     }
 }
@@ -69,7 +69,9 @@ struct Limits {
 }
 
 struct Inner {
-    sessions: Mutex<Sessions>,
+    /// Read-locked by every read of a session (each subscriber, each event), write-locked only
+    /// to add or remove sessions.
+    sessions: RwLock<Sessions>,
     limits: Limits,
 }
 
@@ -80,7 +82,7 @@ struct Sessions {
 
 struct Session {
     epoch: Epoch,
-    state: Mutex<State>,
+    state: RwLock<State>,
     /// Bumped on every change; subscribers wait on it.
     changed: watch::Sender<()>,
     /// Set once when the session is cancelled; the producer waits on it.
@@ -143,10 +145,15 @@ impl State {
     }
 }
 
-/// Locks a mutex, recovering the data if a thread panicked while holding it: every critical
-/// section below leaves the state consistent at each step.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Locks for writing, recovering the data if a thread panicked while holding the lock: every
+/// critical section below leaves the state consistent at each step.
+fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Locks for reading; see [`write`].
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Default for MemoryStore {
@@ -175,7 +182,7 @@ impl MemoryStore {
 
     /// The number of sessions held, expired ones included until the next sweep.
     pub fn len(&self) -> usize {
-        lock(&self.inner.sessions).map.len()
+        read(&self.inner.sessions).map.len()
     }
 
     /// Whether the store holds no session.
@@ -186,10 +193,20 @@ impl MemoryStore {
     /// The live session under `key`, sweeping expired ones first when a sweep is due.
     fn get(&self, key: &SessionKey) -> Option<Arc<Session>> {
         let now = Instant::now();
-        let mut sessions = lock(&self.inner.sessions);
+        {
+            // The common case, under a read lock that every reader of every session shares.
+            let sessions = read(&self.inner.sessions);
+            if !Self::sweep_due(&sessions, now) {
+                let session = sessions.map.get(key)?;
+                if read(&session.state).expires_at > now {
+                    return Some(session.clone());
+                }
+            }
+        }
+        let mut sessions = write(&self.inner.sessions);
         self.sweep_if_due(&mut sessions, now);
         let session = sessions.map.get(key)?;
-        if lock(&session.state).expires_at <= now {
+        if read(&session.state).expires_at <= now {
             sessions.map.remove(key);
             return None;
         }
@@ -201,15 +218,18 @@ impl MemoryStore {
         self.get(key).filter(|s| s.epoch == epoch)
     }
 
-    fn sweep_if_due(&self, sessions: &mut Sessions, now: Instant) {
-        if sessions
+    fn sweep_due(sessions: &Sessions, now: Instant) -> bool {
+        !sessions
             .last_sweep
             .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
-        {
+    }
+
+    fn sweep_if_due(&self, sessions: &mut Sessions, now: Instant) {
+        if !Self::sweep_due(sessions, now) {
             return;
         }
         sessions.last_sweep = Some(now);
-        sessions.map.retain(|_, s| lock(&s.state).expires_at > now);
+        sessions.map.retain(|_, s| read(&s.state).expires_at > now);
     }
 }
 
@@ -249,7 +269,7 @@ impl MemoryStoreBuilder {
     pub fn build(self) -> MemoryStore {
         MemoryStore {
             inner: Arc::new(Inner {
-                sessions: Mutex::new(Sessions {
+                sessions: RwLock::new(Sessions {
                     map: HashMap::new(),
                     last_sweep: None,
                 }),
@@ -278,7 +298,7 @@ impl Subscription for MemorySubscription {
 
 impl Session {
     fn info(&self) -> SessionInfo {
-        let st = lock(&self.state);
+        let st = read(&self.state);
         SessionInfo {
             epoch: self.epoch,
             status: st.status,
@@ -298,10 +318,10 @@ impl Store for MemoryStore {
 
     async fn claim(&self, key: &SessionKey, lifetime: Duration) -> Result<Claim, StoreError> {
         let now = Instant::now();
-        let mut sessions = lock(&self.inner.sessions);
+        let mut sessions = write(&self.inner.sessions);
         self.sweep_if_due(&mut sessions, now);
         if let Some(s) = sessions.map.get(key) {
-            if lock(&s.state).expires_at > now {
+            if read(&s.state).expires_at > now {
                 return Ok(Claim::Exists(s.info()));
             }
             sessions.map.remove(key);
@@ -317,7 +337,7 @@ impl Store for MemoryStore {
         let epoch = Epoch::random();
         let session = Arc::new(Session {
             epoch,
-            state: Mutex::new(State {
+            state: RwLock::new(State {
                 status: Status::Starting,
                 head: None,
                 blocks: VecDeque::new(),
@@ -341,7 +361,7 @@ impl Store for MemoryStore {
     ) -> Result<(), StoreError> {
         if let Some(s) = self.get_epoch(key, epoch) {
             {
-                let mut st = lock(&s.state);
+                let mut st = write(&s.state);
                 if st.status == Status::Starting {
                     st.status = Status::Running;
                     st.head = Some(Arc::new(head));
@@ -353,7 +373,7 @@ impl Store for MemoryStore {
     }
 
     async fn release(&self, key: &SessionKey, epoch: Epoch) -> Result<(), StoreError> {
-        let mut sessions = lock(&self.inner.sessions);
+        let mut sessions = write(&self.inner.sessions);
         if sessions.map.get(key).is_some_and(|s| s.epoch == epoch) {
             if let Some(s) = sessions.map.remove(key) {
                 s.notify();
@@ -372,7 +392,7 @@ impl Store for MemoryStore {
             return Ok(Appended::Stopped);
         };
         {
-            let mut st = lock(&s.state);
+            let mut st = write(&s.state);
             if st.status != Status::Running {
                 return Ok(Appended::Stopped);
             }
@@ -407,7 +427,7 @@ impl Store for MemoryStore {
     ) -> Result<(), StoreError> {
         if let Some(s) = self.get_epoch(key, epoch) {
             {
-                let mut st = lock(&s.state);
+                let mut st = write(&s.state);
                 if st.status.is_finished() {
                     return Ok(());
                 }
@@ -433,7 +453,7 @@ impl Store for MemoryStore {
         let Some(s) = self.get_epoch(key, epoch) else {
             return Ok(None);
         };
-        let st = lock(&s.state);
+        let st = read(&s.state);
         let first_seq = st.first_seq();
         let last = after.saturating_add(max as u64);
         // The first block with an event after `after`: a binary search, whatever the length.
@@ -479,7 +499,7 @@ impl Store for MemoryStore {
             return Ok(false);
         };
         {
-            let mut st = lock(&s.state);
+            let mut st = write(&s.state);
             if st.status.is_finished() {
                 return Ok(false);
             }
