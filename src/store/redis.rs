@@ -303,6 +303,7 @@ impl RedisStoreBuilder {
             config: self.config,
         });
         Notifier::start(&inner);
+        diag::start();
         Inner::start_renewals(&inner);
         Ok(RedisStore { inner })
     }
@@ -921,6 +922,25 @@ fn decode_head(raw: &[u8]) -> Option<ResponseHead> {
     Some(ResponseHead { status, headers })
 }
 
+pub(crate) mod diag {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    pub(crate) static C: [AtomicU64; 12] = [const { AtomicU64::new(0) }; 12];
+    pub(crate) const NAMES: [&str; 12] = ["read", "fresh", "fetch_start", "fetch_wait", "direct_old", "direct_nolocal", "tick", "notify", "notif_msgs", "stored_ev", "appends", "unfresh_ok"];
+    pub(crate) fn inc(i: usize) { C[i].fetch_add(1, Relaxed); }
+    pub(crate) fn add(i: usize, n: u64) { C[i].fetch_add(n, Relaxed); }
+    pub(crate) fn start() {
+        tokio::spawn(async {
+            let mut last = [0u64; 12];
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let mut line = String::new();
+                for i in 0..12 { let v = C[i].load(Relaxed); line += &format!("{}={} ", NAMES[i], v - last[i]); last[i] = v; }
+                { use std::io::Write; if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open("/tmp/diag.log") { let _ = writeln!(f, "{:?} DIAG {line}", std::time::SystemTime::now()); } }
+            }
+        });
+    }
+}
+
 // --- Notifications -----------------------------------------------------------------------------
 
 /// One pub/sub connection per process; every session's changes are announced on one channel and
@@ -996,6 +1016,7 @@ impl Notifier {
             let Ok(key) = std::str::from_utf8(key) else {
                 continue;
             };
+            diag::inc(8);
             let sessions = lock(&inner.notifier.sessions);
             if let Some(Local { tx, .. }) = sessions.map.get(key) {
                 tx.send_modify(|g| match kind {
@@ -1197,12 +1218,14 @@ impl Subscription for RedisSubscription {
         tokio::select! {
             biased;
             changed = self.rx.changed() => {
+                diag::inc(7);
                 if changed.is_err() {
                     // The store is gone: only the periodic check is left.
                     self.tick().await;
                 }
             }
             () = self.tick.as_mut() => {
+                diag::inc(6);
                 let next = Instant::now() + self.check_interval;
                 self.tick.as_mut().reset(next);
             }
@@ -1523,9 +1546,11 @@ impl Store for RedisStore {
         after: u64,
         max: usize,
     ) -> Result<Option<ReadBatch>, StoreError> {
+        diag::inc(0);
         let keys = loop {
             // Without local subscribers there is nothing to share: read directly.
             let Some((generation, tail, keys)) = self.inner.notifier.local(key) else {
+                diag::inc(5);
                 let keys = self.inner.keys(key);
                 return Box::pin(self.read_direct(&keys, epoch, after, max)).await;
             };
@@ -1535,9 +1560,9 @@ impl Store for RedisStore {
                     && t.is_fresh(generation, self.inner.config.check_interval)
                 {
                     match t.serve(after, max) {
-                        Some(batch) => return Ok(batch),
+                        Some(batch) => { diag::inc(1); return Ok(batch) }
                         // Older than the tail: a replay, served directly.
-                        None => break keys,
+                        None => { diag::inc(4); break keys },
                     }
                 }
                 if t.epoch != Some(epoch) {
@@ -1548,12 +1573,15 @@ impl Store for RedisStore {
                     };
                 }
                 if after < t.oldest_cached() {
+                    diag::inc(4);
                     break keys;
                 }
+                diag::inc(3);
                 // One fetch per process refreshes the tail for every local reader.
                 let from = t.last_seq;
                 t.fetching
                     .get_or_insert_with(|| {
+                        diag::inc(2);
                         let store = self.clone();
                         let tail = tail.clone();
                         // A task of its own: the fetch completes (and clears itself) even when
