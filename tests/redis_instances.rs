@@ -695,3 +695,61 @@ async fn a_cancel_whose_announcement_was_lost_reaches_the_producer_at_its_next_r
         .unwrap()
         .unwrap();
 }
+
+/// Blocks the whole server for about `ms` milliseconds with a busy script, from its own
+/// connection, as a slow command of another client would.
+fn block_server(url: &str, ms: u64) -> std::thread::JoinHandle<()> {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let client = ::redis::Client::open(url).expect("client");
+        let mut conn = client.get_connection().expect("connect");
+        let script = "local t = redis.call('TIME') \
+                      local until_us = t[1] * 1000000 + t[2] + tonumber(ARGV[1]) * 1000 \
+                      repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= until_us \
+                      return 1";
+        let _: i64 = ::redis::cmd("EVAL")
+            .arg(script)
+            .arg(0)
+            .arg(ms)
+            .query(&mut conn)
+            .expect("busy script");
+    })
+}
+
+#[tokio::test]
+async fn a_reply_slower_than_the_response_timeout_fails_and_the_default_waits_for_it() {
+    if shared_url().is_none() {
+        return;
+    }
+    // A private server: this test stalls it.
+    let server = RedisServer::start();
+    let url = server.url();
+    let key = SessionKey::new("slow").unwrap();
+    let short = RedisStore::builder(&url)
+        .prefix(unique_prefix())
+        .response_timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .expect("connect");
+    let default = store_on(&url, &unique_prefix(), Duration::from_secs(5)).await;
+    // Both connections are up before the server stalls.
+    assert!(short.lookup(&key).await.unwrap().is_none());
+    assert!(default.lookup(&key).await.unwrap().is_none());
+
+    let busy = block_server(&url, 2_500);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = tokio::time::Instant::now();
+    let (slow, waited) = tokio::join!(short.lookup(&key), default.lookup(&key));
+    // The short timeout gives a clean store error, well before the server answers ...
+    let err = slow.expect_err("a reply later than the response timeout fails");
+    assert_eq!(
+        err.kind(),
+        resumable_sse::store::StoreErrorKind::Unavailable
+    );
+    // ... and the default (10 s) waits for the stalled server's answer.
+    assert!(waited.expect("the default timeout waits").is_none());
+    assert!(started.elapsed() >= Duration::from_millis(2_000));
+    busy.join().expect("busy script thread");
+    // The store with the short timeout works again once the server does.
+    assert!(short.lookup(&key).await.unwrap().is_none());
+}
