@@ -83,10 +83,11 @@ const RESUME_GAP: Duration = Duration::from_millis(20);
 /// The pause of a fan-out stream between events.
 const FANOUT_INTERVAL_MS: u64 = 10;
 /// Commands the store's Lua scripts run inside Redis: not round trips.
-const SCRIPT_COMMANDS: [&str; 11] = [
+const SCRIPT_COMMANDS: [&str; 12] = [
     "del",
     "exists",
     "hget",
+    "hmget",
     "hset",
     "pexpire",
     "publish",

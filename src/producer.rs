@@ -143,11 +143,6 @@ where
                     Ok(Appended::Stored) => {
                         failures = 0;
                         metrics::events_stored(batch.iter().map(EventBlock::len).sum());
-                        #[cfg(feature = "redis")]
-                        {
-                            crate::store::redis::diag::inc(10);
-                            crate::store::redis::diag::add(9, batch.iter().map(EventBlock::len).sum::<usize>() as u64);
-                        }
                     }
                     Ok(Appended::Stopped) => return None,
                     Err(e) => {

@@ -1,7 +1,6 @@
 //! [`RedisStore`]: sessions in Redis (or Valkey, or a Redis Cluster), shared by every instance.
 
 use std::collections::{HashMap, VecDeque};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, ErrorKind, Pipeline, RedisFuture, RedisResult, Script, ServerErrorKind, Value};
 use tokio::sync::watch;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use super::{
     Appended, Claim, EventBlock, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError,
@@ -62,8 +61,11 @@ use crate::session::{Epoch, Outcome, SessionKey};
 ///   itself) and one pub/sub connection on which every change of every session is announced on one
 ///   channel; subscribers in the process wait on an in-memory signal fed by that connection, and
 ///   read from a **shared tail** of the session kept in the process (its newest 4,096 events, in
-///   the chunks read from Redis), which one read per change refreshes for all of them. No blocking
-///   command is used, and the Redis work per event does not grow with the number of subscribers.
+///   the chunks read from Redis), which one read per change refreshes for all of them, before
+///   they are woken. No blocking command is used, and the Redis work per event does not grow with
+///   the number of subscribers. The periodic check below is one task for the process, not a
+///   timer per subscriber, and a producer waits on status announcements only, so that it is not
+///   woken (and queued behind every subscriber) at each event.
 /// - **One lease renewal for the whole process**: every third of the lease, one task renews the
 ///   leases of every session the process produces, in one pipeline per 256 sessions (on a
 ///   Cluster, whose sessions live on several nodes, one call per session, all at once): a
@@ -146,7 +148,11 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        for task in [&self.renewal_task, &self.notifier.task] {
+        for task in [
+            &self.renewal_task,
+            &self.notifier.task,
+            &self.notifier.checks_task,
+        ] {
             if let Some(task) = lock(task).take() {
                 task.abort();
             }
@@ -297,13 +303,14 @@ impl RedisStoreBuilder {
                 client: pubsub_client,
                 sessions: Mutex::new(Sessions::default()),
                 task: Mutex::new(None),
+                checks_task: Mutex::new(None),
             },
             renewals: Mutex::new(HashMap::new()),
             renewal_task: Mutex::new(None),
             config: self.config,
         });
         Notifier::start(&inner);
-        diag::start();
+        Notifier::start_checks(&inner);
         Inner::start_renewals(&inner);
         Ok(RedisStore { inner })
     }
@@ -922,25 +929,6 @@ fn decode_head(raw: &[u8]) -> Option<ResponseHead> {
     Some(ResponseHead { status, headers })
 }
 
-pub(crate) mod diag {
-    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-    pub(crate) static C: [AtomicU64; 12] = [const { AtomicU64::new(0) }; 12];
-    pub(crate) const NAMES: [&str; 12] = ["read", "fresh", "fetch_start", "fetch_wait", "direct_old", "direct_nolocal", "tick", "notify", "notif_msgs", "stored_ev", "appends", "unfresh_ok"];
-    pub(crate) fn inc(i: usize) { C[i].fetch_add(1, Relaxed); }
-    pub(crate) fn add(i: usize, n: u64) { C[i].fetch_add(n, Relaxed); }
-    pub(crate) fn start() {
-        tokio::spawn(async {
-            let mut last = [0u64; 12];
-            loop {
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                let mut line = String::new();
-                for i in 0..12 { let v = C[i].load(Relaxed); line += &format!("{}={} ", NAMES[i], v - last[i]); last[i] = v; }
-                { use std::io::Write; if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open("/tmp/diag.log") { let _ = writeln!(f, "{:?} DIAG {line}", std::time::SystemTime::now()); } }
-            }
-        });
-    }
-}
-
 // --- Notifications -----------------------------------------------------------------------------
 
 /// One pub/sub connection per process; every session's changes are announced on one channel and
@@ -949,6 +937,7 @@ struct Notifier {
     client: redis::Client,
     sessions: Mutex<Sessions>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
+    checks_task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 /// The sessions with local subscribers, by session key.
@@ -959,19 +948,52 @@ struct Sessions {
     sweep_at: usize,
 }
 
-/// What this process keeps for a session that has local subscribers: the signal they wait on,
-/// the tail of its log that they all read from, and its keys.
+/// What this process keeps for a session that has local subscribers or its producer: the signal
+/// the subscribers wait on, the tail of its log that they all read from, its keys, and the
+/// signal of its status changes that its producer waits on.
 struct Local {
     tx: watch::Sender<Generation>,
     tail: Arc<Mutex<Tail>>,
     keys: Arc<Keys>,
+    /// Status changes only. The producer waits on this one, not on `tx`: woken with its
+    /// subscribers at every event, it would queue behind all of them each time, and only
+    /// produce its next event once every subscriber had been polled.
+    status: watch::Sender<u64>,
 }
 
-/// Counts of event and status notifications received for a session.
+impl Local {
+    fn new(keys: &Arc<Keys>) -> Self {
+        Local {
+            tx: watch::Sender::new(Generation::default()),
+            tail: Arc::default(),
+            keys: keys.clone(),
+            status: watch::Sender::new(0),
+        }
+    }
+
+    /// Signals new events to the subscribers.
+    fn events_changed(&self) {
+        self.tx.send_modify(|g| g.events += 1);
+    }
+
+    /// Signals a new status (or a possibly missed change) to the subscribers and the producer.
+    fn status_changed(&self) {
+        self.tx.send_modify(|g| g.status += 1);
+        self.status.send_modify(|n| *n += 1);
+    }
+
+    fn in_use(&self) -> bool {
+        self.tx.receiver_count() > 0 || self.status.receiver_count() > 0
+    }
+}
+
+/// Counts of event and status notifications received for a session, and of the periodic checks
+/// asked of its subscribers.
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
 struct Generation {
     events: u64,
     status: u64,
+    checks: u64,
 }
 
 impl Notifier {
@@ -1016,13 +1038,12 @@ impl Notifier {
             let Ok(key) = std::str::from_utf8(key) else {
                 continue;
             };
-            diag::inc(8);
             let sessions = lock(&inner.notifier.sessions);
-            if let Some(Local { tx, .. }) = sessions.map.get(key) {
-                tx.send_modify(|g| match kind {
-                    b'e' => g.events += 1,
-                    _ => g.status += 1,
-                });
+            if let Some(local) = sessions.map.get(key) {
+                match kind {
+                    b'e' => Self::events_announced(&inner, key, local),
+                    _ => local.status_changed(),
+                }
             }
         }
         Err(redis::RedisError::from(std::io::Error::other(
@@ -1030,40 +1051,124 @@ impl Notifier {
         )))
     }
 
+    /// New events of a session with local subscribers. When they read from the shared tail, the
+    /// tail is refreshed first and they are woken once it holds the new events: each of them is
+    /// then polled once per change and finds the events ready, rather than twice (once to find
+    /// the tail behind and wait for its refresh, once when it is refreshed). The wake-up follows
+    /// the fetch whatever its result, so nothing announced is missed.
+    fn events_announced(inner: &Arc<Inner>, key: &str, local: &Local) {
+        // The new generation, without waking anyone yet: a read from now on finds the tail
+        // behind it.
+        local.tx.send_if_modified(|g| {
+            g.events += 1;
+            false
+        });
+        let generation = *local.tx.borrow();
+        let fetch = {
+            let mut t = lock(&local.tail);
+            match t.epoch {
+                Some(epoch) if local.tx.receiver_count() > 0 => {
+                    let store = RedisStore {
+                        inner: inner.clone(),
+                    };
+                    Some(store.fetch(&local.tail, &mut t, local.keys.clone(), epoch, generation))
+                }
+                _ => None,
+            }
+        };
+        let Some(fetch) = fetch else {
+            local.events_changed();
+            return;
+        };
+        let weak = Arc::downgrade(inner);
+        let key: Arc<str> = Arc::from(key);
+        tokio::spawn(async move {
+            let _ = fetch.await;
+            if let Some(inner) = weak.upgrade() {
+                if let Some(local) = lock(&inner.notifier.sessions).map.get(&key) {
+                    local.tx.send_modify(|_| {});
+                }
+            }
+        });
+    }
+
+    /// Starts the one task that makes the local subscribers of every session check it when
+    /// nothing was read from Redis for it lately: their next read goes to Redis, which marks
+    /// the session failed if its producer's lease expired. A session whose tail is read (events
+    /// or statuses announced) costs nothing here, and no subscriber has a timer of its own: a
+    /// timer per subscriber would fire thousands of times a second for a large fan-out, each
+    /// wake-up a read, and each firing in the way of the timers that pace the producers.
+    fn start_checks(inner: &Arc<Inner>) {
+        let weak = Arc::downgrade(inner);
+        // Every half interval, the sessions not read for half an interval: each session is
+        // checked at most an interval after its last read.
+        let every = inner.config.check_interval / 2;
+        let task = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.notifier.check_idle(every);
+            }
+        });
+        *lock(&inner.notifier.checks_task) = Some(task.abort_handle());
+    }
+
+    /// Wakes the subscribers of every session whose tail was not read from Redis within `idle`.
+    fn check_idle(&self, idle: Duration) {
+        for local in lock(&self.sessions).map.values() {
+            if local.tx.receiver_count() == 0 {
+                continue;
+            }
+            let recent = lock(&local.tail)
+                .fetched_at
+                .is_some_and(|t| t.elapsed() < idle);
+            if !recent {
+                local.tx.send_modify(|g| g.checks += 1);
+            }
+        }
+    }
+
     /// Announces a status change of a session to its local subscribers.
     fn announce_status(&self, key: &SessionKey) {
         if let Some(local) = lock(&self.sessions).map.get(key.as_str()) {
-            local.tx.send_modify(|g| g.status += 1);
+            local.status_changed();
         }
     }
 
     fn wake_all(&self) {
         for local in lock(&self.sessions).map.values() {
-            local.tx.send_modify(|g| g.status += 1);
+            local.status_changed();
         }
     }
 
+    /// A subscriber's signal: every change of the session.
     fn subscribe(&self, keys: &Arc<Keys>) -> watch::Receiver<Generation> {
+        self.with_local(keys, |local| local.tx.subscribe())
+    }
+
+    /// The producer's signal: the session's status changes.
+    fn subscribe_status(&self, keys: &Arc<Keys>) -> watch::Receiver<u64> {
+        self.with_local(keys, |local| local.status.subscribe())
+    }
+
+    /// Runs `f` on what this process keeps for the session, made if needed.
+    fn with_local<T>(&self, keys: &Arc<Keys>, f: impl FnOnce(&Local) -> T) -> T {
         let mut sessions = lock(&self.sessions);
         if let Some(local) = sessions.map.get(keys.key.as_str()) {
-            return local.tx.subscribe();
+            return f(local);
         }
         // Forget sessions nobody in this process listens to any more, once their number doubled
         // since the last time (so that this costs O(1) per subscription on average).
         if sessions.map.len() >= sessions.sweep_at {
-            sessions
-                .map
-                .retain(|_, local| local.tx.receiver_count() > 0);
+            sessions.map.retain(|_, local| local.in_use());
             sessions.sweep_at = (sessions.map.len() * 2).max(64);
         }
-        let local = Local {
-            tx: watch::Sender::new(Generation::default()),
-            tail: Arc::default(),
-            keys: keys.clone(),
-        };
-        let rx = local.tx.subscribe();
+        let local = Local::new(keys);
+        let out = f(&local);
         sessions.map.insert(Arc::from(keys.key.as_str()), local);
-        rx
+        out
     }
 
     /// The current generation, the tail and the keys of a session with local subscribers.
@@ -1113,6 +1218,7 @@ impl Generation {
         Self {
             events: u64::MAX,
             status: u64::MAX,
+            checks: u64::MAX,
         }
     }
 }
@@ -1161,6 +1267,27 @@ impl Tail {
         }
     }
 
+    /// The events the tail holds after `after`, when it holds that position and some events
+    /// after it, whether or not it reflects every change announced. The page then says that
+    /// more may follow (a newest sequence number past the page, and a finished status only when
+    /// the tail holds every event), so that the reader reads again rather than waits for a
+    /// change that may already have been announced.
+    fn serve_ahead(&self, after: u64, max: usize) -> Option<ReadBatch> {
+        if after >= self.last_seq {
+            return None;
+        }
+        let mut batch = self.serve(after, max)??;
+        let complete = batch.status.is_finished() && self.last_seq >= self.head_seq;
+        if !complete {
+            let served = batch.blocks.last().map_or(after, EventBlock::last_seq);
+            batch.last_seq = batch.last_seq.max(served.saturating_add(1));
+            if batch.status.is_finished() {
+                batch.status = Status::Running;
+            }
+        }
+        Some(batch)
+    }
+
     /// The events after `after`, if the tail holds that position.
     fn serve(&self, after: u64, max: usize) -> Option<Option<ReadBatch>> {
         if self.gone {
@@ -1186,49 +1313,27 @@ impl Tail {
     }
 }
 
-/// The [`Subscription`] of a [`RedisStore`]: woken by the process's pub/sub connection, and at
-/// least every second, so that a dead producer is noticed even when nothing is announced.
+/// The [`Subscription`] of a [`RedisStore`]: woken by the process's pub/sub connection, and by
+/// the process's periodic check of the sessions not read from Redis within the last second, so
+/// that a dead producer is noticed even when nothing is announced. It has no timer of its own.
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 #[derive(Debug)]
 pub struct RedisSubscription {
     rx: watch::Receiver<Generation>,
     check_interval: Duration,
-    /// The periodic check: one timer for the subscription's life, re-armed when it fires.
-    tick: Pin<Box<Sleep>>,
 }
 
 impl RedisSubscription {
     fn new(rx: watch::Receiver<Generation>, check_interval: Duration) -> Self {
-        Self {
-            rx,
-            check_interval,
-            tick: Box::pin(tokio::time::sleep(check_interval)),
-        }
-    }
-
-    async fn tick(&mut self) {
-        (&mut self.tick).await;
-        let next = Instant::now() + self.check_interval;
-        self.tick.as_mut().reset(next);
+        Self { rx, check_interval }
     }
 }
 
 impl Subscription for RedisSubscription {
     async fn changed(&mut self) {
-        tokio::select! {
-            biased;
-            changed = self.rx.changed() => {
-                diag::inc(7);
-                if changed.is_err() {
-                    // The store is gone: only the periodic check is left.
-                    self.tick().await;
-                }
-            }
-            () = self.tick.as_mut() => {
-                diag::inc(6);
-                let next = Instant::now() + self.check_interval;
-                self.tick.as_mut().reset(next);
-            }
+        if self.rx.changed().await.is_err() {
+            // The store is gone, and its checks with it: wait as long as one would have.
+            tokio::time::sleep(self.check_interval).await;
         }
     }
 }
@@ -1379,6 +1484,36 @@ impl RedisStore {
         let mut call = inner.call(&inner.scripts.status, keys, 1, 24);
         call.arg(epoch.raw());
         inner.invoke(&call).await
+    }
+
+    /// The fetch that refreshes the tail for every local reader: the one in flight, or a new one
+    /// from where the tail ends, marked with `generation`.
+    fn fetch(
+        &self,
+        tail: &Arc<Mutex<Tail>>,
+        t: &mut Tail,
+        keys: Arc<Keys>,
+        epoch: Epoch,
+        generation: Generation,
+    ) -> Fetch {
+        let from = t.last_seq;
+        t.fetching
+            .get_or_insert_with(|| {
+                let store = self.clone();
+                let tail = tail.clone();
+                // A task of its own: the fetch completes (and clears itself) even when the
+                // reader that started it goes away mid-flight.
+                let task = tokio::spawn(async move {
+                    store.refresh(&keys, epoch, from, generation, &tail).await
+                });
+                async move {
+                    task.await
+                        .unwrap_or_else(|e| Err(Arc::from(format!("tail fetch failed: {e}"))))
+                }
+                .boxed()
+                .shared()
+            })
+            .clone()
     }
 
     /// Fetches what follows the tail from Redis and appends it, for every local reader.
@@ -1546,23 +1681,27 @@ impl Store for RedisStore {
         after: u64,
         max: usize,
     ) -> Result<Option<ReadBatch>, StoreError> {
-        diag::inc(0);
         let keys = loop {
             // Without local subscribers there is nothing to share: read directly.
             let Some((generation, tail, keys)) = self.inner.notifier.local(key) else {
-                diag::inc(5);
                 let keys = self.inner.keys(key);
                 return Box::pin(self.read_direct(&keys, epoch, after, max)).await;
             };
             let fetch = {
                 let mut t = lock(&tail);
-                if t.epoch == Some(epoch)
-                    && t.is_fresh(generation, self.inner.config.check_interval)
-                {
-                    match t.serve(after, max) {
-                        Some(batch) => { diag::inc(1); return Ok(batch) }
-                        // Older than the tail: a replay, served directly.
-                        None => { diag::inc(4); break keys },
+                if t.epoch == Some(epoch) {
+                    if t.is_fresh(generation, self.inner.config.check_interval) {
+                        match t.serve(after, max) {
+                            Some(batch) => return Ok(batch),
+                            // Older than the tail: a replay, served directly.
+                            None => break keys,
+                        }
+                    }
+                    // Behind a change not fetched yet, but the tail holds events this reader
+                    // has not sent: they go now, without waiting for the fetch (which, under a
+                    // steady stream, a newer change would follow before this reader's turn).
+                    if let Some(batch) = t.serve_ahead(after, max) {
+                        return Ok(Some(batch));
                     }
                 }
                 if t.epoch != Some(epoch) {
@@ -1573,31 +1712,9 @@ impl Store for RedisStore {
                     };
                 }
                 if after < t.oldest_cached() {
-                    diag::inc(4);
                     break keys;
                 }
-                diag::inc(3);
-                // One fetch per process refreshes the tail for every local reader.
-                let from = t.last_seq;
-                t.fetching
-                    .get_or_insert_with(|| {
-                        diag::inc(2);
-                        let store = self.clone();
-                        let tail = tail.clone();
-                        // A task of its own: the fetch completes (and clears itself) even when
-                        // the reader that started it goes away mid-flight.
-                        let task = tokio::spawn(async move {
-                            store.refresh(&keys, epoch, from, generation, &tail).await
-                        });
-                        async move {
-                            task.await.unwrap_or_else(|e| {
-                                Err(Arc::from(format!("tail fetch failed: {e}")))
-                            })
-                        }
-                        .boxed()
-                        .shared()
-                    })
-                    .clone()
+                self.fetch(&tail, &mut t, keys, epoch, generation)
             };
             fetch
                 .await
@@ -1622,8 +1739,8 @@ impl Store for RedisStore {
 
     async fn cancelled(&self, key: &SessionKey, epoch: Epoch) -> Result<(), StoreError> {
         let keys = self.inner.keys(key);
-        let mut rx = self.inner.notifier.subscribe(&keys);
-        let mut seen = rx.borrow_and_update().status;
+        // Subscribed before the first check: a change after it wakes the wait below.
+        let mut rx = self.inner.notifier.subscribe_status(&keys);
         loop {
             // Boxed, like the reads: the call's state takes memory while it is in flight, not
             // for the producer's whole life.
@@ -1635,17 +1752,11 @@ impl Store for RedisStore {
                 },
             }
             // Only a status announcement can mean a cancel; the lease renewal announces, in this
-            // process, a session it found ended or gone (covering a lost announcement).
-            loop {
-                if rx.changed().await.is_err() {
-                    // The store is gone: nothing will announce anything any more.
-                    std::future::pending::<()>().await;
-                }
-                let now = rx.borrow_and_update().status;
-                if now != seen {
-                    seen = now;
-                    break;
-                }
+            // process, a session it found ended or gone (covering a lost announcement). Event
+            // announcements do not wake this wait.
+            if rx.changed().await.is_err() {
+                // The store is gone: nothing will announce anything any more.
+                std::future::pending::<()>().await;
             }
         }
     }
@@ -1877,5 +1988,34 @@ mod tests {
             .map(EventBlock::len)
             .sum();
         assert_eq!(events, 4009);
+    }
+
+    #[test]
+    fn a_tail_behind_a_change_serves_what_it_holds_and_says_more_may_follow() {
+        let mut t = Tail {
+            status: Some(Status::Running),
+            ..Tail::default()
+        };
+        t.extend(vec![block(1, &[1; 10])]);
+        t.head_seq = 10;
+        let page = t.serve_ahead(4, 100).unwrap();
+        assert_eq!(seqs(&page.blocks), [(5, 10)]);
+        assert!(
+            page.last_seq > 10,
+            "the reader must not take itself as caught up"
+        );
+        assert!(
+            t.serve_ahead(10, 100).is_none(),
+            "nothing held after the position"
+        );
+        // Finished with every event held: final, as it is.
+        t.status = Some(Status::Finished(Outcome::Completed));
+        let page = t.serve_ahead(4, 100).unwrap();
+        assert_eq!((page.status, page.last_seq), (t.status.unwrap(), 10));
+        // Finished with events not fetched yet: not the end for this reader.
+        t.head_seq = 20;
+        let page = t.serve_ahead(4, 100).unwrap();
+        assert_eq!(page.status, Status::Running);
+        assert_eq!(page.last_seq, 20);
     }
 }
