@@ -233,7 +233,7 @@ impl<St: Store> Reader<St> {
                 // A whole block, or what follows the cursor in it, is one frame: shared with the
                 // store, never copied.
                 self.cursor = block.last_seq();
-                return Some(Ok(block.bytes().clone()));
+                return Some(Ok(block.into_bytes()));
             }
             if self.finished {
                 return None;

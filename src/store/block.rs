@@ -135,6 +135,12 @@ impl EventBlock {
         &self.bytes
     }
 
+    /// All the events, back to back, without the cost of a clone (a shared buffer's reference
+    /// count is touched by every clone, and a fan-out clones the same buffer for every reader).
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes
+    }
+
     /// Where each event ends in [`bytes`](Self::bytes), in order; the last is `bytes().len()`.
     pub fn ends(&self) -> impl ExactSizeIterator<Item = u32> + '_ {
         let base = self.base();
