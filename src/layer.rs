@@ -8,6 +8,12 @@ use crate::key::{ExtractSessionKey, QueryParam};
 use crate::service::ResumableSse;
 use crate::sse::DEFAULT_MAX_EVENT_SIZE;
 
+/// The ceiling of [`ResumableSseLayer::max_event_size`]: an event, once encoded with `data: `
+/// before each of its lines (up to seven times its size), must fit in the 4 GiB a block holds.
+const MAX_EVENT_SIZE_LIMIT: usize = 256 << 20;
+// The worst expansion (every byte a line break), plus the rest of a block, stays below 4 GiB.
+const _: () = assert!(7 * MAX_EVENT_SIZE_LIMIT + (64 << 10) < u32::MAX as usize);
+
 /// A [`Layer`] that makes the SSE responses of the service it wraps resumable.
 ///
 /// See the [crate docs](crate) for what it does and what it guarantees.
@@ -103,10 +109,11 @@ impl<St, K> ResumableSseLayer<St, K> {
         self
     }
 
-    /// The largest event the inner body may produce, in bytes (default 1 MiB). A larger one ends
-    /// the session as failed; the events before it stay readable.
+    /// The largest event the inner body may produce, in bytes (default 1 MiB, at most 256 MiB:
+    /// a larger value is taken as 256 MiB). A larger event ends the session as failed; the events
+    /// before it stay readable.
     pub fn max_event_size(mut self, bytes: usize) -> Self {
-        Arc::make_mut(&mut self.config).max_event_size = bytes;
+        Arc::make_mut(&mut self.config).max_event_size = bytes.min(MAX_EVENT_SIZE_LIMIT);
         self
     }
 
@@ -139,5 +146,19 @@ impl<S, St: Clone, K: Clone> Layer<S> for ResumableSseLayer<St, K> {
             key: self.key.clone(),
             config: self.config.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStore;
+
+    #[test]
+    fn max_event_size_is_capped_so_an_encoded_event_fits_in_a_block() {
+        let layer = ResumableSseLayer::new(MemoryStore::new()).max_event_size(usize::MAX);
+        assert_eq!(layer.config.max_event_size, 256 << 20);
+        let layer = layer.max_event_size(4096);
+        assert_eq!(layer.config.max_event_size, 4096);
     }
 }

@@ -123,8 +123,9 @@ pub(crate) struct Args {
     )]
     pub(crate) max_lifetime: Duration,
 
-    /// The largest event the upstream may send, in bytes; a larger one ends the session as
-    /// failed (the events before it stay readable).
+    /// The largest event the upstream may send, in bytes (at most 256 MiB; a larger value is
+    /// taken as 256 MiB); a larger event ends the session as failed (the events before it stay
+    /// readable).
     #[arg(
         long,
         env = "RESUMABLE_SSE_PROXY_MAX_EVENT_SIZE",
