@@ -1,5 +1,6 @@
 //! [`EventBlock`]: consecutive encoded events in one shared buffer.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
@@ -349,6 +350,84 @@ impl EventBlockBuilder {
     }
 }
 
+/// Gathers a page of consecutive events after a position, at most `max` of them, from blocks
+/// in order; where the position was evicted, the page starts at the oldest event given.
+pub(crate) struct Page {
+    next: u64,
+    left: u64,
+    pub(crate) blocks: Vec<EventBlock>,
+}
+
+impl Page {
+    /// The page of the events after `after` in `blocks` (in order), at most `max` of them.
+    pub(crate) fn collect<'a>(
+        after: u64,
+        max: usize,
+        blocks: impl IntoIterator<Item = &'a EventBlock>,
+    ) -> Vec<EventBlock> {
+        let mut page = Self::new(after, max);
+        for block in blocks {
+            if !page.push(block) {
+                break;
+            }
+        }
+        page.blocks
+    }
+
+    pub(crate) fn new(after: u64, max: usize) -> Self {
+        Self {
+            next: after.saturating_add(1),
+            left: u64::try_from(max).unwrap_or(u64::MAX),
+            blocks: Vec::new(),
+        }
+    }
+
+    /// Adds what `block` holds of the page; `false` once the page is complete (full, or
+    /// interrupted by a gap).
+    pub(crate) fn push(&mut self, block: &EventBlock) -> bool {
+        if self.left == 0 {
+            return false;
+        }
+        let Some(block) = block.slice(self.next..) else {
+            return true;
+        };
+        if !self.blocks.is_empty() && block.first_seq() != self.next {
+            return false;
+        }
+        let Some(block) = block.slice(..block.first_seq().saturating_add(self.left)) else {
+            return false;
+        };
+        self.left -= block.len() as u64;
+        self.next = block.last_seq().saturating_add(1);
+        self.blocks.push(block);
+        self.left > 0
+    }
+}
+
+/// Forgets the oldest `n` events of `blocks` (all of them if it holds fewer), slicing the
+/// oldest block kept where needed; returns the bytes forgotten.
+pub(crate) fn drop_oldest(blocks: &mut VecDeque<EventBlock>, mut n: usize) -> usize {
+    let mut freed = 0;
+    while n > 0 {
+        let Some(front) = blocks.front_mut() else {
+            break;
+        };
+        if front.len() <= n {
+            n -= front.len();
+            freed += front.bytes().len();
+            blocks.pop_front();
+        } else {
+            let rest = front.slice(front.first_seq() + n as u64..);
+            if let Some(rest) = rest {
+                freed += front.bytes().len() - rest.bytes().len();
+                *front = rest;
+            }
+            break;
+        }
+    }
+    freed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,5 +496,42 @@ mod tests {
         let second = b.finish().unwrap();
         assert_eq!((first.first_seq(), second.first_seq()), (1, 2));
         assert_eq!(second.bytes(), &b"y"[..]);
+    }
+
+    /// A block of `n` one-byte events from `first`.
+    fn sized(first: u64, n: usize) -> EventBlock {
+        block(first, &vec!["x"; n])
+    }
+
+    fn spans(blocks: &[EventBlock]) -> Vec<(u64, u64)> {
+        blocks
+            .iter()
+            .map(|b| (b.first_seq(), b.last_seq()))
+            .collect()
+    }
+
+    #[test]
+    fn pages_stop_at_a_gap_and_at_the_limit() {
+        let mut page = Page::new(3, 100);
+        assert!(page.push(&sized(1, 3)));
+        assert!(
+            page.push(&sized(6, 2)),
+            "the page starts where the events do"
+        );
+        assert!(!page.push(&sized(9, 2)), "a gap ends the page");
+        assert_eq!(spans(&page.blocks), [(6, 7)]);
+        let mut page = Page::new(0, 3);
+        assert!(!page.push(&sized(1, 5)));
+        assert_eq!(spans(&page.blocks), [(1, 3)]);
+        assert!(!Page::new(0, 0).push(&sized(1, 1)));
+    }
+
+    #[test]
+    fn dropping_the_oldest_events_slices_the_oldest_block_kept() {
+        let mut blocks: VecDeque<_> = [block(1, &["aa", "b"]), block(3, &["ccc", "d"])].into();
+        assert_eq!(drop_oldest(&mut blocks, 3), 6);
+        assert_eq!(spans(blocks.make_contiguous()), [(4, 4)]);
+        assert_eq!(drop_oldest(&mut blocks, 5), 1);
+        assert!(blocks.is_empty());
     }
 }

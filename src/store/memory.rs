@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::block::{drop_oldest, Page};
 use super::{
     Appended, Claim, EventBlock, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError,
     Subscription,
@@ -114,7 +115,7 @@ impl State {
             && (self.events > limits.max_events_per_session
                 || self.bytes > limits.max_bytes_per_session)
         {
-            let Some(oldest) = self.blocks.front_mut() else {
+            let Some(oldest) = self.blocks.front() else {
                 return;
             };
             // The oldest block's events that must go for both limits.
@@ -129,18 +130,8 @@ impl State {
                 freed = end as usize;
             }
             let drop = drop.min(self.events - 1);
-            if drop >= oldest.len() {
-                if let Some(gone) = self.blocks.pop_front() {
-                    self.events -= gone.len();
-                    self.bytes -= gone.bytes().len();
-                }
-            } else if let Some(rest) = oldest.slice(oldest.first_seq() + drop as u64..) {
-                self.events -= drop;
-                self.bytes -= oldest.bytes().len() - rest.bytes().len();
-                *oldest = rest;
-            } else {
-                return;
-            }
+            self.bytes -= drop_oldest(&mut self.blocks, drop);
+            self.events -= drop;
         }
     }
 }
@@ -455,20 +446,10 @@ impl Store for MemoryStore {
         };
         let st = read(&s.state);
         let first_seq = st.first_seq();
-        let last = after.saturating_add(max as u64);
         // The first block with an event after `after`: a binary search, whatever the length.
         let start = st.blocks.partition_point(|b| b.last_seq() <= after);
-        let mut blocks = Vec::new();
-        for block in st.blocks.range(start..) {
-            if block.first_seq() > last {
-                break;
-            }
-            if let Some(part) = block.slice(after.saturating_add(1)..=last) {
-                blocks.push(part);
-            }
-        }
         Ok(Some(ReadBatch {
-            blocks,
+            blocks: Page::collect(after, max, st.blocks.range(start..)),
             status: st.status,
             first_seq,
             last_seq: st.last_seq,

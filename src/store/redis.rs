@@ -12,6 +12,7 @@ use redis::{Cmd, ErrorKind, Pipeline, RedisFuture, RedisResult, Script, ServerEr
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::block::{drop_oldest, Page};
 use super::{
     Appended, Claim, EventBlock, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError,
     Subscription,
@@ -771,45 +772,6 @@ fn decode_entry(entry: Value) -> Result<EventBlock, StoreError> {
     EventBlock::new(first_seq, Bytes::from(data), ends).map_err(StoreError::unavailable)
 }
 
-/// Gathers a page of consecutive events after a position, at most `max` of them, from blocks
-/// in order; where the position was evicted, the page starts at the oldest event given.
-struct Page {
-    next: u64,
-    left: u64,
-    blocks: Vec<EventBlock>,
-}
-
-impl Page {
-    fn new(after: u64, max: usize) -> Self {
-        Self {
-            next: after.saturating_add(1),
-            left: u64::try_from(max).unwrap_or(u64::MAX),
-            blocks: Vec::new(),
-        }
-    }
-
-    /// Adds what `block` holds of the page; `false` once the page is complete (full, or
-    /// interrupted by a gap).
-    fn push(&mut self, block: &EventBlock) -> bool {
-        if self.left == 0 {
-            return false;
-        }
-        let Some(block) = block.slice(self.next..) else {
-            return true;
-        };
-        if !self.blocks.is_empty() && block.first_seq() != self.next {
-            return false;
-        }
-        let Some(block) = block.slice(..block.first_seq().saturating_add(self.left)) else {
-            return false;
-        };
-        self.left -= block.len() as u64;
-        self.next = block.last_seq().saturating_add(1);
-        self.blocks.push(block);
-        self.left > 0
-    }
-}
-
 // --- Replies -----------------------------------------------------------------------------------
 
 fn status_from(v: &Value) -> Option<Status> {
@@ -890,14 +852,12 @@ fn parse_read(reply: Value, after: u64, max: usize) -> Result<Option<ReadBatch>,
     else {
         return Err(bad_reply("read"));
     };
-    let mut page = Page::new(after, max);
-    for entry in entries {
-        if !page.push(&decode_entry(entry)?) {
-            break;
-        }
-    }
+    let blocks = entries
+        .into_iter()
+        .map(decode_entry)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Some(ReadBatch {
-        blocks: page.blocks,
+        blocks: Page::collect(after, max, &blocks),
         status,
         first_seq,
         last_seq,
@@ -1099,20 +1059,13 @@ impl Notifier {
     /// timer per subscriber would fire thousands of times a second for a large fan-out, each
     /// wake-up a read, and each firing in the way of the timers that pace the producers.
     fn start_checks(inner: &Arc<Inner>) {
-        let weak = Arc::downgrade(inner);
         // Every half interval, the sessions not read for half an interval: each session is
         // checked at most an interval after its last read.
         let every = inner.config.check_interval / 2;
-        let task = tokio::spawn(async move {
-            let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                inner.notifier.check_idle(every);
-            }
+        let task = spawn_periodic(inner, every, move |inner| async move {
+            inner.notifier.check_idle(every);
         });
-        *lock(&inner.notifier.checks_task) = Some(task.abort_handle());
+        *lock(&inner.notifier.checks_task) = Some(task);
     }
 
     /// Wakes the subscribers of every session whose tail was not read from Redis within `idle`.
@@ -1252,19 +1205,9 @@ impl Tail {
             self.events += block.len();
             self.blocks.push_back(block);
         }
-        while self.events > TAIL_CAPACITY {
-            let excess = self.events - TAIL_CAPACITY;
-            let Some(front) = self.blocks.front_mut() else {
-                break;
-            };
-            if front.len() <= excess {
-                self.events -= front.len();
-                self.blocks.pop_front();
-            } else if let Some(rest) = front.slice(front.first_seq() + excess as u64..) {
-                *front = rest;
-                self.events -= excess;
-            }
-        }
+        let excess = self.events.saturating_sub(TAIL_CAPACITY);
+        drop_oldest(&mut self.blocks, excess);
+        self.events -= excess;
     }
 
     /// The events the tail holds after `after`, when it holds that position and some events
@@ -1298,14 +1241,8 @@ impl Tail {
             return None;
         }
         let from = self.blocks.partition_point(|b| b.last_seq() <= after);
-        let mut page = Page::new(after, max);
-        for block in self.blocks.range(from..) {
-            if !page.push(block) {
-                break;
-            }
-        }
         Some(Some(ReadBatch {
-            blocks: page.blocks,
+            blocks: Page::collect(after, max, self.blocks.range(from..)),
             status,
             first_seq: self.first_seq,
             last_seq: self.head_seq,
@@ -1338,6 +1275,26 @@ impl Subscription for RedisSubscription {
     }
 }
 
+/// Runs `tick` every `every` (the first time after `every`, later ones delayed rather than
+/// bunched when a tick runs long) for as long as the store is alive.
+fn spawn_periodic<F, Fut>(inner: &Arc<Inner>, every: Duration, tick: F) -> tokio::task::AbortHandle
+where
+    F: Fn(Arc<Inner>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let weak = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some(inner) = weak.upgrade() else { return };
+            tick(inner).await;
+        }
+    })
+    .abort_handle()
+}
+
 // --- Lease renewals ----------------------------------------------------------------------------
 
 /// Renewals sent in one pipeline.
@@ -1348,18 +1305,10 @@ type Held = (SessionKey, Epoch, Arc<Keys>);
 impl Inner {
     /// Starts the one task that renews the leases of every session this process produces.
     fn start_renewals(inner: &Arc<Inner>) {
-        let weak = Arc::downgrade(inner);
-        let every = inner.config.lease / 3;
-        let task = tokio::spawn(async move {
-            let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                inner.renew_all().await;
-            }
+        let task = spawn_periodic(inner, inner.config.lease / 3, |inner| async move {
+            inner.renew_all().await;
         });
-        *lock(&inner.renewal_task) = Some(task.abort_handle());
+        *lock(&inner.renewal_task) = Some(task);
     }
 
     /// Renews every lease held; forgets the sessions that ended or were taken over, and
@@ -1940,22 +1889,6 @@ mod tests {
         // An evicted position: the page starts at the oldest event given.
         let page = parse_read(reply(), 0, 3).unwrap().unwrap();
         assert_eq!(seqs(&page.blocks), [(1, 3)]);
-    }
-
-    #[test]
-    fn pages_stop_at_a_gap_and_at_the_limit() {
-        let mut page = Page::new(3, 100);
-        assert!(page.push(&block(1, &[1; 3])));
-        assert!(
-            page.push(&block(6, &[1; 2])),
-            "the page starts where the events do"
-        );
-        assert!(!page.push(&block(9, &[1; 2])), "a gap ends the page");
-        assert_eq!(seqs(&page.blocks), [(6, 7)]);
-        let mut page = Page::new(0, 3);
-        assert!(!page.push(&block(1, &[1; 5])));
-        assert_eq!(seqs(&page.blocks), [(1, 3)]);
-        assert!(!Page::new(0, 0).push(&block(1, &[1])));
     }
 
     #[test]
