@@ -302,3 +302,67 @@ impl<St: Store> Reader<St> {
         e.into()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Claim, EventBlockBuilder, ResponseHead};
+    use crate::MemoryStore;
+    use http::{HeaderMap, StatusCode};
+
+    /// The next frame's bytes, and when it came (the clock is paused: only timers move it).
+    async fn next(events: &mut SessionEvents) -> (Bytes, Instant) {
+        let frame = std::future::poll_fn(|cx| events.poll_frame(cx)).await;
+        let data = frame.expect("a frame").expect("no error").into_data();
+        (data.expect("a data frame"), Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alive_comes_one_to_two_intervals_after_the_last_event_and_never_while_events_flow(
+    ) {
+        const INTERVAL: Duration = Duration::from_millis(100);
+        let store = MemoryStore::new();
+        let key = SessionKey::new("k").unwrap();
+        let Ok(Claim::Claimed(epoch)) = store.claim(&key, Duration::from_secs(60)).await else {
+            panic!("claim");
+        };
+        let head = ResponseHead {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+        };
+        store.start(&key, epoch, head).await.unwrap();
+        let reader = Reader::new(store.clone(), key.clone(), epoch, 0);
+        let mut events = SessionEvents::new(reader, Some(INTERVAL));
+        // An event every 60 ms for a second: no comment among them.
+        let producer = tokio::spawn(async move {
+            for seq in 1..=17u64 {
+                let mut b = EventBlockBuilder::new(seq);
+                b.push_with(|buf| buf.extend_from_slice(format!("data: {seq}\n\n").as_bytes()));
+                store
+                    .append(&key, epoch, &[b.finish().unwrap()])
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        });
+        let mut last_event = Instant::now();
+        for seq in 1..=17 {
+            let (bytes, at) = next(&mut events).await;
+            assert_eq!(
+                bytes,
+                format!("data: {seq}\n\n"),
+                "no keep-alive between events"
+            );
+            last_event = at;
+        }
+        producer.await.unwrap();
+        let (bytes, at) = next(&mut events).await;
+        assert_eq!(bytes, KEEP_ALIVE);
+        let idle = at - last_event;
+        assert!(idle >= INTERVAL && idle <= 2 * INTERVAL, "{idle:?}");
+        // Then one per interval while idle.
+        let (bytes, again) = next(&mut events).await;
+        assert_eq!(bytes, KEEP_ALIVE);
+        assert_eq!(again - at, INTERVAL);
+    }
+}
