@@ -12,7 +12,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::metrics;
 use crate::session::{Epoch, SessionKey};
-use crate::sse::KEEP_ALIVE;
+use crate::sse::{EVICTED_COMMENT, KEEP_ALIVE};
 use crate::store::{EventBlock, Store, Subscription};
 use crate::BoxError;
 
@@ -195,7 +195,8 @@ impl SessionEvents {
 }
 
 /// How many events one store read fetches at most.
-const READ_BATCH: usize = 1024;
+const READ_BATCH: usize = crate::limits::READ_PAGE_EVENTS;
+
 
 /// One connection's cursor into a session log: it replays what is stored after the cursor, then
 /// waits for changes. The log is the buffer, so a slow reader only delays itself.
@@ -267,17 +268,21 @@ impl<St: Store> Reader<St> {
                 .first()
                 .map_or(batch.first_seq, EventBlock::first_seq);
             if next_seq > self.cursor.saturating_add(1) {
-                // The events this client still needs were evicted. Ending the connection makes
-                // the client reconnect and be told so, rather than skipping ahead silently.
+                // The events this client still needs were evicted. The connection ends at once,
+                // with a comment saying why, and its reconnect is told `410 evicted`, rather than
+                // skipping ahead silently.
                 tracing::debug!(
                     cursor = self.cursor,
                     oldest = batch.first_seq,
                     "reader fell behind the retained history"
                 );
-                return None;
+                metrics::reader_evicted();
+                self.finished = true;
+                return Some(Ok(Bytes::from_static(EVICTED_COMMENT)));
             }
+            let end = batch.reaches_end(self.cursor);
             if batch.blocks.is_empty() {
-                if batch.status.is_finished() {
+                if end {
                     return None;
                 }
                 if let Some(s) = &mut self.subscription {
@@ -285,12 +290,14 @@ impl<St: Store> Reader<St> {
                 }
                 continue;
             }
-            let events: usize = batch.blocks.iter().map(EventBlock::len).sum();
-            self.finished = batch.status.is_finished() && events < READ_BATCH;
-            self.caught_up = batch
-                .blocks
-                .last()
-                .is_some_and(|b| b.last_seq() >= batch.last_seq);
+            // The page holds the newest event of a finished session: nothing follows, whatever
+            // the page size divides.
+            self.finished = end;
+            self.caught_up = !end
+                && batch
+                    .blocks
+                    .last()
+                    .is_some_and(|b| b.last_seq() >= batch.last_seq);
             self.buffered.extend(batch.blocks);
         }
     }

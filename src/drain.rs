@@ -67,10 +67,16 @@ impl DrainState {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Counts a producer for as long as the guard lives.
-    pub(crate) fn producer(self: &Arc<Self>) -> ProducerGuard {
+    /// Counts a producer for as long as the guard lives; `None` once a drain has begun.
+    ///
+    /// The count goes up before the drain flag is read, and [`Drain::drain`] sets the flag before
+    /// it reads the count (both through the count's lock): either the drain waits for this
+    /// producer, or this call sees the drain and refuses. A request that passed an earlier drain
+    /// check can therefore never start a producer after `drain()` returned.
+    pub(crate) fn producer(self: &Arc<Self>) -> Option<ProducerGuard> {
         self.active.send_modify(|n| *n += 1);
-        ProducerGuard(self.clone())
+        let guard = ProducerGuard(self.clone());
+        (!self.is_draining()).then_some(guard)
     }
 
     /// Resolves when the drain deadline passed.

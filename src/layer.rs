@@ -73,8 +73,8 @@ impl<St> ResumableSseLayer<St> {
             store,
             key: QueryParam::default(),
             config: Arc::new(Config {
-                keep_alive: Some(Duration::from_secs(15)),
-                max_lifetime: Duration::from_secs(3600),
+                keep_alive: Some(crate::limits::DEFAULT_KEEP_ALIVE),
+                max_lifetime: crate::limits::DEFAULT_MAX_LIFETIME,
                 max_event_size: DEFAULT_MAX_EVENT_SIZE,
                 on_store_error: OnStoreError::default(),
                 drain: Arc::default(),

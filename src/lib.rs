@@ -173,6 +173,7 @@ mod drain;
 mod future;
 mod key;
 mod layer;
+pub mod limits;
 pub mod metrics;
 mod producer;
 mod service;

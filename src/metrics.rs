@@ -14,6 +14,7 @@
 //! | `resumable_sse_replays_total` | counter | requests answered from the store without calling the inner service |
 //! | `resumable_sse_events_stored_total` | counter | events appended to the store |
 //! | `resumable_sse_store_errors_total` | counter | failed store operations |
+//! | `resumable_sse_readers_evicted_total` | counter | connections ended because the events they still needed were evicted |
 //! | `resumable_sse_rejections_total` | counter | requests answered with a reason header, labelled `reason` |
 
 use crate::session::Outcome;
@@ -22,7 +23,7 @@ use crate::session::Outcome;
 /// one at zero, so that an exporter lists every name from the start. Call it once, after
 /// installing the recorder.
 pub fn describe() {
-    const COUNTERS: [(&str, &str); 7] = [
+    const COUNTERS: [(&str, &str); 8] = [
         ("resumable_sse_sessions_started_total", "Sessions created"),
         (
             "resumable_sse_sessions_completed_total",
@@ -47,6 +48,10 @@ pub fn describe() {
         (
             "resumable_sse_store_errors_total",
             "Failed store operations",
+        ),
+        (
+            "resumable_sse_readers_evicted_total",
+            "Connections ended because the events they still needed were evicted",
         ),
     ];
     const GAUGES: [(&str, &str); 2] = [
@@ -98,6 +103,10 @@ pub(crate) fn events_stored(n: usize) {
 
 pub(crate) fn store_error() {
     metrics::counter!("resumable_sse_store_errors_total").increment(1);
+}
+
+pub(crate) fn reader_evicted() {
+    metrics::counter!("resumable_sse_readers_evicted_total").increment(1);
 }
 
 pub(crate) fn rejected(reason: &'static str) {

@@ -12,6 +12,7 @@ use futures_util::FutureExt;
 use http_body::Body;
 use http_body_util::BodyExt;
 
+use crate::drain::ProducerGuard;
 use crate::layer::Config;
 use crate::metrics;
 use crate::session::{Epoch, EventId, IdBuf, Outcome, SessionKey};
@@ -21,27 +22,32 @@ use crate::BoxError;
 
 /// Events produced while the store is unreachable are held up to this many; then the inner body
 /// is not polled until the store takes them (the generation waits, nothing is dropped).
-const MAX_PENDING_EVENTS: usize = 10_000;
+const MAX_PENDING_EVENTS: usize = crate::limits::MAX_PENDING_EVENTS;
 /// Consecutive failed appends before the session is given up as failed.
-const MAX_APPEND_FAILURES: u32 = 8;
+const MAX_APPEND_FAILURES: u32 = crate::limits::MAX_APPEND_FAILURES;
 
 /// The most bytes the producer puts in one block (a larger event is a block of its own): a
 /// reader sends a block, or its part after the reader's position, as one write.
-const MAX_BLOCK_BYTES: usize = 64 << 10;
+const MAX_BLOCK_BYTES: usize = crate::limits::BLOCK_BYTES;
 
 type InFlight =
     Pin<Box<dyn Future<Output = (Result<Appended, StoreError>, Vec<EventBlock>)> + Send>>;
 
 /// Spawns the producer of a claimed, started session. It owns the inner body from now on: no
 /// client connection can stop it, only its end, an error, a limit or a cancel.
-pub(crate) fn spawn<St, B>(store: St, key: SessionKey, epoch: Epoch, body: B, config: Arc<Config>)
-where
+pub(crate) fn spawn<St, B>(
+    store: St,
+    key: SessionKey,
+    epoch: Epoch,
+    body: B,
+    config: Arc<Config>,
+    running: ProducerGuard,
+) where
     St: Store,
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
     metrics::session_started();
-    let running = config.drain.producer();
     tokio::spawn(async move {
         let _running = running;
         let run = AssertUnwindSafe(produce(&store, &key, epoch, body, &config)).catch_unwind();
@@ -183,7 +189,7 @@ where
 }
 
 /// Events taken from a body's ready frames before they are appended.
-const READY_BATCH: usize = 1024;
+const READY_BATCH: usize = crate::limits::READY_BATCH_EVENTS;
 
 /// Turns the inner body's frames into stored events: parse, number, encode once, back to back
 /// into blocks.

@@ -151,12 +151,7 @@ impl<St: Store> Session<St> {
             };
             let info = match found {
                 Ok(Ok(info)) => info,
-                Ok(Err("draining")) => {
-                    let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, "draining");
-                    res.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                    return Ok(res);
-                }
+                Ok(Err("draining")) => return Ok(draining_response()),
                 Ok(Err(reason)) => return Ok(reject(StatusCode::GONE, reason)),
                 Err(e) if e.kind() == StoreErrorKind::SessionLimit => {
                     return Ok(reject(StatusCode::SERVICE_UNAVAILABLE, "session-limit"))
@@ -191,6 +186,13 @@ impl<St: Store> Session<St> {
             key: self.key.clone(),
             epoch,
         };
+        // Counted as a producer from now on: a drain that begins while the inner service
+        // answers waits for this session, and one that began since the check in `handle` is
+        // seen here, before anything is generated.
+        let Some(running) = self.config.drain.producer() else {
+            claim.release().await;
+            return Ok(draining_response());
+        };
         let res = inner.call(req).await?;
         if !is_event_stream(&res) {
             claim.release().await;
@@ -202,30 +204,58 @@ impl<St: Store> Session<St> {
             status: parts.status,
             headers: parts.headers.clone(),
         };
-        if let Err(e) = self.store.start(&self.key, epoch, head).await {
-            // The inner service has answered and must not be asked again: serve this response
-            // as it is, unresumable.
-            metrics::store_error();
-            tracing::warn!(error = %e, "could not start a session; serving the response unresumable");
-            claim.release().await;
-            return Ok(Response::from_parts(
+        // From here on the session must not depend on this request: a client that goes away
+        // while the store starts the session would otherwise leave it started with nobody
+        // producing. The start and the producer run in a task of their own.
+        claim.disarm();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (store, key, config) = (self.store.clone(), self.key.clone(), self.config.clone());
+        tokio::spawn(async move {
+            let started = match start_session(&store, &key, epoch, head).await {
+                Ok(true) => {
+                    producer::spawn(store, key, epoch, body, config, running);
+                    Started::Running
+                }
+                Ok(false) => {
+                    // The claim was lost meanwhile (cancelled, expired, taken over): another
+                    // producer may run; this body is dropped, which stops its generation.
+                    tracing::warn!(?epoch, "session claim lost before it started; not producing");
+                    drop(body);
+                    Started::Lost
+                }
+                Err(e) => {
+                    // The inner service has answered and must not be asked again: serve this
+                    // response as it is, unresumable.
+                    metrics::store_error();
+                    tracing::warn!(error = %e, ?epoch, "could not start a session; serving the response unresumable");
+                    if let Err(e) = store.release(&key, epoch).await {
+                        tracing::warn!(error = %e, "could not release a session claim; it will expire");
+                    }
+                    Started::Unresumable(body)
+                }
+            };
+            let _ = tx.send(started);
+        });
+        match rx.await {
+            Ok(Started::Running) => {
+                let reader = Reader::new(self.store, self.key, epoch, 0);
+                Ok(Response::from_parts(
+                    parts,
+                    ResumableBody::session(SessionEvents::new(reader, self.config.keep_alive)),
+                ))
+            }
+            Ok(Started::Unresumable(body)) => Ok(Response::from_parts(
                 parts,
                 ResumableBody::passthrough(body),
-            ));
+            )),
+            // Whatever holds the key now answers this request as it would a reconnect.
+            Ok(Started::Lost) => match self.store.lookup(&self.key).await {
+                Ok(Some(info)) if info.status != Status::Starting => Ok(self.resume(info, None)),
+                Ok(_) => Ok(reject(StatusCode::SERVICE_UNAVAILABLE, "session-starting")),
+                Err(e) => Ok(self.store_unavailable(e)),
+            },
+            Err(_) => Ok(reject(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable")),
         }
-        claim.disarm();
-        producer::spawn(
-            self.store.clone(),
-            self.key.clone(),
-            epoch,
-            body,
-            self.config.clone(),
-        );
-        let reader = Reader::new(self.store, self.key, epoch, 0);
-        Ok(Response::from_parts(
-            parts,
-            ResumableBody::session(SessionEvents::new(reader, self.config.keep_alive)),
-        ))
     }
 
     /// A request for an existing session: replay and follow it, or say why not.
@@ -235,6 +265,12 @@ impl<St: Store> Session<St> {
         last: Option<crate::EventId>,
     ) -> Response<ResumableBody<B>> {
         let after = match last {
+            // A finished session without an event has nothing to replay, ever: say so, or an
+            // `EventSource` would reconnect to an empty `200` for the whole retention.
+            None if info.last_seq == 0 => match info.status {
+                Status::Finished(outcome) => return reject(StatusCode::NO_CONTENT, outcome.reason()),
+                _ => 0,
+            },
             None if info.first_seq > 1 => return reject(StatusCode::GONE, "evicted"),
             None => 0,
             Some(id) if id.epoch != info.epoch => return reject(StatusCode::GONE, "foreign-epoch"),
@@ -294,20 +330,25 @@ impl<St: Store> Session<St> {
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     {
-        metrics::store_error();
-        tracing::warn!(error = %e, "session store unavailable");
         match self.config.on_store_error {
             OnStoreError::PassThrough => {
+                metrics::store_error();
+                tracing::warn!(error = %e, "session store unavailable; passing the request through");
                 let res = inner.call(req).await?;
                 Ok(res.map(ResumableBody::passthrough))
             }
-            OnStoreError::ServiceUnavailable => {
-                let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
-                res.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                Ok(res)
-            }
+            OnStoreError::ServiceUnavailable => Ok(self.store_unavailable(e)),
         }
+    }
+
+    /// `503` with `store-unavailable`.
+    fn store_unavailable<B>(&self, e: crate::store::StoreError) -> Response<ResumableBody<B>> {
+        metrics::store_error();
+        tracing::warn!(error = %e, "session store unavailable");
+        let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        res
     }
 }
 
@@ -342,6 +383,46 @@ impl<St: Store> Drop for ClaimGuard<St> {
             });
         }
     }
+}
+
+/// What became of a session's start, told by the task that ran it to the request.
+enum Started<B> {
+    Running,
+    Lost,
+    Unresumable(B),
+}
+
+/// Attempts at starting a session whose store fails, before the response is served unresumable.
+const START_ATTEMPTS: u32 = 4;
+
+/// Starts a claimed session, retrying a failed call (a start is idempotent, so a retry after a
+/// lost reply is safe).
+async fn start_session<St: Store>(
+    store: &St,
+    key: &SessionKey,
+    epoch: Epoch,
+    head: ResponseHead,
+) -> Result<bool, crate::store::StoreError> {
+    let mut attempt = 1;
+    loop {
+        match store.start(key, epoch, head.clone()).await {
+            Err(e) if attempt < START_ATTEMPTS => {
+                metrics::store_error();
+                tracing::warn!(error = %e, attempt, ?epoch, "could not start a session; retrying");
+                tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// `503` with `draining` and `retry-after: 1`, so that a load balancer retries elsewhere.
+fn draining_response<B>() -> Response<ResumableBody<B>> {
+    let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, "draining");
+    res.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    res
 }
 
 /// An answer the layer gives itself, with the reason in [`REASON_HEADER`].

@@ -143,15 +143,18 @@ impl Store for MapStore {
         key: &SessionKey,
         epoch: Epoch,
         head: ResponseHead,
-    ) -> Result<(), StoreError> {
-        self.with(key, Some(epoch), |e| {
-            if e.status == Status::Starting {
+    ) -> Result<bool, StoreError> {
+        let started = self.with(key, Some(epoch), |e| match e.status {
+            Status::Starting => {
                 e.status = Status::Running;
                 e.head = Some(Arc::new(head));
                 e.changed.send_replace(());
+                true
             }
+            Status::Running => true,
+            Status::Finished(_) => false,
         });
-        Ok(())
+        Ok(started == Some(true))
     }
 
     async fn release(&self, key: &SessionKey, epoch: Epoch) -> Result<(), StoreError> {

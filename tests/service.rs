@@ -130,7 +130,7 @@ impl Store for CountingStore {
         key: &SessionKey,
         epoch: Epoch,
         head: ResponseHead,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         self.record("start");
         self.inner.start(key, epoch, head).await
     }

@@ -7,6 +7,12 @@ use super::EventRef;
 /// The keep-alive comment the layer sends on idle connections.
 pub const KEEP_ALIVE: &[u8] = b":\n\n";
 
+/// The last frame of a connection whose position in its session was evicted by the store's
+/// limits: a comment (clients ignore it) saying why the stream ends. The reconnect that follows
+/// is answered `410 Gone` with `resumable-sse-reason: evicted`.
+pub const EVICTED_COMMENT: &[u8] =
+    b": evicted: this stream fell behind the session's retained history; reconnect to learn why\n\n";
+
 /// Encodes a block with the given id: `id: <id>\n`, then `event: <type>\n` if the type is
 /// non-empty, `retry: <n>\n` if any, one `data: <line>\n` per line of data, then the blank line.
 /// One allocation, sized exactly.

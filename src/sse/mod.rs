@@ -22,5 +22,5 @@
 mod encode;
 mod parser;
 
-pub use encode::{encode_event, encode_event_into, KEEP_ALIVE};
+pub use encode::{encode_event, encode_event_into, EVICTED_COMMENT, KEEP_ALIVE};
 pub use parser::{EventRef, EventTooLarge, Parser, DEFAULT_MAX_EVENT_SIZE};

@@ -163,10 +163,10 @@ impl MemoryStore {
     pub fn builder() -> MemoryStoreBuilder {
         MemoryStoreBuilder {
             limits: Limits {
-                retention: Duration::from_secs(300),
-                max_sessions: 10_000,
-                max_events_per_session: 100_000,
-                max_bytes_per_session: 64 << 20,
+                retention: crate::limits::DEFAULT_RETENTION,
+                max_sessions: crate::limits::DEFAULT_MAX_SESSIONS,
+                max_events_per_session: usize::MAX,
+                max_bytes_per_session: crate::limits::DEFAULT_MAX_BYTES_PER_SESSION,
             },
         }
     }
@@ -349,18 +349,24 @@ impl Store for MemoryStore {
         key: &SessionKey,
         epoch: Epoch,
         head: ResponseHead,
-    ) -> Result<(), StoreError> {
-        if let Some(s) = self.get_epoch(key, epoch) {
-            {
-                let mut st = write(&s.state);
-                if st.status == Status::Starting {
+    ) -> Result<bool, StoreError> {
+        let Some(s) = self.get_epoch(key, epoch) else {
+            return Ok(false);
+        };
+        let started = {
+            let mut st = write(&s.state);
+            match st.status {
+                Status::Starting => {
                     st.status = Status::Running;
                     st.head = Some(Arc::new(head));
+                    true
                 }
+                Status::Running => true,
+                Status::Finished(_) => false,
             }
-            s.notify();
-        }
-        Ok(())
+        };
+        s.notify();
+        Ok(started)
     }
 
     async fn release(&self, key: &SessionKey, epoch: Epoch) -> Result<(), StoreError> {

@@ -115,6 +115,17 @@ pub struct ReadBatch {
     pub last_seq: u64,
 }
 
+impl ReadBatch {
+    /// Whether a reader that sends this page, read after `after`, has every event of the
+    /// session: the session is finished and the page (or `after`, when the page is empty) reaches
+    /// its newest event. Computed from [`status`](Self::status) and
+    /// [`last_seq`](Self::last_seq), so a store states only the truth at the time of the read.
+    pub fn reaches_end(&self, after: u64) -> bool {
+        let upto = self.blocks.last().map_or(after, EventBlock::last_seq);
+        self.status.is_finished() && upto >= self.last_seq
+    }
+}
+
 /// The answer to [`Store::append`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Appended {
@@ -211,13 +222,16 @@ pub trait Store: Clone + Send + Sync + 'static {
         lifetime: Duration,
     ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
 
-    /// Moves a claimed session to [`Status::Running`] with the head of its response.
+    /// Moves a claimed session to [`Status::Running`] with the head of its response. Returns
+    /// `true` when the session under `key` with this `epoch` is now running (a retry after a lost
+    /// reply also gets `true`: the call is idempotent), `false` when the claim was lost meanwhile
+    /// (expired, cancelled, taken over): the caller must then not produce.
     fn start(
         &self,
         key: &SessionKey,
         epoch: Epoch,
         head: ResponseHead,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Deletes a claimed session that will not run (its response was not an event stream).
     fn release(

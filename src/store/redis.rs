@@ -456,7 +456,14 @@ return {1}
 /// ARGV: channel, msg, epoch, head
 const START: &str = r#"
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'status')
-if m[1] ~= ARGV[3] or m[2] ~= 'starting' then
+if m[1] ~= ARGV[3] then
+  return 0
+end
+if m[2] == 'running' then
+  -- A retry after a lost reply: already started.
+  return 1
+end
+if m[2] ~= 'starting' then
   return 0
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'head', ARGV[4])
@@ -694,9 +701,9 @@ impl Inner {
 // --- Chunks ------------------------------------------------------------------------------------
 
 /// The most events in one stream entry.
-const CHUNK_EVENTS: usize = 64;
+const CHUNK_EVENTS: usize = crate::limits::REDIS_CHUNK_EVENTS;
 /// The most bytes in one stream entry, unless it holds a single larger event.
-const CHUNK_BYTES: u32 = 64 * 1024;
+const CHUNK_BYTES: u32 = crate::limits::REDIS_CHUNK_BYTES as u32;
 
 /// Cuts a block into the chunks stored as stream entries: at most [`CHUNK_EVENTS`] events and
 /// [`CHUNK_BYTES`] bytes each, at least one event each. The same block is always cut the same
@@ -1137,9 +1144,9 @@ impl Notifier {
 }
 
 /// Events one fetch asks for.
-const TAIL_PAGE: usize = 1024;
+const TAIL_PAGE: usize = crate::limits::REDIS_TAIL_PAGE_EVENTS;
 /// Events the shared tail keeps per session.
-const TAIL_CAPACITY: usize = 4096;
+const TAIL_CAPACITY: usize = crate::limits::REDIS_TAIL_CAPACITY_EVENTS;
 
 type Fetch =
     futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<(), Arc<str>>>>;
@@ -1298,7 +1305,7 @@ where
 // --- Lease renewals ----------------------------------------------------------------------------
 
 /// Renewals sent in one pipeline.
-const RENEWALS_PER_CALL: usize = 256;
+const RENEWALS_PER_CALL: usize = crate::limits::REDIS_RENEWALS_PER_CALL;
 
 type Held = (SessionKey, Epoch, Arc<Keys>);
 
@@ -1539,13 +1546,21 @@ impl Store for RedisStore {
         key: &SessionKey,
         epoch: Epoch,
         head: ResponseHead,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let inner = &self.inner;
         let keys = inner.keys(key);
         let head = encode_head(&head);
         let mut call = inner.call(&inner.scripts.start, &keys, 2, 32 + head.len());
         call.arg(epoch.raw()).arg(head);
-        inner.invoke(&call).await.map(drop)
+        match as_u64(&inner.invoke(&call).await?) {
+            Some(1) => Ok(true),
+            Some(_) => {
+                // The claim was lost (expired, cancelled or taken over): nothing to renew.
+                inner.release_lease(key, epoch);
+                Ok(false)
+            }
+            None => Err(bad_reply("start")),
+        }
     }
 
     async fn release(&self, key: &SessionKey, epoch: Epoch) -> Result<(), StoreError> {

@@ -1,0 +1,67 @@
+//! Every size and limit in the crate, in one place: the page, block, chunk and batch sizes the
+//! layer and its stores work in, and the defaults of every configurable limit.
+//!
+//! None of the sizes changes what a client receives: a stream ends exactly once, with every event
+//! once, whatever the number of events and however it divides by these sizes. They are public so
+//! that tests (the crate's edge matrix among them) and capacity planning can derive their cases
+//! from them rather than repeat the numbers.
+
+use std::time::Duration;
+
+/// The most events one read of a session fetches from its store for one connection
+/// (a replay of more goes out in several reads).
+pub const READ_PAGE_EVENTS: usize = 1024;
+
+/// The most bytes the producer encodes into one [`EventBlock`](crate::store::EventBlock)
+/// (a larger event is a block of its own). A reader sends a block, or its part after the
+/// reader's position, as one write.
+pub const BLOCK_BYTES: usize = 64 << 10;
+
+/// The most events the producer takes from the frames its inner body already has ready before it
+/// appends them (one append, one notification, one wake-up per reader for all of them).
+pub const READY_BATCH_EVENTS: usize = 1024;
+
+/// Events the producer holds while its store does not take them (Redis slow or down); beyond
+/// this the inner body is not polled until the store catches up: nothing is dropped.
+pub const MAX_PENDING_EVENTS: usize = 10_000;
+
+/// Consecutive failed appends (each after a backoff) before a session is given up as failed.
+pub const MAX_APPEND_FAILURES: u32 = 8;
+
+/// The longest session key, in bytes; a longer one is answered `400 invalid-session-key`.
+pub const MAX_SESSION_KEY_LEN: usize = crate::session::MAX_SESSION_KEY_LEN;
+
+/// The default of [`ResumableSseLayer::max_event_size`](crate::ResumableSseLayer::max_event_size).
+pub const DEFAULT_MAX_EVENT_SIZE: usize = crate::sse::DEFAULT_MAX_EVENT_SIZE;
+
+/// The default of [`ResumableSseLayer::max_lifetime`](crate::ResumableSseLayer::max_lifetime).
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// The default keep-alive interval ([`ResumableSseLayer::keep_alive`](crate::ResumableSseLayer::keep_alive)).
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The default retention of a finished session, on every store.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(300);
+
+/// The default most sessions a [`MemoryStore`](crate::MemoryStore) holds.
+pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
+
+/// The default most encoded bytes a session retains, on every store: the hard bound on a
+/// session's memory. A session is bounded by bytes by default; an event count bound applies
+/// only when one is asked for (`max_events_per_session`).
+pub const DEFAULT_MAX_BYTES_PER_SESSION: usize = 64 << 20;
+
+/// The most events in one Redis stream entry (a chunk).
+pub const REDIS_CHUNK_EVENTS: usize = 64;
+
+/// The most bytes in one Redis stream entry, unless it holds one larger event.
+pub const REDIS_CHUNK_BYTES: usize = 64 << 10;
+
+/// The events one refresh of a Redis session's shared tail fetches.
+pub const REDIS_TAIL_PAGE_EVENTS: usize = 1024;
+
+/// The newest events of a Redis session that each process keeps in its shared tail.
+pub const REDIS_TAIL_CAPACITY_EVENTS: usize = 4096;
+
+/// Lease renewals sent in one pipeline.
+pub const REDIS_RENEWALS_PER_CALL: usize = 256;
