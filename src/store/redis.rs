@@ -132,6 +132,7 @@ struct Config {
     retention: Duration,
     lease: Duration,
     max_events_per_session: usize,
+    max_bytes_per_session: usize,
     check_interval: Duration,
     response_timeout: Duration,
 }
@@ -220,7 +221,8 @@ impl RedisStore {
                 prefix: "resumable-sse".to_owned(),
                 retention: Duration::from_secs(300),
                 lease: Duration::from_secs(5),
-                max_events_per_session: 100_000,
+                max_events_per_session: usize::MAX,
+                max_bytes_per_session: crate::limits::DEFAULT_MAX_BYTES_PER_SESSION,
                 check_interval: Duration::from_secs(1),
                 response_timeout: Duration::from_secs(10),
             },
@@ -258,9 +260,18 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// The most events kept per session (default 100,000); the oldest chunks are trimmed.
+    /// The most events kept per session (default: no count limit, sessions are bounded by
+    /// bytes); the oldest chunks are trimmed.
     pub fn max_events_per_session(mut self, max: usize) -> Self {
         self.config.max_events_per_session = max.max(1);
+        self
+    }
+
+    /// The most encoded bytes kept per session (default
+    /// [`DEFAULT_MAX_BYTES_PER_SESSION`](crate::limits::DEFAULT_MAX_BYTES_PER_SESSION), 64 MiB);
+    /// the oldest chunks are trimmed.
+    pub fn max_bytes_per_session(mut self, max: usize) -> Self {
+        self.config.max_bytes_per_session = max.max(1);
         self
     }
 
