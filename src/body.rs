@@ -228,6 +228,20 @@ impl<St: Store> Reader<St> {
         }
     }
 
+    /// A reader with its subscription already made (the first request's, made before the
+    /// producer starts, so that its position holds the session's events from the first one).
+    pub(crate) fn subscribed(
+        store: St,
+        key: SessionKey,
+        epoch: Epoch,
+        after: u64,
+        subscription: Option<St::Subscription>,
+    ) -> Self {
+        let mut reader = Self::new(store, key, epoch, after);
+        reader.subscription = subscription;
+        reader
+    }
+
     async fn next(&mut self) -> Option<Result<Bytes, BoxError>> {
         loop {
             if let Some(block) = self.buffered.pop_front() {
@@ -249,7 +263,10 @@ impl<St: Store> Reader<St> {
             if self.subscription.is_none() {
                 // Subscribe before the first read, so nothing appended in between is missed.
                 match self.store.subscribe(&self.key, self.epoch).await {
-                    Ok(s) => self.subscription = Some(s),
+                    Ok(mut s) => {
+                        s.reached(self.cursor);
+                        self.subscription = Some(s);
+                    }
                     Err(e) => return Some(Err(self.failed(e))),
                 }
             }
@@ -298,6 +315,10 @@ impl<St: Store> Reader<St> {
                     .blocks
                     .last()
                     .is_some_and(|b| b.last_seq() >= batch.last_seq);
+            if let (Some(s), Some(last)) = (&mut self.subscription, batch.blocks.last()) {
+                // What this reader holds now needs the store no more.
+                s.reached(last.last_seq());
+            }
             self.buffered.extend(batch.blocks);
         }
     }

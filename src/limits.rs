@@ -51,6 +51,12 @@ pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
 /// only when one is asked for (`max_events_per_session`).
 pub const DEFAULT_MAX_BYTES_PER_SESSION: usize = 64 << 20;
 
+/// The default hard bound on a session's retained bytes, on every store: past the soft bound
+/// ([`DEFAULT_MAX_BYTES_PER_SESSION`], or the event count when one is set), events that a
+/// connected reader still needs are kept, up to this many bytes; beyond it the oldest go whoever
+/// needs them, and such a reader's stream ends with [`EVICTED_COMMENT`](crate::sse::EVICTED_COMMENT).
+pub const DEFAULT_HARD_MAX_BYTES_PER_SESSION: usize = 256 << 20;
+
 /// The most events in one Redis stream entry (a chunk).
 pub const REDIS_CHUNK_EVENTS: usize = 64;
 

@@ -213,8 +213,12 @@ impl<St: Store> Session<St> {
         tokio::spawn(async move {
             let started = match start_session(&store, &key, epoch, head).await {
                 Ok(true) => {
+                    // The first reader subscribes before the first event is appended: its
+                    // position holds the session's events from the start (without it, a
+                    // reader is subscribed at its first read).
+                    let subscription = store.subscribe(&key, epoch).await.ok();
                     producer::spawn(store, key, epoch, body, config, running);
-                    Started::Running
+                    Started::Running(subscription)
                 }
                 Ok(false) => {
                     // The claim was lost meanwhile (cancelled, expired, taken over): another
@@ -237,8 +241,8 @@ impl<St: Store> Session<St> {
             let _ = tx.send(started);
         });
         match rx.await {
-            Ok(Started::Running) => {
-                let reader = Reader::new(self.store, self.key, epoch, 0);
+            Ok(Started::Running(subscription)) => {
+                let reader = Reader::subscribed(self.store, self.key, epoch, 0, subscription);
                 Ok(Response::from_parts(
                     parts,
                     ResumableBody::session(SessionEvents::new(reader, self.config.keep_alive)),
@@ -386,8 +390,8 @@ impl<St: Store> Drop for ClaimGuard<St> {
 }
 
 /// What became of a session's start, told by the task that ran it to the request.
-enum Started<B> {
-    Running,
+enum Started<B, Sub> {
+    Running(Option<Sub>),
     Lost,
     Unresumable(B),
 }

@@ -1,7 +1,8 @@
 //! [`MemoryStore`]: sessions in this process's memory.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -28,11 +29,24 @@ use crate::session::{Epoch, Outcome, SessionKey};
 ///   time clients take to read and reconnect.
 /// - `max_sessions` (default 10,000): a new session beyond it is refused with
 ///   `503 Service Unavailable` (`session-limit`); existing sessions are unaffected.
-/// - `max_events_per_session` (default 100,000) and `max_bytes_per_session` (default 64 MiB): the
-///   oldest events are evicted (the session keeps running); a client whose `Last-Event-ID` points
-///   before the oldest retained event gets `410 Gone` (`evicted`), and a connected client that
-///   falls that far behind is disconnected so that its reconnect learns it. Nothing is skipped
-///   silently.
+/// - **A session is bounded by bytes**, not by a count of events, unless you ask for one:
+///   - `max_bytes_per_session` (default 64 MiB, [`DEFAULT_MAX_BYTES_PER_SESSION`]) and, only when
+///     set, `max_events_per_session` are *soft* limits: the history kept for reconnects. Past
+///     them the oldest events are evicted, but never one that a connected reader (a response
+///     being served) still needs;
+///   - `hard_max_bytes_per_session` (default 256 MiB, [`DEFAULT_HARD_MAX_BYTES_PER_SESSION`]) is
+///     the *hard* bound on a session's memory: past it the oldest events go whoever needs them.
+///
+///   So with the defaults a client reading a stream of up to 64 MiB never loses an event, and
+///   one that is connected and reading loses none until it is 256 MiB behind: a stream of
+///   1,000,000 LLM-sized tokens (about 45 MB) is kept whole. The session keeps running through
+///   evictions. A connected client whose next event was evicted anyway gets
+///   [`EVICTED_COMMENT`](crate::sse::EVICTED_COMMENT) and the end of its response at its next
+///   read; a request whose `Last-Event-ID` (or, without one, the first event) was evicted gets
+///   `410 Gone` (`evicted`). Nothing is skipped silently.
+///
+/// [`DEFAULT_MAX_BYTES_PER_SESSION`]: crate::limits::DEFAULT_MAX_BYTES_PER_SESSION
+/// [`DEFAULT_HARD_MAX_BYTES_PER_SESSION`]: crate::limits::DEFAULT_HARD_MAX_BYTES_PER_SESSION
 ///
 /// Expired sessions are removed by a sweep that runs at most once per second, on the next store
 /// operation; until then they are already treated as absent.
@@ -67,6 +81,7 @@ struct Limits {
     max_sessions: usize,
     max_events_per_session: usize,
     max_bytes_per_session: usize,
+    hard_max_bytes_per_session: usize,
 }
 
 struct Inner {
@@ -88,6 +103,8 @@ struct Session {
     changed: watch::Sender<()>,
     /// Set once when the session is cancelled; the producer waits on it.
     cancelled: watch::Sender<bool>,
+    /// Where each connected reader is: the events after it are kept past the soft limits.
+    pins: Mutex<Vec<Weak<AtomicU64>>>,
 }
 
 struct State {
@@ -108,28 +125,45 @@ impl State {
             .map_or(self.last_seq + 1, EventBlock::first_seq)
     }
 
+    fn over_soft_limits(&self, limits: &Limits) -> bool {
+        self.events > limits.max_events_per_session || self.bytes > limits.max_bytes_per_session
+    }
+
     /// Evicts the oldest events until the session is within its limits, keeping at least its
-    /// newest event.
-    fn evict(&mut self, limits: &Limits) {
-        while self.events > 1
-            && (self.events > limits.max_events_per_session
-                || self.bytes > limits.max_bytes_per_session)
-        {
+    /// newest event: past the soft limits only events up to `pinned` (what every connected
+    /// reader already has), past the hard byte limit whatever it takes.
+    fn evict(&mut self, limits: &Limits, pinned: u64) {
+        self.trim(
+            limits.max_events_per_session,
+            limits.max_bytes_per_session,
+            pinned,
+        );
+        self.trim(usize::MAX, limits.hard_max_bytes_per_session, u64::MAX);
+    }
+
+    /// Drops the oldest events numbered up to `upto` while over `max_events` or `max_bytes`.
+    fn trim(&mut self, max_events: usize, max_bytes: usize, upto: u64) {
+        while self.events > 1 && (self.events > max_events || self.bytes > max_bytes) {
             let Some(oldest) = self.blocks.front() else {
                 return;
             };
-            // The oldest block's events that must go for both limits.
-            let over_events = self.events.saturating_sub(limits.max_events_per_session);
-            let over_bytes = self.bytes.saturating_sub(limits.max_bytes_per_session);
+            // The oldest block's events that must go for both limits, and may go.
+            let over_events = self.events.saturating_sub(max_events);
+            let over_bytes = self.bytes.saturating_sub(max_bytes);
+            let may = usize::try_from(upto.saturating_sub(oldest.first_seq() - 1))
+                .unwrap_or(usize::MAX);
             let (mut drop, mut freed) = (0, 0);
             for end in oldest.ends() {
-                if drop >= over_events && freed >= over_bytes {
+                if (drop >= over_events && freed >= over_bytes) || drop >= may {
                     break;
                 }
                 drop += 1;
                 freed = end as usize;
             }
             let drop = drop.min(self.events - 1);
+            if drop == 0 {
+                return;
+            }
             self.bytes -= drop_oldest(&mut self.blocks, drop);
             self.events -= drop;
         }
@@ -167,6 +201,7 @@ impl MemoryStore {
                 max_sessions: crate::limits::DEFAULT_MAX_SESSIONS,
                 max_events_per_session: usize::MAX,
                 max_bytes_per_session: crate::limits::DEFAULT_MAX_BYTES_PER_SESSION,
+                hard_max_bytes_per_session: crate::limits::DEFAULT_HARD_MAX_BYTES_PER_SESSION,
             },
         }
     }
@@ -244,20 +279,35 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// The most events retained per session (default 100,000); older ones are evicted.
+    /// The most events retained per session for reconnects (default: no count limit); older
+    /// ones are evicted once no connected reader needs them. A soft limit: see
+    /// [`MemoryStore`].
     pub fn max_events_per_session(mut self, max: usize) -> Self {
         self.limits.max_events_per_session = max.max(1);
         self
     }
 
-    /// The most encoded bytes retained per session (default 64 MiB); older events are evicted.
+    /// The most encoded bytes retained per session for reconnects (default 64 MiB); older events
+    /// are evicted once no connected reader needs them. A soft limit: see [`MemoryStore`].
     pub fn max_bytes_per_session(mut self, max: usize) -> Self {
         self.limits.max_bytes_per_session = max;
         self
     }
 
+    /// The most encoded bytes a session may hold at all (default 256 MiB; never below
+    /// [`max_bytes_per_session`](Self::max_bytes_per_session)): past it the oldest events are
+    /// evicted even when a connected reader still needs them, and that reader's stream ends.
+    pub fn hard_max_bytes_per_session(mut self, max: usize) -> Self {
+        self.limits.hard_max_bytes_per_session = max;
+        self
+    }
+
     /// Builds the store.
-    pub fn build(self) -> MemoryStore {
+    pub fn build(mut self) -> MemoryStore {
+        let limits = &mut self.limits;
+        limits.hard_max_bytes_per_session = limits
+            .hard_max_bytes_per_session
+            .max(limits.max_bytes_per_session);
         MemoryStore {
             inner: Arc::new(Inner {
                 sessions: RwLock::new(Sessions {
@@ -270,10 +320,12 @@ impl MemoryStoreBuilder {
     }
 }
 
-/// The [`Subscription`] of a [`MemoryStore`].
+/// The [`Subscription`] of a [`MemoryStore`]: also where its reader is, so that the session
+/// keeps the events it still needs past the soft limits.
 #[derive(Debug)]
 pub struct MemorySubscription {
     rx: Option<watch::Receiver<()>>,
+    pin: Option<Arc<AtomicU64>>,
 }
 
 impl Subscription for MemorySubscription {
@@ -283,6 +335,12 @@ impl Subscription for MemorySubscription {
                 // The session is gone: every later call returns at once too.
                 self.rx = None;
             }
+        }
+    }
+
+    fn reached(&mut self, seq: u64) {
+        if let Some(pin) = &self.pin {
+            pin.store(seq, Ordering::Relaxed);
         }
     }
 }
@@ -301,6 +359,34 @@ impl Session {
 
     fn notify(&self) {
         self.changed.send_modify(|_| {});
+    }
+
+    /// The newest sequence number every connected reader has reached (`u64::MAX` when none is
+    /// connected): the events after it are still needed. Forgets readers that went away.
+    fn pinned(&self) -> u64 {
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        let mut min = u64::MAX;
+        pins.retain(|pin| match pin.upgrade() {
+            Some(pin) => {
+                min = min.min(pin.load(Ordering::Relaxed));
+                true
+            }
+            None => false,
+        });
+        min
+    }
+
+    /// A pin for a new reader, at the start until it says where it is.
+    fn pin(&self) -> Arc<AtomicU64> {
+        let pin = Arc::new(AtomicU64::new(0));
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        // Readers that went away are forgotten here too, so the list stays as long as the
+        // number of connected readers (amortised: a sweep when it doubled).
+        if pins.len() >= 64 && pins.len().is_power_of_two() {
+            pins.retain(|p| p.strong_count() > 0);
+        }
+        pins.push(Arc::downgrade(&pin));
+        pin
     }
 }
 
@@ -339,6 +425,7 @@ impl Store for MemoryStore {
             }),
             changed: watch::Sender::new(()),
             cancelled: watch::Sender::new(false),
+            pins: Mutex::new(Vec::new()),
         });
         sessions.map.insert(key.clone(), session);
         Ok(Claim::Claimed(epoch))
@@ -410,7 +497,9 @@ impl Store for MemoryStore {
                 st.bytes += block.bytes().len();
                 st.blocks.push_back(block);
             }
-            st.evict(&self.inner.limits);
+            if st.over_soft_limits(&self.inner.limits) {
+                st.evict(&self.inner.limits, s.pinned());
+            }
         }
         s.notify();
         Ok(Appended::Stored)
@@ -467,8 +556,10 @@ impl Store for MemoryStore {
         key: &SessionKey,
         epoch: Epoch,
     ) -> Result<MemorySubscription, StoreError> {
+        let session = self.get_epoch(key, epoch);
         Ok(MemorySubscription {
-            rx: self.get_epoch(key, epoch).map(|s| s.changed.subscribe()),
+            rx: session.as_ref().map(|s| s.changed.subscribe()),
+            pin: session.map(|s| s.pin()),
         })
     }
 

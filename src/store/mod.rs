@@ -201,6 +201,15 @@ pub trait Subscription: Send + 'static {
     /// Waits until the session may have changed since the previous call (or since the
     /// subscription was made). Returns at once when the session no longer exists.
     fn changed(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Tells the store that the reader holding this subscription has every event up to `seq`
+    /// (it calls this before its first read with its starting position, then after every read).
+    /// While the subscription lives, a store may keep the events after `seq` past its soft
+    /// limits, so that a connected reader is not cut off by an eviction it would have outrun;
+    /// its hard limits still apply. The default keeps nothing.
+    fn reached(&mut self, seq: u64) {
+        let _ = seq;
+    }
 }
 
 /// Storage for sessions. See the [module docs](self) for the division of labour.
