@@ -345,6 +345,68 @@ mod tests {
         (data.expect("a data frame"), Instant::now())
     }
 
+    /// A finished session of `n` one-event blocks, and the events a reader from `after` sends
+    /// before its stream ends (the clock is paused: a reader that waits for a change that never
+    /// comes fails the deadline at once instead of hanging).
+    async fn read_to_end(n: u64, after: u64, blocks_of: u64) -> Vec<u64> {
+        let store = MemoryStore::new();
+        let key = SessionKey::new("k").unwrap();
+        let Ok(Claim::Claimed(epoch)) = store.claim(&key, Duration::from_secs(60)).await else {
+            panic!("claim");
+        };
+        let head = ResponseHead {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+        };
+        store.start(&key, epoch, head).await.unwrap();
+        let mut first = 1;
+        while first <= n {
+            let mut b = EventBlockBuilder::new(first);
+            for seq in first..(first + blocks_of).min(n + 1) {
+                b.push_with(|buf| buf.extend_from_slice(format!("{seq}\n\n").as_bytes()));
+            }
+            let block = b.finish().unwrap();
+            first = block.last_seq() + 1;
+            store.append(&key, epoch, &[block]).await.unwrap();
+        }
+        store
+            .finish(&key, epoch, crate::Outcome::Completed)
+            .await
+            .unwrap();
+        let mut reader = Reader::new(store, key, epoch, after);
+        let mut seqs = Vec::new();
+        let read_all = async {
+            while let Some(frame) = reader.next().await {
+                let frame = frame.expect("no error");
+                for ev in frame.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                    seqs.push(std::str::from_utf8(ev).unwrap().parse::<u64>().unwrap());
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(3600), read_all)
+            .await
+            .expect("the stream ends");
+        seqs
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_ends_at_once_whatever_the_read_page_divides() {
+        let p = READ_BATCH as u64;
+        for n in [0, 1, p - 1, p, p + 1, 2 * p, 2 * p + 1] {
+            for after in [0, 1, n.saturating_sub(p), n.saturating_sub(1), n] {
+                let after = after.min(n);
+                for blocks_of in [1, p, 3 * p] {
+                    let got = read_to_end(n, after, blocks_of).await;
+                    assert_eq!(
+                        got,
+                        (after + 1..=n).collect::<Vec<_>>(),
+                        "n {n}, after {after}, blocks of {blocks_of}"
+                    );
+                }
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn keep_alive_comes_one_to_two_intervals_after_the_last_event_and_never_while_events_flow(
     ) {

@@ -655,6 +655,78 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn by_default_a_session_is_bounded_by_bytes_not_by_a_count_of_events() {
+        // Many more events than any count limit used to allow, in a few hundred bytes each: all
+        // kept, as long as they fit in the default byte limit.
+        let store = MemoryStore::new();
+        let (key, epoch) = running(&store).await;
+        let n = 250_000u64;
+        let blocks: Vec<_> = (0..n / 1000).map(|i| block(i * 1000 + 1, 1000, 9)).collect();
+        store.append(&key, epoch, &blocks).await.unwrap();
+        let info = store.lookup(&key).await.unwrap().unwrap();
+        assert_eq!((info.first_seq, info.last_seq), (1, n));
+        // Past the default byte limit, the oldest go (nobody is reading).
+        let per_block = 1000 * 10;
+        let over = crate::limits::DEFAULT_MAX_BYTES_PER_SESSION / per_block + 1;
+        let more: Vec<_> = (0..over as u64)
+            .map(|i| block(n + i * 1000 + 1, 1000, 9))
+            .collect();
+        store.append(&key, epoch, &more).await.unwrap();
+        let info = store.lookup(&key).await.unwrap().unwrap();
+        let kept = (info.last_seq - info.first_seq + 1) as usize * 10;
+        assert!(kept <= crate::limits::DEFAULT_MAX_BYTES_PER_SESSION, "{kept}");
+        assert!(kept > crate::limits::DEFAULT_MAX_BYTES_PER_SESSION - 10 * 1000);
+    }
+
+    #[tokio::test]
+    async fn soft_limits_keep_what_a_connected_reader_still_needs() {
+        let store = MemoryStore::builder().max_events_per_session(4).build();
+        let (key, epoch) = running(&store).await;
+        let mut reader = store.subscribe(&key, epoch).await.unwrap();
+        reader.reached(2);
+        store.append(&key, epoch, &[block(1, 10, 9)]).await.unwrap();
+        // The reader has 1..=2: only those may go; 3..=10 are kept past the limit of 4.
+        assert_eq!(stored(&store, &key, epoch).await, (3..=10).collect::<Vec<_>>());
+        reader.reached(8);
+        store.append(&key, epoch, &[block(11, 1, 9)]).await.unwrap();
+        assert_eq!(stored(&store, &key, epoch).await, [8, 9, 10, 11]);
+        // Once the reader is gone, the limit applies in full.
+        drop(reader);
+        store.append(&key, epoch, &[block(12, 3, 9)]).await.unwrap();
+        assert_eq!(stored(&store, &key, epoch).await, [11, 12, 13, 14]);
+    }
+
+    #[tokio::test]
+    async fn the_hard_byte_limit_evicts_even_what_a_reader_needs() {
+        // Events of 10 bytes; soft 40 bytes, hard 100 bytes.
+        let store = MemoryStore::builder()
+            .max_bytes_per_session(40)
+            .hard_max_bytes_per_session(100)
+            .build();
+        let (key, epoch) = running(&store).await;
+        let reader = store.subscribe(&key, epoch).await.unwrap();
+        // At 0: the reader needs everything.
+        store.append(&key, epoch, &[block(1, 10, 9)]).await.unwrap();
+        assert_eq!(stored(&store, &key, epoch).await, (1..=10).collect::<Vec<_>>());
+        store.append(&key, epoch, &[block(11, 1, 9)]).await.unwrap();
+        assert_eq!(stored(&store, &key, epoch).await, (2..=11).collect::<Vec<_>>());
+        drop(reader);
+        store.append(&key, epoch, &[block(12, 1, 9)]).await.unwrap();
+        assert_eq!(stored(&store, &key, epoch).await, [9, 10, 11, 12]);
+    }
+
+    #[tokio::test]
+    async fn the_hard_limit_is_never_below_the_soft_one() {
+        let store = MemoryStore::builder()
+            .max_bytes_per_session(40)
+            .hard_max_bytes_per_session(0)
+            .build();
+        let (key, epoch) = running(&store).await;
+        store.append(&key, epoch, &[block(1, 6, 9)]).await.unwrap();
+        assert_eq!(stored(&store, &key, epoch).await, [3, 4, 5, 6]);
+    }
+
+    #[tokio::test]
     async fn a_retried_append_stores_nothing_twice() {
         let store = MemoryStore::new();
         let (key, epoch) = running(&store).await;
