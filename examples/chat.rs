@@ -24,9 +24,8 @@
 //!   instances can share them: start two on two ports with the same URL and a reconnect may land
 //!   on either. `--lease-ms MS` sets the producer lease (default 5000): how soon the other
 //!   instances notice that this one died mid-answer.
-//! - `--max-events N`: the most events the store keeps per session (default 100,000, the
-//!   stores' own default); older ones are evicted. The load tool (`examples/loadgen.rs`) raises
-//!   it to keep sessions of a million events whole.
+//! - `--max-events N`: also bound each session by a count of events (by default the stores bound
+//!   a session by bytes only: 64 MiB, a million token events and more); older ones are evicted.
 //!
 //! Log lines go to stderr (`RUST_LOG` sets the level, `warn` by default).
 //!

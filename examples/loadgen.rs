@@ -18,8 +18,9 @@
 //!   when `redis-server` is not on PATH the mode is skipped with a loud `SKIP` line (an error under
 //!   `CI=true`).
 //!
-//! The layer modes get `--max-events` as large as the largest session of the run (1,000,000), so
-//! that no scenario measures eviction. Every child is started through `sh`, which kills it when
+//! The layer modes run with the stores' default limits (sessions bounded by bytes, 64 MiB, which
+//! keeps a session of a million token events whole): nothing is raised to hide eviction. Every
+//! child is started through `sh`, which kills it when
 //! the tool's end of a pipe closes: children die with the tool however it ends (panic, signal).
 //! The soft `RLIMIT_NOFILE` is raised to the hard limit first; the children inherit it.
 //!
@@ -218,15 +219,6 @@ impl Sizes {
             }
         }
     }
-
-    /// What the layer modes get as `--max-events`: the largest session of the run.
-    fn max_events(&self) -> u64 {
-        let largest_resume = self.resume_sessions.iter().copied().max().unwrap_or(0);
-        self.throughput_events
-            .max(largest_resume)
-            .max(self.breadth_events)
-            .max(100_000)
-    }
 }
 
 // --- Child processes ---------------------------------------------------------------------------
@@ -386,12 +378,6 @@ impl Server {
                 let url = ctx.redis.as_ref().ok_or("no Redis")?.url.clone();
                 args.extend(["--redis".to_owned(), url]);
             }
-        }
-        if !mode.is_bare() {
-            args.extend([
-                "--max-events".to_owned(),
-                ctx.sizes.max_events().to_string(),
-            ]);
         }
         let process = Wrapped::start(&ctx.chat, &args, false)?;
         let addr = process.wait_line("listening on http://", Duration::from_secs(20))?;

@@ -49,12 +49,12 @@
 //!
 //! | case | status | reason |
 //! |---|---|---|
-//! | the client already holds the last event of a completed session | `204` | `completed` |
+//! | the client already holds the last event of a completed session, or the session completed without any event (with or without `Last-Event-ID`) | `204` | `completed` |
 //! | ... of a failed session (inner body error, size limit, lifetime, producer died) | `204` | `failed` |
 //! | ... of a cancelled session | `204` | `cancelled` |
 //! | `Last-Event-ID` for a session that does not exist (never did, or expired) | `410` | `unknown-session` |
 //! | `Last-Event-ID` whose epoch is not the session's (an earlier incarnation of the key, or another session's id) | `410` | `foreign-epoch` |
-//! | the position asked for was evicted by the per-session limits | `410` | `evicted` |
+//! | the position asked for (or, without `Last-Event-ID`, the first event) was evicted by the per-session limits | `410` | `evicted` |
 //! | `Last-Event-ID` that is not one of ours (garbage, too long, negative, overflow, wrong case, NUL in `lastEventId`) | `400` | `malformed-last-event-id` |
 //! | `Last-Event-ID` beyond the newest event | `400` | `beyond-head` |
 //! | session key present but invalid (over 256 bytes, not UTF-8) | `400` | `invalid-session-key` |
@@ -93,9 +93,21 @@
 //! - **Slow clients only slow themselves.** Each connection has its own cursor into the stored
 //!   log; events are encoded once and shared as [`bytes::Bytes`] (`suite`:
 //!   `a_slow_client_does_not_slow_the_producer_or_others`).
+//! - **Every stream ends, exactly once, at every size.** A reader that has the last event of a
+//!   finished session ends at once, whatever the read page, block or chunk sizes divide (the
+//!   sizes are in [`limits`]); a session that finished before its first event answers `204` to
+//!   every later request for its whole retention, and its inner service is not called again
+//!   (`body.rs`: `a_reader_ends_at_once_whatever_the_read_page_divides`; `suite`: the edge
+//!   matrix, `edges.rs`).
+//! - **Limits never cut a reading client short by default.** Sessions are bounded by bytes
+//!   (64 MiB of history per session by default), with no count of events unless one is set; events
+//!   a connected reader still needs are kept past those soft limits, up to a hard bound (256 MiB
+//!   by default); see [`MemoryStore`] and `RedisStore` for each
+//!   store's terms.
 //! - **Nothing is skipped silently.** A client whose position was evicted is told `410 evicted`;
-//!   a connected client that falls behind eviction is disconnected so its reconnect is told
-//!   (`suite`: `evicted_positions_are_reported_not_skipped`).
+//!   a connected client whose next event was evicted gets
+//!   [`EVICTED_COMMENT`](sse::EVICTED_COMMENT) and the end of its response, so its reconnect is
+//!   told (`suite`: `evicted_positions_are_reported_not_skipped`).
 //! - **Non-SSE traffic is untouched**, trailers included (`passthrough.rs`), and a request
 //!   without a key costs no allocation and no store access (`service.rs`:
 //!   `requests_without_a_key_pass_through_without_allocating`).
@@ -120,8 +132,8 @@
 //!   ends as failed.
 //! - [`ResumableSseLayer::max_event_size`] (default 1 MiB): a larger event ends the session as
 //!   failed; the events before it stay readable. The parser never buffers more than this.
-//! - The store's limits: retention of finished sessions, sessions per store, events and bytes
-//!   per session (see [`MemoryStore`]).
+//! - The store's limits: retention of finished sessions, sessions per store, bytes (and, when
+//!   set, events) per session (see [`MemoryStore`]). Every size and default is in [`limits`].
 //!
 //! # Cancelling
 //!
