@@ -197,7 +197,6 @@ impl SessionEvents {
 /// How many events one store read fetches at most.
 const READ_BATCH: usize = crate::limits::READ_PAGE_EVENTS;
 
-
 /// One connection's cursor into a session log: it replays what is stored after the cursor, then
 /// waits for changes. The log is the buffer, so a slow reader only delays itself.
 pub(crate) struct Reader<St: Store> {

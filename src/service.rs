@@ -223,7 +223,10 @@ impl<St: Store> Session<St> {
                 Ok(false) => {
                     // The claim was lost meanwhile (cancelled, expired, taken over): another
                     // producer may run; this body is dropped, which stops its generation.
-                    tracing::warn!(?epoch, "session claim lost before it started; not producing");
+                    tracing::warn!(
+                        ?epoch,
+                        "session claim lost before it started; not producing"
+                    );
                     drop(body);
                     Started::Lost
                 }
@@ -272,7 +275,9 @@ impl<St: Store> Session<St> {
             // A finished session without an event has nothing to replay, ever: say so, or an
             // `EventSource` would reconnect to an empty `200` for the whole retention.
             None if info.last_seq == 0 => match info.status {
-                Status::Finished(outcome) => return reject(StatusCode::NO_CONTENT, outcome.reason()),
+                Status::Finished(outcome) => {
+                    return reject(StatusCode::NO_CONTENT, outcome.reason())
+                }
                 _ => 0,
             },
             None if info.first_seq > 1 => return reject(StatusCode::GONE, "evicted"),

@@ -938,9 +938,19 @@ async fn ids_from_an_earlier_incarnation_are_foreign() {
     assert_no_more_inner_calls(svc, handle).await;
 }
 
+/// The encoded size of the one-digit events `data: N` of the tests below, with the layer's id.
+const SMALL_EVENT_LEN: usize = "id: 0123456789ab-1\ndata: 1\n\n".len();
+
 #[tokio::test]
 async fn evicted_positions_are_reported_not_skipped() {
-    let store = CountingStore::new(MemoryStore::builder().max_events_per_session(3).build());
+    // Three events of history, and no room to keep more for a connected reader either.
+    let store = CountingStore::new(
+        MemoryStore::builder()
+            .max_events_per_session(3)
+            .max_bytes_per_session(3 * SMALL_EVENT_LEN)
+            .hard_max_bytes_per_session(3 * SMALL_EVENT_LEN)
+            .build(),
+    );
     let (svc, mut handle) = layered(store.clone());
     let uri = "/chat?session_id=long";
     let pending = call(&svc, get(uri));
@@ -965,7 +975,11 @@ async fn evicted_positions_are_reported_not_skipped() {
     })
     .await;
     assert_eq!(lookup(&store, "long").await.unwrap().first_seq, 4);
-    // It is disconnected rather than given event 4 after event 1.
+    // It is disconnected, with a comment saying why, rather than given event 4 after event 1.
+    assert_eq!(
+        next_event(&mut connected).await.as_deref(),
+        Some(resumable_sse::sse::EVICTED_COMMENT)
+    );
     assert_eq!(next_event(&mut connected).await, None);
 
     let id = |seq| {
@@ -987,6 +1001,43 @@ async fn evicted_positions_are_reported_not_skipped() {
         field_values(&body_bytes(rest).await, "data"),
         ["4", "5", "6"]
     );
+    assert_no_more_inner_calls(svc, handle).await;
+}
+
+#[tokio::test]
+async fn a_connected_reader_keeps_the_events_it_needs_past_the_soft_limit() {
+    let store = CountingStore::new(MemoryStore::builder().max_events_per_session(3).build());
+    let (svc, mut handle) = layered(store.clone());
+    let uri = "/chat?session_id=held";
+    let pending = call(&svc, get(uri));
+    let (_, reply) = inner_request(&mut handle).await;
+    let (tx, body) = channel();
+    reply.send_response(sse(body));
+    send(&tx, b"data: 1\n\n");
+    let mut connected = answer(pending).await.unwrap().into_body();
+    let first = event_id(&next_event(&mut connected).await.unwrap());
+    // Five more events while the connected client reads nothing: past the limit of three, but
+    // it still needs them, so they stay.
+    send(
+        &tx,
+        b"data: 2\n\ndata: 3\n\ndata: 4\n\ndata: 5\n\ndata: 6\n\n",
+    );
+    let key = SessionKey::new("held").unwrap();
+    let probe = store.clone();
+    eventually(|| {
+        futures_util::FutureExt::now_or_never(probe.inner.lookup(&key))
+            .and_then(|r| r.unwrap())
+            .is_some_and(|i| i.last_seq == 6)
+    })
+    .await;
+    assert_eq!(lookup(&store, "held").await.unwrap().first_seq, 2);
+    drop(tx);
+    let mut rest = Vec::new();
+    while let Some(frame) = next_event(&mut connected).await {
+        rest.extend_from_slice(&frame);
+    }
+    assert_eq!(field_values(&rest, "data"), ["2", "3", "4", "5", "6"]);
+    assert_eq!(first.seq, 1);
     assert_no_more_inner_calls(svc, handle).await;
 }
 

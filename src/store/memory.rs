@@ -150,8 +150,8 @@ impl State {
             // The oldest block's events that must go for both limits, and may go.
             let over_events = self.events.saturating_sub(max_events);
             let over_bytes = self.bytes.saturating_sub(max_bytes);
-            let may = usize::try_from(upto.saturating_sub(oldest.first_seq() - 1))
-                .unwrap_or(usize::MAX);
+            let may =
+                usize::try_from(upto.saturating_sub(oldest.first_seq() - 1)).unwrap_or(usize::MAX);
             let (mut drop, mut freed) = (0, 0);
             for end in oldest.ends() {
                 if (drop >= over_events && freed >= over_bytes) || drop >= may {
@@ -661,7 +661,9 @@ mod tests {
         let store = MemoryStore::new();
         let (key, epoch) = running(&store).await;
         let n = 250_000u64;
-        let blocks: Vec<_> = (0..n / 1000).map(|i| block(i * 1000 + 1, 1000, 9)).collect();
+        let blocks: Vec<_> = (0..n / 1000)
+            .map(|i| block(i * 1000 + 1, 1000, 9))
+            .collect();
         store.append(&key, epoch, &blocks).await.unwrap();
         let info = store.lookup(&key).await.unwrap().unwrap();
         assert_eq!((info.first_seq, info.last_seq), (1, n));
@@ -674,7 +676,10 @@ mod tests {
         store.append(&key, epoch, &more).await.unwrap();
         let info = store.lookup(&key).await.unwrap().unwrap();
         let kept = (info.last_seq - info.first_seq + 1) as usize * 10;
-        assert!(kept <= crate::limits::DEFAULT_MAX_BYTES_PER_SESSION, "{kept}");
+        assert!(
+            kept <= crate::limits::DEFAULT_MAX_BYTES_PER_SESSION,
+            "{kept}"
+        );
         assert!(kept > crate::limits::DEFAULT_MAX_BYTES_PER_SESSION - 10 * 1000);
     }
 
@@ -686,7 +691,10 @@ mod tests {
         reader.reached(2);
         store.append(&key, epoch, &[block(1, 10, 9)]).await.unwrap();
         // The reader has 1..=2: only those may go; 3..=10 are kept past the limit of 4.
-        assert_eq!(stored(&store, &key, epoch).await, (3..=10).collect::<Vec<_>>());
+        assert_eq!(
+            stored(&store, &key, epoch).await,
+            (3..=10).collect::<Vec<_>>()
+        );
         reader.reached(8);
         store.append(&key, epoch, &[block(11, 1, 9)]).await.unwrap();
         assert_eq!(stored(&store, &key, epoch).await, [8, 9, 10, 11]);
@@ -707,9 +715,15 @@ mod tests {
         let reader = store.subscribe(&key, epoch).await.unwrap();
         // At 0: the reader needs everything.
         store.append(&key, epoch, &[block(1, 10, 9)]).await.unwrap();
-        assert_eq!(stored(&store, &key, epoch).await, (1..=10).collect::<Vec<_>>());
+        assert_eq!(
+            stored(&store, &key, epoch).await,
+            (1..=10).collect::<Vec<_>>()
+        );
         store.append(&key, epoch, &[block(11, 1, 9)]).await.unwrap();
-        assert_eq!(stored(&store, &key, epoch).await, (2..=11).collect::<Vec<_>>());
+        assert_eq!(
+            stored(&store, &key, epoch).await,
+            (2..=11).collect::<Vec<_>>()
+        );
         drop(reader);
         store.append(&key, epoch, &[block(12, 1, 9)]).await.unwrap();
         assert_eq!(stored(&store, &key, epoch).await, [9, 10, 11, 12]);
