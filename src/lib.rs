@@ -60,7 +60,7 @@
 //! | session key present but invalid (over 256 bytes, not UTF-8) | `400` | `invalid-session-key` |
 //! | the store holds as many sessions as it may | `503` | `session-limit` |
 //! | the store failed (with [`OnStoreError::ServiceUnavailable`], the default) | `503` + `retry-after` | `store-unavailable` |
-//! | another request's claim on the session never produced a response | `503` | `session-starting` |
+//! | another request's claim on the session never produced a response, or this request's claim was lost before its session started | `503` (+ `retry-after` for the latter) | `session-starting` |
 //! | a new session while the layer [drains](Drain) | `503` + `retry-after` | `draining` |
 //!
 //! `204` is what makes a browser's `EventSource` stop reconnecting; `4xx` stop it too. None of

@@ -11,6 +11,7 @@ use futures_util::future::OptionFuture;
 use futures_util::FutureExt;
 use http_body::Body;
 use http_body_util::BodyExt;
+use tokio::time::Instant;
 
 use crate::drain::ProducerGuard;
 use crate::layer::Config;
@@ -64,27 +65,61 @@ pub(crate) fn spawn<St, B>(
             }
         };
         metrics::session_ended(outcome);
-        finish(&store, &key, epoch, outcome).await;
+        finish(&store, &key, epoch, outcome, &config).await;
     });
 }
 
-async fn finish<St: Store>(store: &St, key: &SessionKey, epoch: Epoch, outcome: Outcome) {
-    for attempt in 0..MAX_APPEND_FAILURES {
-        match store.finish(key, epoch, outcome).await {
+/// Records the end of a session, retrying a failed call (a finish is idempotent and the store
+/// keeps the first outcome, so a retry after a lost reply is safe).
+///
+/// The wait between attempts gives way to a cancel (the store then holds its outcome already,
+/// which a finish would not overwrite anyway) and to the drain deadline (the process is going
+/// away: the session expires with its lease or lifetime), so that neither waits for a backoff.
+async fn finish<St: Store>(
+    store: &St,
+    key: &SessionKey,
+    epoch: Epoch,
+    outcome: Outcome,
+    config: &Config,
+) {
+    let mut failures = 0;
+    loop {
+        let e = match store.finish(key, epoch, outcome).await {
             Ok(()) => return,
-            Err(e) => {
-                metrics::store_error();
-                tracing::warn!(error = %e, attempt, "could not record the end of a session");
-                tokio::time::sleep(backoff(attempt + 1)).await;
+            Err(e) => e,
+        };
+        failures += 1;
+        metrics::store_error();
+        tracing::warn!(error = %e, failures, ?outcome, "could not record the end of a session");
+        if failures >= MAX_APPEND_FAILURES {
+            break;
+        }
+        tokio::select! {
+            biased;
+            Ok(()) = store.cancelled(key, epoch) => {
+                tracing::debug!("session cancelled (or gone) while its end was being recorded");
+                return;
             }
+            () = config.drain.aborted() => {
+                tracing::warn!("drain deadline reached while recording the end of a session");
+                break;
+            }
+            () = tokio::time::sleep(backoff(failures)) => {}
         }
     }
-    tracing::error!("gave up recording the end of a session; it will expire with its lifetime");
+    tracing::error!(
+        ?outcome,
+        "gave up recording the end of a session; it will expire with its lifetime"
+    );
 }
 
 fn backoff(failures: u32) -> Duration {
     Duration::from_millis(50u64 << failures.min(6))
 }
+
+/// How long a watch for cancellation must have held before its failure counts as a new outage
+/// (its backoff starts again from the shortest).
+const CANCEL_WATCH_HELD: Duration = Duration::from_secs(10);
 
 /// Drives the body to its end. `None` when the session was cancelled or vanished.
 async fn produce<St, B>(
@@ -100,10 +135,18 @@ where
     B::Error: Into<BoxError>,
 {
     let mut body = pin!(body);
+    // The watch for cancellation. When it fails it is re-armed after a backoff: until then a
+    // cancel is still seen by the next append.
     let mut cancelled = pin!(store.cancelled(key, epoch));
     let mut watch_cancel = true;
+    let mut watch_armed_at = Instant::now();
+    let mut watch_failures: u32 = 0;
+    let mut rewatch = pin!(tokio::time::sleep(Duration::ZERO));
     let mut deadline = pin!(tokio::time::sleep(config.max_lifetime));
     let mut drained = pin!(config.drain.aborted());
+    // Set when the drain deadline or the lifetime is reached: the body is not read any more and
+    // events the store does not take at once are given up.
+    let mut stopping = false;
     let mut framer = Framer {
         parser: Parser::new(config.max_event_size),
         epoch,
@@ -115,9 +158,14 @@ where
     let mut in_flight: Option<InFlight> = None;
     let mut ended: Option<Outcome> = None;
     let mut failures: u32 = 0;
+    // The wait before retrying a failed append: a state of the loop, not a sleep inside it, so
+    // that a cancel, the drain deadline and the lifetime are seen during it, and the body is
+    // still read (up to `MAX_PENDING_EVENTS`).
+    let mut retry = pin!(tokio::time::sleep(Duration::ZERO));
+    let mut retrying = false;
 
     loop {
-        if in_flight.is_none() && framer.has_pending() {
+        if in_flight.is_none() && !retrying && framer.has_pending() {
             // Everything produced while the previous write was in flight goes in this one.
             let batch = framer.take_pending();
             let (store, key) = (store.clone(), key.clone());
@@ -126,7 +174,7 @@ where
                 (result, batch)
             }));
         }
-        if in_flight.is_none() {
+        if in_flight.is_none() && !framer.has_pending() {
             if let Some(outcome) = ended {
                 return Some(outcome);
             }
@@ -137,10 +185,15 @@ where
             result = &mut cancelled, if watch_cancel => match result {
                 Ok(()) => return None,
                 Err(e) => {
-                    // Without the signal a cancel is still seen by the next append.
                     metrics::store_error();
-                    tracing::warn!(error = %e, "cannot watch for cancellation");
+                    if watch_armed_at.elapsed() >= CANCEL_WATCH_HELD {
+                        watch_failures = 0;
+                    }
+                    watch_failures += 1;
+                    let wait = backoff(watch_failures);
+                    tracing::warn!(error = %e, retry_in = ?wait, "cannot watch for cancellation; retrying");
                     watch_cancel = false;
+                    rewatch.as_mut().reset(Instant::now() + wait);
                 }
             },
             Some((result, batch)) = OptionFuture::from(in_flight.as_mut()), if in_flight.is_some() => {
@@ -154,23 +207,38 @@ where
                     Err(e) => {
                         failures += 1;
                         metrics::store_error();
+                        if stopping {
+                            tracing::warn!(error = %e, "could not store the last events of a session that is ending");
+                            return Some(Outcome::Failed);
+                        }
                         tracing::warn!(error = %e, failures, "could not store events; retrying");
                         if failures >= MAX_APPEND_FAILURES {
                             return Some(Outcome::Failed);
                         }
                         // Retry the same events first, in order, with what came since.
                         framer.put_back(batch);
-                        tokio::time::sleep(backoff(failures)).await;
+                        retry.as_mut().reset(Instant::now() + backoff(failures));
+                        retrying = true;
                     }
                 }
             },
-            () = &mut drained, if ended.is_none() => {
+            () = &mut drained, if !stopping => {
                 tracing::warn!("drain deadline reached; ending the session as failed");
-                ended = Some(Outcome::Failed);
+                if let Some(outcome) = stop(&mut stopping, &mut ended, retrying) {
+                    return Some(outcome);
+                }
             },
-            () = &mut deadline, if ended.is_none() => {
+            () = &mut deadline, if !stopping => {
                 tracing::warn!(lifetime = ?config.max_lifetime, "session reached its maximum lifetime; ending it as failed");
-                ended = Some(Outcome::Failed);
+                if let Some(outcome) = stop(&mut stopping, &mut ended, retrying) {
+                    return Some(outcome);
+                }
+            },
+            () = &mut retry, if retrying => retrying = false,
+            () = &mut rewatch, if !watch_cancel => {
+                cancelled.set(store.cancelled(key, epoch));
+                watch_cancel = true;
+                watch_armed_at = Instant::now();
             },
             frame = next_frame(body.as_mut()), if can_read => {
                 ended = framer.take(frame);
@@ -186,6 +254,16 @@ where
             },
         }
     }
+}
+
+/// The drain deadline or the lifetime is reached: the body is read no more and, unless it had
+/// already ended, the session ends as failed. Events waiting for the retry of a failed append
+/// are given up at once (`Some`): the store is failing and the session may not wait for it.
+/// An append in flight is still waited for, and what it leaves is stored without retry.
+fn stop(stopping: &mut bool, ended: &mut Option<Outcome>, retrying: bool) -> Option<Outcome> {
+    *stopping = true;
+    ended.get_or_insert(Outcome::Failed);
+    retrying.then_some(Outcome::Failed)
 }
 
 /// Events taken from a body's ready frames before they are appended.
@@ -288,4 +366,59 @@ where
 {
     let mut body = body;
     body.frame().await.map(|r| r.map_err(Into::into))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(first: u64, n: u64) -> EventBlock {
+        let mut b = EventBlockBuilder::new(first);
+        for seq in first..first + n {
+            b.push_with(|buf| buf.extend_from_slice(format!("{seq};").as_bytes()));
+        }
+        b.finish().unwrap()
+    }
+
+    #[test]
+    fn producer_stop_gives_up_events_waiting_for_a_retry_at_once() {
+        let (mut stopping, mut ended) = (false, None);
+        assert_eq!(stop(&mut stopping, &mut ended, true), Some(Outcome::Failed));
+        assert!(stopping);
+    }
+
+    #[test]
+    fn producer_stop_without_a_retry_keeps_flushing_and_keeps_a_body_end() {
+        let (mut stopping, mut ended) = (false, None);
+        assert_eq!(stop(&mut stopping, &mut ended, false), None);
+        assert_eq!(ended, Some(Outcome::Failed));
+        // A body that had ended completes if its last events are stored.
+        let (mut stopping, mut ended) = (false, Some(Outcome::Completed));
+        assert_eq!(stop(&mut stopping, &mut ended, false), None);
+        assert_eq!(ended, Some(Outcome::Completed));
+    }
+
+    #[test]
+    fn producer_backoff_doubles_from_100_ms_up_to_3_2_s() {
+        let waits: Vec<u64> = (1..=8).map(|f| backoff(f).as_millis() as u64).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 3200, 3200]);
+    }
+
+    #[test]
+    fn producer_put_back_retries_failed_blocks_before_newer_ones() {
+        let mut framer = Framer {
+            parser: Parser::new(1024),
+            epoch: Epoch::from_raw(1),
+            block: EventBlockBuilder::new(1),
+            id_buf: IdBuf::default(),
+            pending: vec![block(3, 2)],
+            pending_events: 2,
+        };
+        framer.put_back(vec![block(1, 2)]);
+        assert_eq!(framer.pending_events(), 4);
+        let batch = framer.take_pending();
+        let firsts: Vec<u64> = batch.iter().map(EventBlock::first_seq).collect();
+        assert_eq!(firsts, [1, 3]);
+        assert!(!framer.has_pending());
+    }
 }

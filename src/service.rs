@@ -1,8 +1,10 @@
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::Body;
@@ -193,7 +195,14 @@ impl<St: Store> Session<St> {
             claim.release().await;
             return Ok(draining_response());
         };
-        let res = inner.call(req).await?;
+        // A drain whose deadline passes while the inner service answers does not wait for it.
+        let res = tokio::select! {
+            res = inner.call(req) => res?,
+            () = self.config.drain.aborted() => {
+                claim.release().await;
+                return Ok(draining_response());
+            }
+        };
         if !is_event_stream(&res) {
             claim.release().await;
             return Ok(res.map(ResumableBody::passthrough));
@@ -211,7 +220,13 @@ impl<St: Store> Session<St> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (store, key, config) = (self.store.clone(), self.key.clone(), self.config.clone());
         tokio::spawn(async move {
-            let started = match start_session(&store, &key, epoch, head).await {
+            // A store that panics must not leave the claim behind (nor this request waiting).
+            let start = AssertUnwindSafe(start_session(&store, &key, epoch, head)).catch_unwind();
+            let started = match start.await.unwrap_or_else(|_| {
+                Err(crate::store::StoreError::unavailable(
+                    "the session store panicked while starting a session",
+                ))
+            }) {
                 Ok(true) => {
                     // The first reader subscribes before the first event is appended: its
                     // position holds the session's events from the start (without it, a
@@ -258,10 +273,21 @@ impl<St: Store> Session<St> {
             // Whatever holds the key now answers this request as it would a reconnect.
             Ok(Started::Lost) => match self.store.lookup(&self.key).await {
                 Ok(Some(info)) if info.status != Status::Starting => Ok(self.resume(info, None)),
-                Ok(_) => Ok(reject(StatusCode::SERVICE_UNAVAILABLE, "session-starting")),
+                // Gone, or claimed afresh: this request is told to come back.
+                Ok(_) => {
+                    let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, "session-starting");
+                    res.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    Ok(res)
+                }
                 Err(e) => Ok(self.store_unavailable(e)),
             },
-            Err(_) => Ok(reject(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable")),
+            // The task was dropped: the runtime is shutting down.
+            Err(_) => Ok(
+                self.store_unavailable(crate::store::StoreError::unavailable(
+                    "the runtime stopped while starting a session",
+                )),
+            ),
         }
     }
 

@@ -1,0 +1,775 @@
+//! The producer's watchdogs and the session start, under a store that fails on purpose: a
+//! failed cancellation check, append and finish retries, the drain deadline and the lifetime
+//! during a backoff, the drain racing a first request, and a start that is slow, loses its reply
+//! or finds its claim lost.
+//!
+//! The store is the real `MemoryStore` behind a wrapper that can fail the next calls of a
+//! method, fail the reply after the real call ran, cancel the session before a call, or hold a
+//! call after it ran. The inner service is the test routes of `tests/common`, called as a tower
+//! service (no socket), so the tests run on paused time: backoffs take no wall-clock time, and a
+//! bound such as "within 100 ms" is measured on the runtime's clock, whatever the machine's load.
+
+mod common;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use resumable_sse::store::memory::MemorySubscription;
+use resumable_sse::store::{
+    Appended, Claim, EventBlock, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError,
+};
+use resumable_sse::{
+    Drain, Epoch, EventId, MemoryStore, Outcome, ResumableBody, ResumableSse, ResumableSseLayer,
+    SessionKey, REASON_HEADER,
+};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tower::util::BoxCloneService;
+use tower::{Layer, ServiceExt};
+
+use common::Inner;
+
+/// The deadline of every wait (on the runtime's clock, paused in most tests).
+const TIMEOUT: Duration = Duration::from_secs(20);
+/// How soon the producer must react to a cancel or a deadline. Far below every backoff it could
+/// otherwise be sleeping through (the fourth failure waits 800 ms).
+const PROMPTLY: Duration = Duration::from_millis(100);
+
+// ---------------------------------------------------------------------------------------------
+// A store that fails on purpose, around a real `MemoryStore`.
+
+#[derive(Default)]
+struct Fault {
+    calls: usize,
+    /// The next calls fail without reaching the store.
+    fail_next: usize,
+    /// The next calls reach the store, then report a failure.
+    fail_reply: usize,
+    /// The next call cancels the session first.
+    cancel_before: bool,
+    /// Calls wait here after the store answered, until released.
+    hold: Option<Arc<Semaphore>>,
+}
+
+#[derive(Clone, Default)]
+struct FaultyStore {
+    inner: MemoryStore,
+    faults: Arc<Mutex<HashMap<&'static str, Fault>>>,
+}
+
+impl FaultyStore {
+    fn with<T>(&self, method: &'static str, f: impl FnOnce(&mut Fault) -> T) -> T {
+        f(self.faults.lock().unwrap().entry(method).or_default())
+    }
+
+    fn calls(&self, method: &'static str) -> usize {
+        self.with(method, |f| f.calls)
+    }
+
+    fn fail_next(&self, method: &'static str, n: usize) {
+        self.with(method, |f| f.fail_next = n);
+    }
+
+    fn fail_reply(&self, method: &'static str, n: usize) {
+        self.with(method, |f| f.fail_reply = n);
+    }
+
+    fn cancel_before(&self, method: &'static str) {
+        self.with(method, |f| f.cancel_before = true);
+    }
+
+    fn hold(&self, method: &'static str) {
+        self.with(method, |f| f.hold = Some(Arc::new(Semaphore::new(0))));
+    }
+
+    fn release(&self, method: &'static str) {
+        if let Some(gate) = self.with(method, |f| f.hold.take()) {
+            gate.add_permits(1 << 20);
+        }
+    }
+
+    /// Runs `real` (a call of the real store) with the faults set for `method`.
+    async fn around<T>(
+        &self,
+        method: &'static str,
+        key: &SessionKey,
+        real: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let (fail, cancel) = self.with(method, |f| {
+            f.calls += 1;
+            let fail = f.fail_next > 0;
+            f.fail_next = f.fail_next.saturating_sub(1);
+            (fail, std::mem::take(&mut f.cancel_before))
+        });
+        if fail {
+            return Err(StoreError::unavailable(format!(
+                "injected: {method} failed"
+            )));
+        }
+        if cancel {
+            assert!(self.inner.cancel(key).await.unwrap(), "a session to cancel");
+        }
+        let result = real.await;
+        let (gate, fail_reply) = self.with(method, |f| {
+            let fail = f.fail_reply > 0;
+            f.fail_reply = f.fail_reply.saturating_sub(1);
+            (f.hold.clone(), fail)
+        });
+        if let Some(gate) = gate {
+            drop(gate.acquire().await.unwrap());
+        }
+        if fail_reply {
+            return Err(StoreError::unavailable(format!(
+                "injected: the reply of {method} was lost"
+            )));
+        }
+        result
+    }
+}
+
+impl Store for FaultyStore {
+    type Subscription = MemorySubscription;
+
+    async fn claim(&self, key: &SessionKey, lifetime: Duration) -> Result<Claim, StoreError> {
+        self.around("claim", key, self.inner.claim(key, lifetime))
+            .await
+    }
+
+    async fn start(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+        head: ResponseHead,
+    ) -> Result<bool, StoreError> {
+        self.around("start", key, self.inner.start(key, epoch, head))
+            .await
+    }
+
+    async fn release(&self, key: &SessionKey, epoch: Epoch) -> Result<(), StoreError> {
+        self.around("release", key, self.inner.release(key, epoch))
+            .await
+    }
+
+    async fn append(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+        blocks: &[EventBlock],
+    ) -> Result<Appended, StoreError> {
+        self.around("append", key, self.inner.append(key, epoch, blocks))
+            .await
+    }
+
+    async fn finish(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+        outcome: Outcome,
+    ) -> Result<(), StoreError> {
+        self.around("finish", key, self.inner.finish(key, epoch, outcome))
+            .await
+    }
+
+    async fn lookup(&self, key: &SessionKey) -> Result<Option<SessionInfo>, StoreError> {
+        self.around("lookup", key, self.inner.lookup(key)).await
+    }
+
+    async fn read(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+        after: u64,
+        max: usize,
+    ) -> Result<Option<ReadBatch>, StoreError> {
+        self.around("read", key, self.inner.read(key, epoch, after, max))
+            .await
+    }
+
+    async fn subscribe(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+    ) -> Result<MemorySubscription, StoreError> {
+        self.around("subscribe", key, self.inner.subscribe(key, epoch))
+            .await
+    }
+
+    async fn cancelled(&self, key: &SessionKey, epoch: Epoch) -> Result<(), StoreError> {
+        self.around("cancelled", key, self.inner.cancelled(key, epoch))
+            .await
+    }
+
+    async fn cancel(&self, key: &SessionKey) -> Result<bool, StoreError> {
+        self.around("cancel", key, self.inner.cancel(key)).await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The layer around the routes of `tests/common`, whose answers the test can hold.
+
+type Routes = BoxCloneService<Request<Body>, Response<Body>, Infallible>;
+type Svc = ResumableSse<Routes, FaultyStore>;
+type Res = Response<ResumableBody<Body>>;
+
+struct App {
+    svc: Svc,
+    store: FaultyStore,
+    inner: Inner,
+    drain: Drain,
+    /// While closed, the inner service does not answer.
+    answer_gate: Arc<Mutex<Option<Arc<Semaphore>>>>,
+    /// Calls that reached the inner service (answered or not).
+    entered: Arc<AtomicUsize>,
+}
+
+fn app(
+    layer: impl FnOnce(ResumableSseLayer<FaultyStore>) -> ResumableSseLayer<FaultyStore>,
+) -> App {
+    let store = FaultyStore::default();
+    let inner = Inner::default();
+    let router = common::routes(inner.clone());
+    let answer_gate: Arc<Mutex<Option<Arc<Semaphore>>>> = Arc::default();
+    let entered = Arc::new(AtomicUsize::new(0));
+    let routes = {
+        let (gate, entered) = (answer_gate.clone(), entered.clone());
+        tower::service_fn(move |req: Request<Body>| {
+            let (router, gate, entered) = (router.clone(), gate.clone(), entered.clone());
+            async move {
+                entered.fetch_add(1, Ordering::SeqCst);
+                let held = gate.lock().unwrap().clone();
+                if let Some(held) = held {
+                    drop(held.acquire().await.unwrap());
+                }
+                router.oneshot(req).await
+            }
+        })
+    };
+    let layer = layer(ResumableSseLayer::new(store.clone()).keep_alive(None));
+    let drain = layer.drain_handle();
+    App {
+        svc: layer.layer(BoxCloneService::new(routes)),
+        store,
+        inner,
+        drain,
+        answer_gate,
+        entered,
+    }
+}
+
+impl App {
+    fn hold_answers(&self) {
+        *self.answer_gate.lock().unwrap() = Some(Arc::new(Semaphore::new(0)));
+    }
+
+    fn release_answers(&self) {
+        if let Some(gate) = self.answer_gate.lock().unwrap().take() {
+            gate.add_permits(1 << 20);
+        }
+    }
+
+    fn call(&self, path: &str, last_event_id: Option<&str>) -> JoinHandle<Res> {
+        let mut req = Request::get(path);
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let req = req.body(Body::empty()).unwrap();
+        let svc = self.svc.clone();
+        tokio::spawn(async move {
+            match svc.oneshot(req).await {
+                Ok(res) => res,
+                Err(never) => match never {},
+            }
+        })
+    }
+
+    async fn get(&self, path: &str, last_event_id: Option<&str>) -> Res {
+        answer(self.call(path, last_event_id)).await
+    }
+
+    async fn status(&self, key: &str) -> Option<Status> {
+        let key = SessionKey::new(key).unwrap();
+        let info = self.store.inner.lookup(&key).await.unwrap();
+        info.map(|i| i.status)
+    }
+
+    async fn cancel(&self, key: &str) {
+        let key = SessionKey::new(key).unwrap();
+        assert!(
+            self.store.inner.cancel(&key).await.unwrap(),
+            "a session to cancel"
+        );
+    }
+}
+
+async fn answer(call: JoinHandle<Res>) -> Res {
+    tokio::time::timeout(TIMEOUT, call)
+        .await
+        .expect("an answer in time")
+        .expect("the call does not panic")
+}
+
+fn reason(res: &Res) -> Option<&str> {
+    res.headers()
+        .get(REASON_HEADER)
+        .map(|v| v.to_str().unwrap())
+}
+
+/// The body to its end, as `(id, data)` pairs.
+async fn events(res: Res) -> Vec<(String, String)> {
+    let mut body = res.into_body();
+    let mut bytes = Vec::new();
+    while let Some(frame) = tokio::time::timeout(TIMEOUT, body.frame())
+        .await
+        .expect("a frame or the end in time")
+    {
+        if let Ok(data) = frame.expect("the body does not fail").into_data() {
+            bytes.extend_from_slice(&data);
+        }
+    }
+    let text = String::from_utf8(bytes).unwrap();
+    text.split("\n\n")
+        .filter(|block| !block.is_empty())
+        .map(|block| {
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            (field("id: "), field("data: "))
+        })
+        .collect()
+}
+
+fn datas(evs: &[(String, String)]) -> Vec<String> {
+    evs.iter().map(|(_, d)| d.clone()).collect()
+}
+
+/// Every id is the layer's, and they follow each other from 1.
+fn assert_layer_ids(evs: &[(String, String)]) {
+    for (i, (id, _)) in evs.iter().enumerate() {
+        let id = EventId::parse(id.as_bytes()).unwrap_or_else(|| panic!("not a layer id: {id}"));
+        assert_eq!(id.seq, i as u64 + 1, "ids in order, without gap or repeat");
+    }
+}
+
+/// Waits until `cond` holds, for at most `within` (on the runtime's clock).
+async fn within(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let waited = tokio::time::timeout(within, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "{what}: not within {within:?}");
+}
+
+async fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    within(TIMEOUT, what, cond).await;
+}
+
+/// A running `/gated` session with its first event stored, and the response that started it.
+async fn gated_session(app: &App, key: &str) -> Res {
+    app.inner.gate(key);
+    let res = app.get(&format!("/gated?session_id={key}"), None).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    app.inner.send(key, "first");
+    res
+}
+
+// ---------------------------------------------------------------------------------------------
+// The watch for cancellation.
+
+#[tokio::test(start_paused = true)]
+async fn cancel_still_stops_the_generation_after_one_failed_cancellation_check() {
+    let app = app(|l| l);
+    app.store.fail_next("cancelled", 1);
+    let res = gated_session(&app, "watch").await;
+    eventually("the first check failed", || {
+        app.store.calls("cancelled") >= 1
+    })
+    .await;
+    eventually("the first event stored", || app.store.calls("append") >= 1).await;
+    // The generator is idle: no append will see the cancel, only the watch can.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    app.cancel("watch").await;
+    within(
+        Duration::from_secs(5),
+        "the generator dropped after the cancel",
+        || app.inner.generators_dropped() == 1,
+    )
+    .await;
+    assert_eq!(
+        app.store.calls("cancelled"),
+        2,
+        "the watch was re-armed once"
+    );
+    assert_eq!(
+        app.status("watch").await,
+        Some(Status::Finished(Outcome::Cancelled))
+    );
+    assert_eq!(datas(&events(res).await), ["first"]);
+    eventually("the producer ended", || app.drain.running() == 0).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Append retries: every watchdog stays live during the backoff.
+
+/// Fails every append until the fourth failure, which waits 800 ms before its retry.
+async fn in_append_backoff(app: &App, key: &str) -> Res {
+    app.store.fail_next("append", 7);
+    let res = gated_session(app, key).await;
+    eventually("four appends failed", || app.store.calls("append") >= 4).await;
+    res
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_during_an_append_backoff_stops_the_producer_promptly() {
+    let app = app(|l| l);
+    let _res = in_append_backoff(&app, "cancel-backoff").await;
+    app.cancel("cancel-backoff").await;
+    within(PROMPTLY, "the generator dropped after the cancel", || {
+        app.inner.generators_dropped() == 1
+    })
+    .await;
+    eventually("the producer ended", || app.drain.running() == 0).await;
+    assert_eq!(app.store.calls("append"), 4, "no retry after the cancel");
+    assert_eq!(app.store.calls("finish"), 0, "a cancel is not overwritten");
+    assert_eq!(
+        app.status("cancel-backoff").await,
+        Some(Status::Finished(Outcome::Cancelled))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_drain_deadline_during_an_append_backoff_ends_the_session_promptly() {
+    let app = app(|l| l);
+    let _res = in_append_backoff(&app, "drain-backoff").await;
+    let deadline = Duration::from_millis(10);
+    let report = tokio::time::timeout(deadline + PROMPTLY, app.drain.drain(deadline))
+        .await
+        .expect("the drain returns right after its deadline");
+    assert_eq!(report.running_at_start, 1);
+    assert_eq!(report.ended_at_deadline, 1);
+    assert_eq!(app.inner.generators_dropped(), 1);
+    assert_eq!(
+        app.status("drain-backoff").await,
+        Some(Status::Finished(Outcome::Failed))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_max_lifetime_during_an_append_backoff_ends_the_session_promptly() {
+    let lifetime = Duration::from_secs(1);
+    let app = app(|l| l.max_lifetime(lifetime));
+    let started = Instant::now();
+    app.store.fail_next("append", 7);
+    // Appends fail at 0, 100, 300 and 700 ms; the fourth waits until 1,500 ms: the lifetime
+    // ends in the middle of that wait.
+    let _res = gated_session(&app, "lifetime-backoff").await;
+    let ended = tokio::time::timeout_at(started + lifetime + PROMPTLY, async {
+        while app.inner.generators_dropped() == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the generator is dropped at the lifetime, not after the backoff"
+    );
+    assert_eq!(app.store.calls("append"), 4);
+    eventually("the producer ended", || app.drain.running() == 0).await;
+    assert_eq!(
+        app.status("lifetime-backoff").await,
+        Some(Status::Finished(Outcome::Failed))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn events_are_still_generated_during_an_append_backoff_and_stored_in_order() {
+    let app = app(|l| l);
+    let res = in_append_backoff(&app, "keeps-reading").await;
+    // Generated while the producer waits to retry: read from the body, appended with the retry.
+    for i in 0..5 {
+        app.inner.send("keeps-reading", format!("during {i}"));
+    }
+    app.inner.end("keeps-reading");
+    let evs = events(res).await;
+    assert_layer_ids(&evs);
+    let expected: Vec<String> = std::iter::once("first".to_owned())
+        .chain((0..5).map(|i| format!("during {i}")))
+        .collect();
+    assert_eq!(datas(&evs), expected);
+    assert_eq!(
+        app.status("keeps-reading").await,
+        Some(Status::Finished(Outcome::Completed))
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finish retries.
+
+#[tokio::test(start_paused = true)]
+async fn a_completed_session_whose_first_finish_calls_fail_is_recorded_completed() {
+    let app = app(|l| l);
+    app.store.fail_next("finish", 3);
+    let evs = events(app.get("/tokens?session_id=fin&n=5", None).await).await;
+    assert_layer_ids(&evs);
+    assert_eq!(datas(&evs), common::expected_tokens(0..5));
+    assert_eq!(app.store.calls("finish"), 4);
+    assert_eq!(
+        app.status("fin").await,
+        Some(Status::Finished(Outcome::Completed))
+    );
+    let end = app.get("/tokens?session_id=fin&n=5", Some(&evs[4].0)).await;
+    assert_eq!(end.status(), StatusCode::NO_CONTENT);
+    assert_eq!(reason(&end), Some("completed"));
+    assert_eq!(app.inner.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_finish_reply_is_retried_and_the_session_stays_completed() {
+    let app = app(|l| l);
+    app.store.fail_reply("finish", 2);
+    let evs = events(app.get("/tokens?session_id=fin-reply&n=3", None).await).await;
+    assert_eq!(datas(&evs), common::expected_tokens(0..3));
+    eventually("the producer ended", || app.drain.running() == 0).await;
+    assert_eq!(app.store.calls("finish"), 3);
+    assert_eq!(
+        app.status("fin-reply").await,
+        Some(Status::Finished(Outcome::Completed))
+    );
+}
+
+/// A session whose body ended and whose finish keeps failing.
+async fn in_finish_backoff(app: &App, key: &str) -> Res {
+    app.store.fail_next("finish", usize::MAX);
+    let res = gated_session(app, key).await;
+    app.inner.end(key);
+    eventually("two finish calls failed", || app.store.calls("finish") >= 2).await;
+    res
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_during_finish_retries_is_kept_and_ends_the_retries() {
+    let app = app(|l| l);
+    let res = in_finish_backoff(&app, "fin-cancel").await;
+    app.cancel("fin-cancel").await;
+    let finishes = app.store.calls("finish");
+    within(PROMPTLY, "the producer ended after the cancel", || {
+        app.drain.running() == 0
+    })
+    .await;
+    assert_eq!(
+        app.store.calls("finish"),
+        finishes,
+        "no retry after the cancel"
+    );
+    assert_eq!(
+        app.status("fin-cancel").await,
+        Some(Status::Finished(Outcome::Cancelled))
+    );
+    assert_eq!(datas(&events(res).await), ["first"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_drain_deadline_during_finish_retries_ends_the_producer_promptly() {
+    let app = app(|l| l);
+    let _res = in_finish_backoff(&app, "fin-drain").await;
+    let deadline = Duration::from_millis(10);
+    let report = tokio::time::timeout(deadline + PROMPTLY, app.drain.drain(deadline))
+        .await
+        .expect("the drain returns right after its deadline");
+    assert_eq!(report.ended_at_deadline, 1);
+    assert_eq!(app.drain.running(), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The drain racing a first request.
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_that_begins_while_the_inner_service_answers_waits_for_that_session() {
+    let app = app(|l| l);
+    app.hold_answers();
+    let first = app.call("/tokens?session_id=racing&n=3", None);
+    eventually("the inner service is answering", || {
+        app.entered.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let drain = app.drain.clone();
+    let draining = tokio::spawn(async move { drain.drain(TIMEOUT).await });
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert!(app.drain.is_draining());
+    assert_eq!(app.drain.running(), 1, "the answering session is counted");
+    assert!(!draining.is_finished(), "the drain waits for that session");
+    // Other new sessions are refused meanwhile.
+    let refused = app.get("/tokens?session_id=other&n=3", None).await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reason(&refused), Some("draining"));
+
+    app.release_answers();
+    let evs = events(answer(first).await).await;
+    assert_eq!(datas(&evs), common::expected_tokens(0..3));
+    let report = tokio::time::timeout(TIMEOUT, draining)
+        .await
+        .expect("the drain returns")
+        .unwrap();
+    assert_eq!(report.running_at_start, 1);
+    assert_eq!(report.ended_at_deadline, 0);
+    assert_eq!(
+        app.status("racing").await,
+        Some(Status::Finished(Outcome::Completed))
+    );
+    assert_eq!(app.inner.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_passed_the_drain_check_before_the_drain_began_is_refused_and_produces_nothing(
+) {
+    let app = app(|l| l);
+    // The request is past its drain check, its claim in flight, when the drain begins.
+    app.store.hold("claim");
+    let late = app.call("/gated?session_id=late", None);
+    app.inner.gate("late");
+    eventually("the claim is in flight", || app.store.calls("claim") == 1).await;
+    let report = tokio::time::timeout(TIMEOUT, app.drain.drain(TIMEOUT))
+        .await
+        .expect("nothing runs: the drain returns");
+    assert_eq!(report.running_at_start, 0);
+
+    app.store.release("claim");
+    let res = answer(late).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reason(&res), Some("draining"));
+    assert_eq!(res.headers()["retry-after"], "1");
+    assert_eq!(app.entered.load(Ordering::SeqCst), 0, "nothing generated");
+    eventually("the claim released", || app.store.calls("release") == 1).await;
+    assert_eq!(app.status("late").await, None);
+    assert_eq!(app.drain.running(), 0);
+    assert_eq!(app.store.calls("start"), 0);
+    assert_eq!(app.store.calls("append"), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The start of a session, in a task of its own.
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_disconnects_during_a_slow_start_loses_no_event() {
+    let app = app(|l| l);
+    // The start is stored, its reply is slow, and the client goes away meanwhile.
+    app.store.hold("start");
+    let first = app.call("/tokens?session_id=slow-start&n=50", None);
+    eventually("the start is in flight", || app.store.calls("start") == 1).await;
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    app.store.release("start");
+
+    let evs = events(app.get("/tokens?session_id=slow-start&n=50", None).await).await;
+    assert_layer_ids(&evs);
+    assert_eq!(datas(&evs), common::expected_tokens(0..50));
+    let end = app
+        .get("/tokens?session_id=slow-start&n=50", Some(&evs[49].0))
+        .await;
+    assert_eq!(end.status(), StatusCode::NO_CONTENT);
+    assert_eq!(reason(&end), Some("completed"));
+    assert_eq!(app.inner.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_start_reply_is_retried_and_the_session_is_produced_once() {
+    let app = app(|l| l);
+    app.store.fail_reply("start", 1);
+    let res = app.get("/tokens?session_id=lost-start&n=20", None).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let evs = events(res).await;
+    assert_layer_ids(&evs);
+    assert_eq!(datas(&evs), common::expected_tokens(0..20));
+    assert_eq!(app.store.calls("start"), 2);
+    eventually("the producer ended", || app.drain.running() == 0).await;
+    assert_eq!(
+        app.status("lost-start").await,
+        Some(Status::Finished(Outcome::Completed))
+    );
+    // A reconnect from the start gets the same events, once.
+    let again = events(app.get("/tokens?session_id=lost-start&n=20", None).await).await;
+    assert_eq!(again, evs);
+    assert_eq!(app.inner.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_that_keeps_failing_serves_the_response_unresumable_and_releases_the_claim() {
+    let app = app(|l| l);
+    app.store.fail_next("start", usize::MAX);
+    let res = app.get("/tokens?session_id=no-start&n=3", None).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let evs = events(res).await;
+    assert_eq!(datas(&evs), common::expected_tokens(0..3));
+    assert_eq!(evs[0].0, "inner-0", "passed through, with the inner ids");
+    assert_eq!(app.store.calls("append"), 0);
+    assert_eq!(app.status("no-start").await, None, "the claim is released");
+    assert_eq!(app.drain.running(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_that_finds_its_claim_lost_drops_the_body_and_starts_no_producer() {
+    let app = app(|l| l);
+    // Cancelled between the claim and the start: the start answers `false`.
+    app.store.cancel_before("start");
+    app.inner.gate("lost-claim");
+    let res = app.get("/gated?session_id=lost-claim", None).await;
+    // Answered as a reconnect of the cancelled session would be.
+    assert_eq!(res.status(), StatusCode::NO_CONTENT);
+    assert_eq!(reason(&res), Some("cancelled"));
+    eventually("the inner generator dropped", || {
+        app.inner.generators_dropped() == 1
+    })
+    .await;
+    eventually("no producer counted", || app.drain.running() == 0).await;
+    assert_eq!(app.store.calls("start"), 1);
+    assert_eq!(app.store.calls("cancelled"), 0, "no producer ran");
+    assert_eq!(app.store.calls("append"), 0);
+    assert_eq!(app.store.calls("finish"), 0);
+    assert_eq!(app.inner.calls(), 1);
+    assert_eq!(
+        app.status("lost-claim").await,
+        Some(Status::Finished(Outcome::Cancelled))
+    );
+}
+
+/// A first request whose inner service has not answered when the drain deadline passes holds a
+/// producer guard that nothing ends: `drain()` waits for the inner service, however long it takes.
+#[tokio::test(start_paused = true)]
+async fn the_drain_deadline_while_the_inner_service_answers_refuses_that_request() {
+    let app = app(|l| l);
+    app.hold_answers();
+    let first = app.call("/tokens?session_id=slow-inner&n=3", None);
+    eventually("the inner service is answering", || {
+        app.entered.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let deadline = Duration::from_millis(10);
+    let report = tokio::time::timeout(deadline + PROMPTLY, app.drain.drain(deadline))
+        .await
+        .expect("the drain returns right after its deadline");
+    assert_eq!(report.ended_at_deadline, 1);
+    let res = answer(first).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reason(&res), Some("draining"));
+    assert_eq!(
+        app.status("slow-inner").await,
+        None,
+        "the claim is released"
+    );
+    app.release_answers();
+}
