@@ -753,3 +753,744 @@ async fn a_reply_slower_than_the_response_timeout_fails_and_the_default_waits_fo
     // The store with the short timeout works again once the server does.
     assert!(short.lookup(&key).await.unwrap().is_none());
 }
+
+// --- Every stream ends, exactly once, at every size: limits, the shared tail, the final status --
+
+/// A private server for a test that counts its commands, stalls it or goes through a proxy;
+/// `None` (after a SKIP line) without `redis-server`.
+fn private_server() -> Option<RedisServer> {
+    shared_url()?;
+    Some(RedisServer::start())
+}
+
+/// A client of the test's own on `url`, for looking into what the store keeps.
+async fn inspector(url: &str) -> ::redis::aio::MultiplexedConnection {
+    ::redis::Client::open(url)
+        .expect("client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
+}
+
+/// The script calls the server ran so far.
+async fn script_calls(rc: &mut ::redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(rc)
+        .await
+        .expect("INFO");
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// An encoded event of exactly [`FIXED_LEN`] bytes.
+fn fixed(seq: u64) -> String {
+    format!("id: x-{seq:010}\ndata: {seq:010}\n\n")
+}
+
+const FIXED_LEN: usize = 35;
+
+/// One block of fixed-size events.
+fn fixed_events(seqs: std::ops::RangeInclusive<u64>) -> EventBlock {
+    let mut b = EventBlockBuilder::new(*seqs.start());
+    for seq in seqs {
+        b.push_with(|buf| buf.extend_from_slice(fixed(seq).as_bytes()));
+    }
+    b.finish().expect("at least one event")
+}
+
+/// The sequence numbers of a page of fixed-size events, checking every event's bytes.
+fn fixed_seqs(batch: &ReadBatch) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    for block in &batch.blocks {
+        for (seq, bytes) in block.iter() {
+            assert_eq!(bytes, fixed(seq).as_bytes(), "event {seq}");
+            seqs.push(seq);
+        }
+    }
+    seqs
+}
+
+/// Claims and starts `key` on `store`.
+async fn running(store: &RedisStore, key: &SessionKey) -> resumable_sse::Epoch {
+    let Claim::Claimed(epoch) = store.claim(key, Duration::from_secs(60)).await.unwrap() else {
+        panic!("a fresh key is claimable");
+    };
+    assert!(store.start(key, epoch, head()).await.unwrap());
+    epoch
+}
+
+/// A stream entry as `XRANGE` returns it: its id and its fields.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
+/// What Redis retains of a session: the meta hash's `first`, `last` and `bytes`, and the stream
+/// entries' first sequence numbers with the length of their data.
+struct Retained {
+    first: u64,
+    last: u64,
+    bytes: u64,
+    chunks: Vec<(u64, usize)>,
+}
+
+impl Retained {
+    async fn of(rc: &mut ::redis::aio::MultiplexedConnection, prefix: &str, key: &str) -> Self {
+        let (first, last, bytes): (u64, u64, u64) = ::redis::cmd("HMGET")
+            .arg(format!("{prefix}:{{{key}}}:meta"))
+            .arg("first")
+            .arg("last")
+            .arg("bytes")
+            .query_async(rc)
+            .await
+            .expect("HMGET");
+        let entries: Vec<StreamEntry> = ::redis::cmd("XRANGE")
+            .arg(format!("{prefix}:{{{key}}}:events"))
+            .arg("-")
+            .arg("+")
+            .query_async(rc)
+            .await
+            .expect("XRANGE");
+        let chunks = entries
+            .into_iter()
+            .map(|(id, fields)| {
+                let seq = id.split('-').next().unwrap().parse().unwrap();
+                let data = fields.iter().find(|(f, _)| f == "d").expect("data field");
+                (seq, data.1.len())
+            })
+            .collect();
+        Self {
+            first,
+            last,
+            bytes,
+            chunks,
+        }
+    }
+
+    /// Checks that the meta hash describes the stream: `bytes` is the sum of the chunks' data and
+    /// `first` the oldest chunk's first event.
+    fn assert_consistent(&self) {
+        let sum: usize = self.chunks.iter().map(|c| c.1).sum();
+        assert_eq!(self.bytes, sum as u64, "bytes field vs the chunks retained");
+        assert_eq!(Some(self.first), self.chunks.first().map(|c| c.0), "first");
+    }
+}
+
+#[tokio::test]
+async fn two_hundred_thousand_events_at_full_speed_reach_the_first_client_with_the_default_configuration(
+) {
+    let Some(server) = private_server() else {
+        return;
+    };
+    // The default configuration: only a prefix of the test's own.
+    let store = RedisStore::builder(server.url())
+        .prefix(unique_prefix())
+        .connect()
+        .await
+        .expect("connect");
+    let app = serve_with(store, |l| l).await;
+    const N: u64 = 200_000;
+    let path = format!("/tokens?session_id=big&n={N}");
+    let run = async {
+        let started = std::time::Instant::now();
+        let mut conn = get(app.addr, &path, None).await;
+        assert_eq!(conn.status, 200);
+        let mut seq = 0u64;
+        let mut last = None;
+        while let Some(ev) = conn.next().await {
+            assert_eq!(ev.data, format!("token {seq}"), "in order, none missing");
+            seq += 1;
+            let id = ev.id.expect("an id");
+            assert!(id.ends_with(&format!("-{seq}")), "{id} is event {seq}");
+            last = Some(id);
+        }
+        assert_eq!(seq, N, "every event, then the end");
+        assert_eq!(conn.comments, 0, "not evicted");
+        eprintln!("{N} events in {:?}", started.elapsed());
+        let done = get(app.addr, &path, last.as_deref()).await;
+        assert_eq!(
+            (done.status.as_u16(), done.reason()),
+            (204, Some("completed"))
+        );
+    };
+    tokio::time::timeout(Duration::from_secs(180), run)
+        .await
+        .expect("the stream ends in time");
+    assert_eq!(app.inner.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_client_behind_the_hard_byte_limit_gets_a_prefix_then_the_evicted_comment_and_410() {
+    let Some(server) = private_server() else {
+        return;
+    };
+    // Events of 8 KiB, and room for about 300 of them, even for a connected reader.
+    const DATA: usize = 8 << 10;
+    const EVENTS: usize = 6_000; // 48 MiB: far more than the socket buffers hold
+    let cap = 300 * DATA;
+    let store = RedisStore::builder(server.url())
+        .prefix(unique_prefix())
+        .max_bytes_per_session(cap)
+        .hard_max_bytes_per_session(cap)
+        .connect()
+        .await
+        .expect("connect");
+    let app = serve_with(store, |l| l.keep_alive(None)).await;
+    let path = "/gated?session_id=behind";
+    let key = SessionKey::new("behind").unwrap();
+    let run = async {
+        app.inner.gate("behind");
+        let mut first = get(app.addr, path, None).await;
+        assert_eq!(first.status, 200);
+        let data = |i: usize| format!("{i:08}{}", "x".repeat(DATA - 8));
+        app.inner.send("behind", data(0));
+        let mut got = first.take(1).await;
+        // Then the client reads nothing while the rest of the stream is produced.
+        for i in 1..EVENTS {
+            app.inner.send("behind", data(i));
+        }
+        app.inner.end("behind");
+        loop {
+            let info = app.store.lookup(&key).await.unwrap().expect("session");
+            if info.status == Status::Finished(Outcome::Completed) {
+                assert!(info.first_seq > 1, "the oldest events were trimmed");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Then it reads: what the connection already held, then the evicted comment, then the end.
+        got.extend(first.collect().await);
+        assert!(got.len() < EVENTS - 300, "{} events", got.len());
+        for (i, ev) in got.iter().enumerate() {
+            assert!(
+                ev.data.starts_with(&format!("{i:08}")),
+                "a prefix, in order"
+            );
+        }
+        assert_eq!(first.comments, 1, "the evicted comment");
+        let last = got.last().unwrap().id.clone().unwrap();
+        let again = get(app.addr, path, Some(&last)).await;
+        assert_eq!(
+            (again.status.as_u16(), again.reason()),
+            (410, Some("evicted"))
+        );
+        // A new client without Last-Event-ID: the session's start is gone.
+        let fresh = get(app.addr, path, None).await;
+        assert_eq!(
+            (fresh.status.as_u16(), fresh.reason()),
+            (410, Some("evicted"))
+        );
+        // What is retained is still served, to the end, to a client positioned in it.
+        let info = app.store.lookup(&key).await.unwrap().unwrap();
+        let epoch = info.epoch;
+        let from = resumable_sse::EventId {
+            epoch,
+            seq: info.first_seq - 1,
+        }
+        .to_string();
+        let mut tail = get(app.addr, path, Some(&from)).await;
+        assert_eq!(tail.status, 200);
+        let rest = tail.collect().await;
+        assert_eq!(rest.len() as u64, info.last_seq - info.first_seq + 1);
+        assert_eq!(info.last_seq, EVENTS as u64);
+        assert_eq!(tail.comments, 0);
+        eprintln!("prefix of {} events, {} retained", got.len(), rest.len());
+    };
+    tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("in time");
+}
+
+#[tokio::test]
+async fn a_client_on_the_producing_instance_keeps_what_it_needs_past_the_soft_byte_limit() {
+    let Some(server) = private_server() else {
+        return;
+    };
+    // The same stream as above, with only the soft limit that small: the connected first
+    // client, which reads nothing while it is produced, still gets every event.
+    const DATA: usize = 8 << 10;
+    const EVENTS: usize = 6_000;
+    let store = RedisStore::builder(server.url())
+        .prefix(unique_prefix())
+        .max_bytes_per_session(300 * DATA)
+        .connect()
+        .await
+        .expect("connect");
+    let app = serve_with(store, |l| l.keep_alive(None)).await;
+    let path = "/gated?session_id=held";
+    let key = SessionKey::new("held").unwrap();
+    let run = async {
+        app.inner.gate("held");
+        let mut first = get(app.addr, path, None).await;
+        let data = |i: usize| format!("{i:08}{}", "x".repeat(DATA - 8));
+        app.inner.send("held", data(0));
+        let mut got = first.take(1).await;
+        for i in 1..EVENTS {
+            app.inner.send("held", data(i));
+        }
+        app.inner.end("held");
+        loop {
+            let info = app.store.lookup(&key).await.unwrap().expect("session");
+            if info.status == Status::Finished(Outcome::Completed) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        got.extend(first.collect().await);
+        assert_eq!(got.len(), EVENTS);
+        for (i, ev) in got.iter().enumerate() {
+            assert!(
+                ev.data.starts_with(&format!("{i:08}")),
+                "every event, in order"
+            );
+        }
+        assert_eq!(first.comments, 0, "no evicted comment");
+        // What it had read when the later appends came was not held: the start is gone.
+        let fresh = get(app.addr, path, None).await;
+        assert_eq!(
+            fresh.status.as_u16(),
+            410,
+            "the start was trimmed once no reader held it"
+        );
+    };
+    tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the test ends");
+}
+
+#[tokio::test]
+async fn the_byte_limit_bounds_what_redis_retains_and_keeps_one_larger_event_alone() {
+    let Some(server) = private_server() else {
+        return;
+    };
+    let url = server.url();
+    let prefix = unique_prefix();
+    const CAP: usize = 100_000;
+    // A chunk of these small events holds at most 64 of them.
+    const CHUNK: usize = 64 * FIXED_LEN;
+    let store = RedisStore::builder(&url)
+        .prefix(&prefix)
+        .max_bytes_per_session(CAP)
+        .connect()
+        .await
+        .expect("connect");
+    let mut rc = inspector(&url).await;
+    let key = SessionKey::new("capped").unwrap();
+    let run = async {
+        let epoch = running(&store, &key).await;
+        let mut next = 1u64;
+        let mut appended = 0;
+        while appended < 10 * CAP {
+            let n = 37 + next % 50;
+            let block = fixed_events(next..=next + n - 1);
+            assert_eq!(
+                store.append(&key, epoch, &[block]).await.unwrap(),
+                Appended::Stored
+            );
+            next += n;
+            appended += n as usize * FIXED_LEN;
+            let r = Retained::of(&mut rc, &prefix, "capped").await;
+            r.assert_consistent();
+            assert_eq!(r.last, next - 1);
+            assert!(
+                r.bytes as usize <= CAP + CHUNK,
+                "{} bytes retained",
+                r.bytes
+            );
+            if appended > CAP {
+                // Only what must go is trimmed.
+                assert!(r.bytes as usize > CAP - CHUNK, "{} bytes retained", r.bytes);
+            }
+        }
+        let r = Retained::of(&mut rc, &prefix, "capped").await;
+        let usage: u64 = ::redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(format!("{prefix}:{{capped}}:events"))
+            .arg("SAMPLES")
+            .arg(0)
+            .query_async(&mut rc)
+            .await
+            .unwrap();
+        assert!(
+            usage < 2 * CAP as u64,
+            "{usage} bytes of Redis memory for {} bytes of events in {} chunks",
+            r.bytes,
+            r.chunks.len()
+        );
+        // Readers start at the oldest retained event.
+        let page = store.read(&key, epoch, 0, 10).await.unwrap().unwrap();
+        assert_eq!(page.first_seq, r.first);
+        assert_eq!(
+            fixed_seqs(&page),
+            (r.first..r.first + 10).collect::<Vec<_>>()
+        );
+        let info = store.lookup(&key).await.unwrap().unwrap();
+        assert_eq!((info.first_seq, info.last_seq), (r.first, next - 1));
+
+        // One event larger than the limit: kept, alone.
+        let big_seq = next;
+        let mut big = EventBlockBuilder::new(big_seq);
+        let data = "y".repeat(3 * CAP);
+        big.push_with(|buf| buf.extend_from_slice(format!("data: {data}\n\n").as_bytes()));
+        let big = big.finish().unwrap();
+        store
+            .append(&key, epoch, std::slice::from_ref(&big))
+            .await
+            .unwrap();
+        let r = Retained::of(&mut rc, &prefix, "capped").await;
+        r.assert_consistent();
+        assert_eq!(r.chunks, [(big_seq, big.bytes().len())]);
+        let page = store.read(&key, epoch, 0, 10).await.unwrap().unwrap();
+        assert_eq!(page.blocks, std::slice::from_ref(&big));
+        // The next event pushes it out.
+        store
+            .append(&key, epoch, &[fixed_events(big_seq + 1..=big_seq + 1)])
+            .await
+            .unwrap();
+        let r = Retained::of(&mut rc, &prefix, "capped").await;
+        r.assert_consistent();
+        assert_eq!(r.chunks, [(big_seq + 1, FIXED_LEN)]);
+
+        // The event count limit, when set, works alongside.
+        let counted = RedisStore::builder(&url)
+            .prefix(&prefix)
+            .max_events_per_session(100)
+            .connect()
+            .await
+            .expect("connect");
+        let key = SessionKey::new("counted").unwrap();
+        let epoch = running(&counted, &key).await;
+        for from in (1..=1000u64).step_by(30) {
+            counted
+                .append(&key, epoch, &[fixed_events(from..=from + 29)])
+                .await
+                .unwrap();
+            let r = Retained::of(&mut rc, &prefix, "counted").await;
+            r.assert_consistent();
+            let kept = r.last - r.first + 1;
+            assert!(
+                (kept >= 100 || r.first == 1) && kept < 100 + 64,
+                "{kept} events kept"
+            );
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("in time");
+}
+
+#[tokio::test]
+async fn a_shared_tail_overtaken_by_trimming_restarts_so_that_no_subscriber_stalls() {
+    let Some(server) = private_server() else {
+        return;
+    };
+    let url = server.url();
+    let prefix = unique_prefix();
+    // The producing instance keeps about 1,500 events; the subscribers are on another instance,
+    // whose shared tail of the session follows it through notifications.
+    let producer = RedisStore::builder(&url)
+        .prefix(&prefix)
+        .max_bytes_per_session(1_500 * FIXED_LEN)
+        .connect()
+        .await
+        .expect("connect");
+    let subscribers = serve_with(
+        RedisStore::builder(&url)
+            .prefix(&prefix)
+            .connect()
+            .await
+            .expect("connect"),
+        |l| l.keep_alive(None),
+    )
+    .await;
+    let mut rc = inspector(&url).await;
+    let key = SessionKey::new("overtaken").unwrap();
+    let path = "/gated?session_id=overtaken";
+    const SUBSCRIBERS: usize = 50;
+    let run = async {
+        let epoch = running(&producer, &key).await;
+        producer
+            .append(&key, epoch, &[fixed_events(1..=10)])
+            .await
+            .unwrap();
+        // A subscriber that started early: the tail of its instance holds events 1 to 10.
+        let mut early = get(subscribers.addr, path, None).await;
+        assert_eq!(early.status, 200);
+        assert_eq!(early.take(10).await.len(), 10);
+        // One append of 5,000 events: the limit trims the events that follow the tail before
+        // the tail is refreshed, and the page it then fetches is full.
+        producer
+            .append(&key, epoch, &[fixed_events(11..=5_010)])
+            .await
+            .unwrap();
+        let info = producer.lookup(&key).await.unwrap().unwrap();
+        assert!(info.first_seq > 11 + 1_024, "{}", info.first_seq);
+        // The early subscriber's next events are gone: it is told so, and its stream ends.
+        assert_eq!(early.next().await, None);
+        assert_eq!(early.comments, 1, "the evicted comment");
+        // Subscribers joining near the head are served, and keep being served from the shared
+        // tail: Redis work per event does not grow with their number.
+        let id = |seq| resumable_sse::EventId { epoch, seq }.to_string();
+        let mut late = Vec::new();
+        for _ in 0..SUBSCRIBERS {
+            let mut conn = get(subscribers.addr, path, Some(&id(5_000))).await;
+            assert_eq!(conn.status, 200);
+            let got: Vec<String> = conn.take(10).await.into_iter().map(|e| e.data).collect();
+            let want: Vec<String> = (5_001..=5_010u64).map(|s| format!("{s:010}")).collect();
+            assert_eq!(got, want);
+            late.push(conn);
+        }
+        let before = script_calls(&mut rc).await;
+        for seq in 5_011..=5_030u64 {
+            producer
+                .append(&key, epoch, &[fixed_events(seq..=seq)])
+                .await
+                .unwrap();
+            for conn in &mut late {
+                assert_eq!(conn.take(1).await[0].data, format!("{seq:010}"));
+            }
+        }
+        let used = script_calls(&mut rc).await - before;
+        assert!(
+            used < 20 * 5,
+            "{used} script calls for 20 events to {SUBSCRIBERS} subscribers: the tail is not shared"
+        );
+        // No read spins: idle, the instance costs Redis a few calls a second.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = script_calls(&mut rc).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let idle = script_calls(&mut rc).await - before;
+        assert!(idle < 20, "{idle} script calls in an idle second");
+        eprintln!("{used} script calls for 20 events to {SUBSCRIBERS} subscribers, {idle} idle");
+        producer
+            .finish(&key, epoch, Outcome::Completed)
+            .await
+            .unwrap();
+        for conn in &mut late {
+            assert_eq!(conn.next().await, None);
+            assert_eq!(conn.comments, 0);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("no subscriber stalls");
+}
+
+#[tokio::test]
+async fn reads_of_a_finished_session_end_at_every_multiple_of_the_page_tail_and_chunk_sizes() {
+    let Some(server) = private_server() else {
+        return;
+    };
+    let url = server.url();
+    let prefix = unique_prefix();
+    let run = async {
+        for n in [64u64, 1_024, 4_096, 4_160, 8_192] {
+            let store = RedisStore::builder(&url)
+                .prefix(&prefix)
+                .connect()
+                .await
+                .expect("connect");
+            let key = SessionKey::new(format!("sized-{n}")).unwrap();
+            let epoch = running(&store, &key).await;
+            for from in (1..=n).step_by(1_000) {
+                store
+                    .append(&key, epoch, &[fixed_events(from..=(from + 999).min(n))])
+                    .await
+                    .unwrap();
+            }
+            store.finish(&key, epoch, Outcome::Completed).await.unwrap();
+            // A local subscriber, so that reads go through the instance's shared tail.
+            let _sub = store.subscribe(&key, epoch).await.unwrap();
+            // Every multiple of 64 (so of 1,024 and 4,096 too), and the one before the end; from
+            // the end backwards first (the tail starts near the end), then forwards.
+            let mut starts: Vec<u64> = (0..=n).step_by(64).chain([n - 1]).collect();
+            starts.sort_unstable();
+            for &start in starts.iter().rev().chain(&starts) {
+                let mut after = start;
+                let mut reads = 0;
+                loop {
+                    reads += 1;
+                    assert!(
+                        reads < 50,
+                        "n {n}, from {start}: no end after {reads} reads"
+                    );
+                    let page = store
+                        .read(&key, epoch, after, 1_024)
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let seqs = fixed_seqs(&page);
+                    assert_eq!(
+                        seqs,
+                        (after + 1..after + 1 + seqs.len() as u64).collect::<Vec<_>>()
+                    );
+                    if page.reaches_end(after) {
+                        after = seqs.last().copied().unwrap_or(after);
+                        break;
+                    }
+                    // Not the end: the page must say more follows, or the reader would wait
+                    // for a change that will never come.
+                    let upto = seqs.last().copied().unwrap_or(after);
+                    assert!(
+                        upto < page.last_seq,
+                        "n {n}, from {start}: a page up to {upto} is neither the end nor says \
+                         more follows"
+                    );
+                    after = upto;
+                }
+                assert_eq!(after, n);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("in time");
+}
+
+/// A TCP proxy to a Redis server that, once armed, cuts the connection carrying any command
+/// that names the outcome `completed` (the producer's FINISH), for `window` from the first one:
+/// the producer's final write fails, over and over, while its other commands get through.
+struct FinishCutter {
+    addr: std::net::SocketAddr,
+    armed: std::sync::atomic::AtomicBool,
+    window: Duration,
+    /// When each FINISH was cut.
+    cuts: std::sync::Mutex<Vec<std::time::Instant>>,
+}
+
+impl FinishCutter {
+    async fn start(upstream: u16, window: Duration) -> std::sync::Arc<Self> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let this = std::sync::Arc::new(Self {
+            addr: listener.local_addr().unwrap(),
+            armed: Default::default(),
+            window,
+            cuts: Default::default(),
+        });
+        let state = this.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                let down = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+                });
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    // The end of the previous read, for a name split between two reads.
+                    let mut carry: Vec<u8> = Vec::new();
+                    loop {
+                        let n = match client_rx.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        carry.extend_from_slice(&buf[..n]);
+                        if state.cut(&carry) {
+                            // Neither this command nor the connection goes any further.
+                            down.abort();
+                            return;
+                        }
+                        carry.drain(..carry.len().saturating_sub(16));
+                        if server_tx.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    down.abort();
+                });
+            }
+        });
+        this
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the bytes carry a FINISH to cut now.
+    fn cut(&self, bytes: &[u8]) -> bool {
+        const NAME: &[u8] = b"\r\ncompleted\r\n";
+        if !self.armed.load(std::sync::atomic::Ordering::SeqCst)
+            || !bytes.windows(NAME.len()).any(|w| w == NAME)
+        {
+            return false;
+        }
+        let mut cuts = self.cuts.lock().unwrap();
+        if cuts
+            .first()
+            .is_some_and(|first| first.elapsed() > self.window)
+        {
+            return false;
+        }
+        cuts.push(std::time::Instant::now());
+        true
+    }
+}
+
+#[tokio::test]
+async fn a_producer_keeps_its_lease_while_it_retries_recording_the_end() {
+    let Some(server) = private_server() else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let lease = Duration::from_millis(900);
+    // The producer's connections go through a proxy that cuts its FINISH for four leases.
+    let cutter = FinishCutter::start(server.port, lease * 4).await;
+    let producing = serve_with(store_on(&cutter.url(), &prefix, lease).await, |l| l).await;
+    // A follower on another instance, straight to Redis.
+    let following = serve_with(store_on(&server.url(), &prefix, lease).await, |l| l).await;
+    let path = "/gated?session_id=ending";
+    let run = async {
+        producing.inner.gate("ending");
+        let mut starter = get(producing.addr, path, None).await;
+        producing.inner.send("ending", "a");
+        let first = starter.take(1).await;
+        drop(starter);
+        let mut follower = get(following.addr, path, first[0].id.as_deref()).await;
+        assert_eq!(follower.status, 200);
+        producing.inner.send("ending", "b");
+        let got = follower.take(1).await;
+        assert_eq!(datas(&got), ["b"]);
+        // The stream ends; recording it fails for four leases, then succeeds.
+        cutter.arm();
+        producing.inner.end("ending");
+        assert_eq!(follower.next().await, None, "the follower ends");
+        let key = SessionKey::new("ending").unwrap();
+        let info = following.store.lookup(&key).await.unwrap().unwrap();
+        assert_eq!(info.status, Status::Finished(Outcome::Completed));
+        let again = get(following.addr, path, got[0].id.as_deref()).await;
+        assert_eq!(
+            (again.status.as_u16(), again.reason()),
+            (204, Some("completed"))
+        );
+        // The fault did last: recording the end failed for longer than the lease.
+        let cuts = cutter.cuts.lock().unwrap().clone();
+        assert!(cuts.len() >= 2, "{} FINISH cut", cuts.len());
+        let failing = cuts[cuts.len() - 1] - cuts[0];
+        assert!(
+            failing > lease,
+            "the end failed to be recorded for {failing:?} only"
+        );
+        eprintln!("{} FINISH cut over {failing:?}", cuts.len());
+    };
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("in time");
+}

@@ -1,6 +1,7 @@
 //! [`RedisStore`]: sessions in Redis (or Valkey, or a Redis Cluster), shared by every instance.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -28,7 +29,8 @@ use crate::session::{Epoch, Outcome, SessionKey};
 ///
 /// Per session, under one hash tag so that they share a Cluster slot
 /// (`<prefix>:{<escaped key>}:...`):
-/// - `:meta`, a hash: epoch, status, the response head, the oldest and newest sequence numbers;
+/// - `:meta`, a hash: epoch, status, the response head, the oldest and newest sequence numbers,
+///   and the bytes of event data retained;
 /// - `:events`, a Redis Stream of **chunks**: each entry holds up to 64 consecutive events (and
 ///   at most 64 KiB of them, or one larger event) as two values, whatever the number of events:
 ///   `o`, where each event ends in the chunk (little-endian `u32` offsets, 4 bytes per event),
@@ -70,7 +72,10 @@ use crate::session::{Epoch, Outcome, SessionKey};
 /// - **One lease renewal for the whole process**: every third of the lease, one task renews the
 ///   leases of every session the process produces, in one pipeline per 256 sessions (on a
 ///   Cluster, whose sessions live on several nodes, one call per session, all at once): a
-///   session costs no task or timer of its own.
+///   session costs no task or timer of its own. A lease is renewed until the session's final
+///   status is written: a producer whose last write fails keeps it while it retries (the session
+///   is not marked failed meanwhile), and lets it go 30 s plus the response timeout after its
+///   latest attempt if it gave up.
 /// - **Cancels reach the producer** through the status announcement; a producer whose
 ///   announcement was lost learns at its next renewal (which finds the session no longer
 ///   running and announces it in the process), within a third of the lease. The producer polls
@@ -81,9 +86,22 @@ use crate::session::{Epoch, Outcome, SessionKey};
 ///   of any instance (subscribers check at least every second) marks the session failed, so
 ///   clients end within the lease TTL plus one second, and reconnects get `204 failed`.
 /// - **No leaks**: a running session's keys carry a TTL renewed with the lease (lease + retention),
-///   a finished session's keys expire after `retention`, and at most `max_events_per_session`
-///   events are kept (the oldest whole chunks are trimmed, so up to one chunk more may stay; a
-///   position before the oldest kept one is answered `410 evicted`).
+///   a finished session's keys expire after `retention`, and a session retains at most
+///   [`max_bytes_per_session`](RedisStoreBuilder::max_bytes_per_session) bytes of events
+///   (64 MiB by default) and, when set,
+///   [`max_events_per_session`](RedisStoreBuilder::max_events_per_session) events (no count
+///   limit by default). These are *soft* limits: each append trims the oldest whole chunks while
+///   one is exceeded, but not the chunks that a reader connected to the producing instance (the
+///   first client among them) still needs; those stay up to the *hard* limit,
+///   [`hard_max_bytes_per_session`](RedisStoreBuilder::hard_max_bytes_per_session) (256 MiB by
+///   default), past which the oldest chunks go whoever needs them. Readers on other instances
+///   hold nothing: a soft limit may pass them by. The newest chunk always stays: up to one chunk
+///   (64 events, 64 KiB, or one larger event) more than a limit may stay, and a single event
+///   larger than the byte limit is kept alone. Trimmed events are gone: a client reading behind
+///   them gets the evicted comment and its stream ends; its reconnect, or a new client without
+///   `Last-Event-ID` once the first event is gone, is answered `410 evicted`. The byte limits
+///   count the events as they go on the wire; Redis adds its own overhead per chunk and 4 bytes
+///   per event for their offsets.
 /// - **Redis trouble**: a request that finds Redis down gets the layer's
 ///   [`OnStoreError`](crate::OnStoreError) answer; a producer retries failed appends with backoff
 ///   and holds what it produced meanwhile (bounded; the generation waits when the bound is
@@ -133,6 +151,7 @@ struct Config {
     lease: Duration,
     max_events_per_session: usize,
     max_bytes_per_session: usize,
+    hard_max_bytes_per_session: usize,
     check_interval: Duration,
     response_timeout: Duration,
 }
@@ -144,7 +163,7 @@ struct Inner {
     scripts: Scripts,
     notifier: Notifier,
     /// The sessions this process produces, whose leases the renewal task renews.
-    renewals: Mutex<HashMap<SessionKey, (Epoch, Arc<Keys>)>>,
+    renewals: Mutex<HashMap<SessionKey, Lease>>,
     renewal_task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
@@ -223,6 +242,7 @@ impl RedisStore {
                 lease: Duration::from_secs(5),
                 max_events_per_session: usize::MAX,
                 max_bytes_per_session: crate::limits::DEFAULT_MAX_BYTES_PER_SESSION,
+                hard_max_bytes_per_session: crate::limits::DEFAULT_HARD_MAX_BYTES_PER_SESSION,
                 check_interval: Duration::from_secs(1),
                 response_timeout: Duration::from_secs(10),
             },
@@ -261,17 +281,44 @@ impl RedisStoreBuilder {
     }
 
     /// The most events kept per session (default: no count limit, sessions are bounded by
-    /// bytes); the oldest chunks are trimmed.
+    /// [bytes](Self::max_bytes_per_session)).
+    ///
+    /// After each append, the oldest whole chunks (of up to 64 events) that hold only events
+    /// older than the newest `max` are trimmed: up to 63 events more than `max` may stay.
+    /// A soft limit: chunks that a reader connected to the producing instance still needs stay,
+    /// up to [`hard_max_bytes_per_session`](Self::hard_max_bytes_per_session). Trimmed events
+    /// are gone: a client reading behind them gets the evicted comment and its stream ends, and
+    /// its reconnect is answered `410 evicted`. At least 1; a limit above 2^53 is no limit.
     pub fn max_events_per_session(mut self, max: usize) -> Self {
         self.config.max_events_per_session = max.max(1);
         self
     }
 
-    /// The most encoded bytes kept per session (default
-    /// [`DEFAULT_MAX_BYTES_PER_SESSION`](crate::limits::DEFAULT_MAX_BYTES_PER_SESSION), 64 MiB);
-    /// the oldest chunks are trimmed.
+    /// The most bytes of events kept per session, counted as they go on the wire (default
+    /// [`DEFAULT_MAX_BYTES_PER_SESSION`](crate::limits::DEFAULT_MAX_BYTES_PER_SESSION), 64 MiB).
+    ///
+    /// After each append, the oldest whole chunks (of up to 64 events and 64 KiB, or one larger
+    /// event) are trimmed while the session keeps more than `max` bytes, never the newest chunk:
+    /// a session keeps at most `max` bytes plus one chunk, and one event larger than `max` is
+    /// kept alone. A soft limit: chunks that a reader connected to the producing instance still
+    /// needs stay, up to [`hard_max_bytes_per_session`](Self::hard_max_bytes_per_session).
+    /// Trimmed events are gone: a client reading behind them gets the evicted comment and its
+    /// stream ends, and its reconnect is answered `410 evicted` (as is a new client without
+    /// `Last-Event-ID` once the first event is gone). Redis memory per session is this plus its
+    /// overhead: about 4 bytes per event and a few dozen per chunk. At least 1; a limit above
+    /// 2^53 is no limit.
     pub fn max_bytes_per_session(mut self, max: usize) -> Self {
         self.config.max_bytes_per_session = max.max(1);
+        self
+    }
+
+    /// The most bytes of events a session may keep at all (default
+    /// [`DEFAULT_HARD_MAX_BYTES_PER_SESSION`](crate::limits::DEFAULT_HARD_MAX_BYTES_PER_SESSION),
+    /// 256 MiB; never below [`max_bytes_per_session`](Self::max_bytes_per_session)): past it the
+    /// oldest chunks are trimmed even when a connected reader still needs them, and that
+    /// reader's stream ends with the evicted comment.
+    pub fn hard_max_bytes_per_session(mut self, max: usize) -> Self {
+        self.config.hard_max_bytes_per_session = max.max(1);
         self
     }
 
@@ -397,14 +444,23 @@ impl Inner {
         if let Some(local) = lock(&self.notifier.sessions).map.get(key.as_str()) {
             return local.keys.clone();
         }
-        if let Some((_, keys)) = lock(&self.renewals).get(key) {
-            return keys.clone();
+        if let Some(lease) = lock(&self.renewals).get(key) {
+            return lease.keys.clone();
         }
         Arc::new(Keys::new(&self.config.prefix, key))
     }
 
     fn ttl_ms(&self) -> u64 {
         millis(self.config.lease + self.config.retention)
+    }
+}
+
+/// A limit as the scripts take it: Lua numbers are doubles, so a limit beyond 2^53 (such as
+/// `usize::MAX`, "no limit") is passed as 0, which the scripts read as "no limit".
+fn script_limit(max: usize) -> u64 {
+    match u64::try_from(max) {
+        Ok(max) if max <= 1 << 53 => max,
+        _ => 0,
     }
 }
 
@@ -458,7 +514,7 @@ if st then
   return {0, info(st)}
 end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'status', 'starting', 'first', 1, 'last', 0)
+redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'status', 'starting', 'first', 1, 'last', 0, 'bytes', 0)
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 return {1}
@@ -493,18 +549,26 @@ redis.call('PUBLISH', ARGV[1], 's' .. ARGV[2])
 return 1
 "#;
 
-/// ARGV: channel, msg, epoch, ttl_ms, max_events, then per chunk: first seq, ends (little-endian
-/// u32 offsets), data. Returns 1 when stored (or already stored), 0 when the session does not
-/// take events; an error when the events do not follow the newest stored one.
+/// ARGV: channel, msg, epoch, ttl_ms, max_events, max_bytes, hard_max_bytes (0: no limit),
+/// pinned (-1: none), then per chunk: first seq, ends (little-endian u32 offsets), data. Returns
+/// 1 when stored (or already stored), 0 when the session does not take events; an error when the
+/// events do not follow the newest stored one.
+///
+/// After storing, the oldest whole chunks are trimmed while the session keeps more than
+/// `max_events` events or more than `max_bytes` bytes of event data (`bytes` in the meta hash:
+/// the sum of the retained chunks' `d` lengths), except chunks holding an event after `pinned`
+/// (what a connected reader of the producing process still needs), and, whoever needs them,
+/// while it keeps more than `hard_max_bytes`; the newest chunk is always kept. A trimmed chunk is
+/// read once to learn its size, so trimming costs about what its append did.
 const APPEND: &str = r#"
-local m = redis.call('HMGET', KEYS[1], 'epoch', 'status', 'first', 'last')
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'status', 'first', 'last', 'bytes')
 if m[1] ~= ARGV[3] or m[2] ~= 'running' then
   return 0
 end
 local last = tonumber(m[4])
 -- Check the whole append before writing anything: every chunk is already stored, or follows.
 local upto = last
-for i = 6, #ARGV, 3 do
+for i = 9, #ARGV, 3 do
   local first, n = tonumber(ARGV[i]), #ARGV[i + 1] / 4
   if not first or first < 1 or n < 1 or n % 1 ~= 0 then
     return redis.error_reply('ERR resumable-sse: malformed chunk')
@@ -521,7 +585,8 @@ end
 if upto == last then
   return 1
 end
-for i = 6, #ARGV, 3 do
+local bytes = math.max(tonumber(m[5]) or 0, 0)
+for i = 9, #ARGV, 3 do
   local id, ends, data = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local first, n = tonumber(id), #ends / 4
   if first + n - 1 > last then
@@ -539,22 +604,45 @@ for i = 6, #ARGV, 3 do
     end
     redis.call('XADD', KEYS[2], id .. '-0', 'o', ends, 'd', data)
     last = first + n - 1
+    bytes = bytes + #data
   end
 end
-redis.call('HSET', KEYS[1], 'last', string.format('%d', last))
-local keep_from = last - tonumber(ARGV[5]) + 1
-if keep_from > tonumber(m[3]) then
-  -- Trim whole chunks: keep the one that holds keep_from.
-  local e = redis.call('XREVRANGE', KEYS[2], string.format('%d-0', keep_from), '-', 'COUNT', 1)
-  if #e > 0 then
-    local id = e[1][1]
-    local first = string.match(id, '^(%d+)')
-    if tonumber(first) > tonumber(m[3]) then
-      redis.call('XTRIM', KEYS[2], 'MINID', id)
-      redis.call('HSET', KEYS[1], 'first', first)
+-- Trim whole chunks, oldest first, while a limit is exceeded; never the newest chunk.
+local max_events, max_bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
+local hard_max_bytes, pinned = tonumber(ARGV[7]), tonumber(ARGV[8])
+local keep_from = 0
+if max_events > 0 then keep_from = last - max_events + 1 end
+local old_first = tonumber(m[3])
+local first = old_first
+local function over(chunk_last)
+  if hard_max_bytes > 0 and bytes > hard_max_bytes then return true end
+  if pinned >= 0 and chunk_last > pinned then return false end
+  return (max_bytes > 0 and bytes > max_bytes) or chunk_last < keep_from
+end
+local done = false
+while not done and over(first) do
+  local e = redis.call('XRANGE', KEYS[2], string.format('%d-0', first), '+', 'COUNT', 16)
+  if #e < 16 then done = true end
+  for j = 1, #e do
+    local id, f = e[j][1], e[j][2]
+    local size, n = nil, nil
+    for k = 1, #f, 2 do
+      if f[k] == 'o' then n = #f[k + 1] / 4 elseif f[k] == 'd' then size = #f[k + 1] end
     end
+    local chunk_last = tonumber(string.match(id, '^(%d+)')) + (n or 1) - 1
+    if chunk_last >= last or not size or not over(chunk_last) then
+      done = true
+      break
+    end
+    bytes = bytes - size
+    first = chunk_last + 1
   end
 end
+if first > old_first then
+  redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d-0', first))
+end
+redis.call('HSET', KEYS[1], 'last', string.format('%d', last), 'first', string.format('%d', first),
+  'bytes', string.format('%d', math.max(bytes, 0)))
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('PUBLISH', ARGV[1], 'e' .. ARGV[2])
 return 1
@@ -937,6 +1025,9 @@ struct Local {
     /// subscribers at every event, it would queue behind all of them each time, and only
     /// produce its next event once every subscriber had been polled.
     status: watch::Sender<u64>,
+    /// Where each local reader is, with the epoch it reads: the producer's appends keep what
+    /// they still need past the soft limits.
+    pins: Mutex<Vec<(Epoch, Weak<AtomicU64>)>>,
 }
 
 impl Local {
@@ -946,7 +1037,39 @@ impl Local {
             tail: Arc::default(),
             keys: keys.clone(),
             status: watch::Sender::new(0),
+            pins: Mutex::new(Vec::new()),
         }
+    }
+
+    /// A pin for a new reader of `epoch`, at the start until it says where it is.
+    fn pin(&self, epoch: Epoch) -> Arc<AtomicU64> {
+        let pin = Arc::new(AtomicU64::new(0));
+        let mut pins = lock(&self.pins);
+        // Readers that went away are forgotten when the list doubled, so it stays as long as
+        // the number of connected readers (amortised).
+        if pins.len() >= 64 && pins.len().is_power_of_two() {
+            pins.retain(|(_, p)| p.strong_count() > 0);
+        }
+        pins.push((epoch, Arc::downgrade(&pin)));
+        pin
+    }
+
+    /// The newest sequence number every local reader of `epoch` has reached, if one is
+    /// connected.
+    fn pinned(&self, epoch: Epoch) -> Option<u64> {
+        let mut pins = lock(&self.pins);
+        let mut min = None::<u64>;
+        pins.retain(|(e, pin)| match pin.upgrade() {
+            Some(pin) => {
+                if *e == epoch {
+                    let seq = pin.load(Ordering::Relaxed);
+                    min = Some(min.map_or(seq, |m| m.min(seq)));
+                }
+                true
+            }
+            None => false,
+        });
+        min
     }
 
     /// Signals new events to the subscribers.
@@ -1114,9 +1237,19 @@ impl Notifier {
         }
     }
 
-    /// A subscriber's signal: every change of the session.
-    fn subscribe(&self, keys: &Arc<Keys>) -> watch::Receiver<Generation> {
-        self.with_local(keys, |local| local.tx.subscribe())
+    /// A subscriber's signal, every change of the session, and its reader's pin.
+    fn subscribe(
+        &self,
+        keys: &Arc<Keys>,
+        epoch: Epoch,
+    ) -> (watch::Receiver<Generation>, Arc<AtomicU64>) {
+        self.with_local(keys, |local| (local.tx.subscribe(), local.pin(epoch)))
+    }
+
+    /// Where the local readers of a session's `epoch` are, if any is connected.
+    fn pinned(&self, key: &SessionKey, epoch: Epoch) -> Option<u64> {
+        let sessions = lock(&self.sessions);
+        sessions.map.get(key.as_str())?.pinned(epoch)
     }
 
     /// The producer's signal: the session's status changes.
@@ -1156,6 +1289,10 @@ impl Notifier {
 
 /// Events one fetch asks for.
 const TAIL_PAGE: usize = crate::limits::REDIS_TAIL_PAGE_EVENTS;
+/// Tail fetches one read waits for before it reads directly instead. One is what a reader
+/// behind a change needs; a second when the fetch it joined had started before the events it
+/// wants were announced.
+const MAX_TAIL_FETCHES_PER_READ: usize = 3;
 /// Events the shared tail keeps per session.
 const TAIL_CAPACITY: usize = crate::limits::REDIS_TAIL_CAPACITY_EVENTS;
 
@@ -1203,6 +1340,13 @@ impl Tail {
             && self.fetching.is_none()
     }
 
+    /// Forgets every event held and continues from `last_seq`.
+    fn restart_at(&mut self, last_seq: u64) {
+        self.blocks.clear();
+        self.events = 0;
+        self.last_seq = last_seq;
+    }
+
     fn oldest_cached(&self) -> u64 {
         self.blocks
             .front()
@@ -1226,6 +1370,40 @@ impl Tail {
         let excess = self.events.saturating_sub(TAIL_CAPACITY);
         drop_oldest(&mut self.blocks, excess);
         self.events -= excess;
+    }
+
+    /// Takes in a page fetched from where the tail ends (`None`: the session is gone), marked
+    /// with the notifications received when the fetch began.
+    fn apply(&mut self, batch: Option<ReadBatch>, generation: Generation) {
+        let Some(batch) = batch else {
+            self.gone = true;
+            self.generation = generation;
+            return;
+        };
+        let events: usize = batch.blocks.iter().map(EventBlock::len).sum();
+        let complete = events < TAIL_PAGE;
+        let next = batch
+            .blocks
+            .first()
+            .map_or(batch.first_seq, EventBlock::first_seq);
+        if next > self.last_seq.saturating_add(1) {
+            // The session's limits trimmed what followed the tail before it was fetched: the
+            // tail restarts at the oldest retained event. Readers older than that read directly
+            // from now on, and see the gap themselves (they are evicted). Without this the page
+            // would not continue the tail, and the tail would never move again.
+            self.restart_at(next - 1);
+        }
+        self.extend(batch.blocks);
+        self.status = Some(batch.status);
+        self.first_seq = batch.first_seq;
+        self.head_seq = batch.last_seq;
+        self.gone = false;
+        // A full page means more is waiting: the tail is not fresh yet.
+        self.generation = if complete {
+            generation
+        } else {
+            Generation::stale()
+        };
     }
 
     /// The events the tail holds after `after`, when it holds that position and some events
@@ -1276,11 +1454,20 @@ impl Tail {
 pub struct RedisSubscription {
     rx: watch::Receiver<Generation>,
     check_interval: Duration,
+    /// Where its reader is; the producer in this process keeps what it still needs.
+    pin: Arc<AtomicU64>,
 }
 
 impl RedisSubscription {
-    fn new(rx: watch::Receiver<Generation>, check_interval: Duration) -> Self {
-        Self { rx, check_interval }
+    fn new(
+        (rx, pin): (watch::Receiver<Generation>, Arc<AtomicU64>),
+        check_interval: Duration,
+    ) -> Self {
+        Self {
+            rx,
+            check_interval,
+            pin,
+        }
     }
 }
 
@@ -1290,6 +1477,10 @@ impl Subscription for RedisSubscription {
             // The store is gone, and its checks with it: wait as long as one would have.
             tokio::time::sleep(self.check_interval).await;
         }
+    }
+
+    fn reached(&mut self, seq: u64) {
+        self.pin.store(seq, Ordering::Relaxed);
     }
 }
 
@@ -1320,6 +1511,20 @@ const RENEWALS_PER_CALL: usize = crate::limits::REDIS_RENEWALS_PER_CALL;
 
 type Held = (SessionKey, Epoch, Arc<Keys>);
 
+/// A session this process produces, whose lease the renewal task renews.
+struct Lease {
+    epoch: Epoch,
+    keys: Arc<Keys>,
+    /// When its producer last began trying to record the session's end, if it did: the lease is
+    /// renewed until the end is recorded, or until the producer stops trying.
+    finishing: Option<Instant>,
+}
+
+/// How long after its latest attempt (beyond the response timeout) a producer that tries to
+/// record its session's end keeps its lease. The producer retries with a backoff of a few
+/// seconds at most, so this is only reached once it gave up.
+const FINISH_RETRY_GRACE: Duration = Duration::from_secs(30);
+
 impl Inner {
     /// Starts the one task that renews the leases of every session this process produces.
     fn start_renewals(inner: &Arc<Inner>) {
@@ -1332,10 +1537,26 @@ impl Inner {
     /// Renews every lease held; forgets the sessions that ended or were taken over, and
     /// announces them in this process (their producer's [`Store::cancelled`] checks them).
     async fn renew_all(&self) {
-        let held: Vec<Held> = lock(&self.renewals)
-            .iter()
-            .map(|(key, (epoch, keys))| (key.clone(), *epoch, keys.clone()))
-            .collect();
+        let held: Vec<Held> = {
+            let mut renewals = lock(&self.renewals);
+            let grace = self.config.response_timeout + FINISH_RETRY_GRACE;
+            renewals.retain(|_, lease| {
+                // A producer that stopped retrying to record its session's end: its lease is
+                // let go, so the session is marked failed when it expires rather than running
+                // forever.
+                let given_up = lease.finishing.is_some_and(|at| at.elapsed() > grace);
+                if given_up {
+                    tracing::warn!(
+                        "the end of a session could not be recorded; its lease is let go"
+                    );
+                }
+                !given_up
+            });
+            renewals
+                .iter()
+                .map(|(key, lease)| (key.clone(), lease.epoch, lease.keys.clone()))
+                .collect()
+        };
         for batch in held.chunks(RENEWALS_PER_CALL) {
             let replies = match self.renew_batch(batch).await {
                 Ok(replies) => replies,
@@ -1414,12 +1635,29 @@ impl Inner {
 
     fn hold_lease(&self, key: &SessionKey, epoch: Epoch) {
         let keys = self.keys(key);
-        lock(&self.renewals).insert(key.clone(), (epoch, keys));
+        lock(&self.renewals).insert(
+            key.clone(),
+            Lease {
+                epoch,
+                keys,
+                finishing: None,
+            },
+        );
+    }
+
+    /// Notes an attempt to record the end of a session produced here: its lease stays renewed
+    /// meanwhile.
+    fn finishing(&self, key: &SessionKey, epoch: Epoch) {
+        if let Some(lease) = lock(&self.renewals).get_mut(key) {
+            if lease.epoch == epoch {
+                lease.finishing = Some(Instant::now());
+            }
+        }
     }
 
     fn release_lease(&self, key: &SessionKey, epoch: Epoch) {
         let mut renewals = lock(&self.renewals);
-        if renewals.get(key).is_some_and(|(e, _)| *e == epoch) {
+        if renewals.get(key).is_some_and(|lease| lease.epoch == epoch) {
             renewals.remove(key);
         }
     }
@@ -1494,33 +1732,14 @@ impl RedisStore {
     ) -> Result<(), Arc<str>> {
         let read = self.read_direct(keys, epoch, from, TAIL_PAGE).await;
         let mut t = lock(tail);
-        t.fetching = None;
-        let batch = read.map_err(|e| Arc::<str>::from(e.to_string()))?;
         if t.epoch != Some(epoch) {
+            // Replaced meanwhile by a tail of another epoch, which may have a fetch of its own.
             return Ok(());
         }
+        t.fetching = None;
+        let batch = read.map_err(|e| Arc::<str>::from(e.to_string()))?;
         t.fetched_at = Some(Instant::now());
-        match batch {
-            None => {
-                t.gone = true;
-                t.generation = generation;
-            }
-            Some(batch) => {
-                let events: usize = batch.blocks.iter().map(EventBlock::len).sum();
-                let complete = events < TAIL_PAGE;
-                t.extend(batch.blocks);
-                t.status = Some(batch.status);
-                t.first_seq = batch.first_seq;
-                t.head_seq = batch.last_seq;
-                t.gone = false;
-                // A full page means more is waiting: the tail is not fresh yet.
-                t.generation = if complete {
-                    generation
-                } else {
-                    Generation::stale()
-                };
-            }
-        }
+        t.apply(batch, generation);
         Ok(())
     }
 }
@@ -1602,12 +1821,25 @@ impl Store for RedisStore {
         let mut call = inner.call(
             &inner.scripts.append,
             &keys,
-            3 + 3 * chunks.len(),
-            64 + bytes,
+            6 + 3 * chunks.len(),
+            112 + bytes,
         );
+        // What the readers of this session in this process still need is kept past the soft
+        // limits (the first client, served by the instance that produces, among them).
+        let pinned = match inner.notifier.pinned(key, epoch) {
+            Some(seq) => i64::try_from(seq).unwrap_or(i64::MAX),
+            None => -1,
+        };
+        let hard = inner
+            .config
+            .hard_max_bytes_per_session
+            .max(inner.config.max_bytes_per_session);
         call.arg(epoch.raw())
             .arg(inner.ttl_ms())
-            .arg(inner.config.max_events_per_session);
+            .arg(script_limit(inner.config.max_events_per_session))
+            .arg(script_limit(inner.config.max_bytes_per_session))
+            .arg(script_limit(hard))
+            .arg(pinned);
         let mut ends = Vec::new();
         for chunk in &chunks {
             pack_ends(chunk, &mut ends);
@@ -1630,12 +1862,19 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let inner = &self.inner;
         let keys = inner.keys(key);
-        inner.release_lease(key, epoch);
+        // The lease is kept, and renewed, until the final status is written: a producer whose
+        // call fails retries, and its session must not be marked failed meanwhile because the
+        // lease expired.
+        inner.finishing(key, epoch);
         let mut call = inner.call(&inner.scripts.finish, &keys, 3, 64);
         call.arg(epoch.raw())
             .arg(outcome_name(outcome))
             .arg(millis(inner.config.retention));
-        inner.invoke(&call).await.map(drop)
+        // 1: finished now; 0: it had already ended (a retry after a lost reply, a cancel, a
+        // takeover). Either way there is nothing left to renew.
+        inner.invoke(&call).await?;
+        inner.release_lease(key, epoch);
+        Ok(())
     }
 
     async fn lookup(&self, key: &SessionKey) -> Result<Option<SessionInfo>, StoreError> {
@@ -1656,6 +1895,10 @@ impl Store for RedisStore {
         after: u64,
         max: usize,
     ) -> Result<Option<ReadBatch>, StoreError> {
+        // Every turn of this loop returns, or waits for a fetch that moved the tail forward or
+        // marked it fresh; after a few fetches that did not serve this reader (the tail far
+        // behind it, or replaced by another epoch's), it reads directly: a read never spins.
+        let mut fetches = 0;
         let keys = loop {
             // Without local subscribers there is nothing to share: read directly.
             let Some((generation, tail, keys)) = self.inner.notifier.local(key) else {
@@ -1679,6 +1922,9 @@ impl Store for RedisStore {
                         return Ok(Some(batch));
                     }
                 }
+                if fetches == MAX_TAIL_FETCHES_PER_READ {
+                    break keys;
+                }
                 if t.epoch != Some(epoch) {
                     *t = Tail {
                         epoch: Some(epoch),
@@ -1689,6 +1935,7 @@ impl Store for RedisStore {
                 if after < t.oldest_cached() {
                     break keys;
                 }
+                fetches += 1;
                 self.fetch(&tail, &mut t, keys, epoch, generation)
             };
             fetch
@@ -1703,11 +1950,11 @@ impl Store for RedisStore {
     async fn subscribe(
         &self,
         key: &SessionKey,
-        _epoch: Epoch,
+        epoch: Epoch,
     ) -> Result<RedisSubscription, StoreError> {
         let keys = self.inner.keys(key);
         Ok(RedisSubscription::new(
-            self.inner.notifier.subscribe(&keys),
+            self.inner.notifier.subscribe(&keys, epoch),
             self.inner.config.check_interval,
         ))
     }
@@ -1947,6 +2194,83 @@ mod tests {
             .map(EventBlock::len)
             .sum();
         assert_eq!(events, 4009);
+    }
+
+    #[test]
+    fn limits_beyond_what_lua_counts_exactly_mean_no_limit() {
+        assert_eq!(script_limit(usize::MAX), 0);
+        assert_eq!(script_limit((1 << 53) + 1), 0);
+        assert_eq!(script_limit(1 << 53), 1 << 53);
+        assert_eq!(script_limit(64 << 20), 64 << 20);
+        assert_eq!(script_limit(1), 1);
+    }
+
+    fn page(blocks: Vec<EventBlock>, status: Status, first_seq: u64, last_seq: u64) -> ReadBatch {
+        ReadBatch {
+            blocks,
+            status,
+            first_seq,
+            last_seq,
+        }
+    }
+
+    #[test]
+    fn a_tail_overtaken_by_trimming_restarts_at_the_oldest_retained_event() {
+        let fetched = Generation::default();
+        let mut t = Tail::default();
+        t.apply(
+            Some(page(vec![block(1, &[1; 10])], Status::Running, 1, 10)),
+            fetched,
+        );
+        assert_eq!((t.last_seq, t.generation), (10, fetched));
+        // The limits trimmed events 11 to 3000 before the next fetch, whose page is full.
+        t.apply(
+            Some(page(
+                vec![block(3001, &[1; 1024])],
+                Status::Running,
+                3001,
+                5000,
+            )),
+            fetched,
+        );
+        assert_eq!((t.oldest_cached(), t.last_seq), (3000, 4024));
+        assert_eq!(t.generation, Generation::stale(), "more is waiting");
+        // A reader at 10 is older than the tail: it reads directly and sees the gap.
+        assert!(t.serve(10, 100).is_none());
+        assert!(t.serve_ahead(10, 100).is_none());
+        // Readers in the new tail are served, and told more may follow.
+        let ahead = t.serve_ahead(4000, 100).unwrap();
+        assert_eq!(seqs(&ahead.blocks), [(4001, 4024)]);
+        assert!(!ahead.reaches_end(4000) && ahead.last_seq > 4024);
+        // The rest, and the end.
+        t.apply(
+            Some(page(
+                vec![block(4025, &[1; 976])],
+                Status::Finished(Outcome::Completed),
+                3001,
+                5000,
+            )),
+            fetched,
+        );
+        assert_eq!((t.last_seq, t.generation), (5000, fetched));
+        let end = t.serve(5000, 100).unwrap().unwrap();
+        assert!(end.blocks.is_empty() && end.reaches_end(5000));
+        let last = t.serve(4990, 1024).unwrap().unwrap();
+        assert!(last.reaches_end(4990));
+        // A page after a gap that is not full: fresh, and the readers before the gap are not
+        // served an empty page that never ends.
+        t.apply(
+            Some(page(
+                vec![block(9001, &[1; 300])],
+                Status::Finished(Outcome::Completed),
+                9001,
+                9300,
+            )),
+            fetched,
+        );
+        assert_eq!((t.oldest_cached(), t.last_seq), (9000, 9300));
+        assert!(t.serve(5000, 100).is_none());
+        assert!(t.serve(9300, 100).unwrap().unwrap().reaches_end(9300));
     }
 
     #[test]
