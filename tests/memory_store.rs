@@ -26,6 +26,9 @@ impl Backend for Memory {
         if let Some(n) = opts.max_events {
             b = b.max_events_per_session(n);
         }
+        if let Some(n) = opts.max_bytes {
+            b = b.max_bytes_per_session(n);
+        }
         b.build()
     }
 }

@@ -32,6 +32,9 @@ impl Backend for Redis {
         if let Some(n) = opts.max_events {
             b = b.max_events_per_session(n);
         }
+        if let Some(n) = opts.max_bytes {
+            b = b.max_bytes_per_session(n);
+        }
         b.connect().await.expect("connect to redis")
     }
 }

@@ -122,6 +122,44 @@ async fn gated(
     Sse::new(s).into_response()
 }
 
+/// The data of event `i` of `/sized?bytes=B`: `"<i>:"` padded with `x` so that the layer's
+/// encoding of the event (`id: <epoch>-<i + 1>`, the data line, the blank line) is exactly
+/// `bytes` long. The overhead is measured with the crate's own encoder, not assumed.
+pub fn sized_data(i: usize, bytes: usize) -> String {
+    use resumable_sse::sse::{encode_event, EventRef};
+    use resumable_sse::{Epoch, EventId};
+    let id = EventId {
+        epoch: Epoch::from_raw(1),
+        seq: i as u64 + 1,
+    }
+    .to_string();
+    let empty = EventRef {
+        event: b"",
+        data: Some(b""),
+        retry: None,
+    };
+    let overhead = encode_event(id.as_bytes(), &empty).len();
+    let prefix = format!("{i}:");
+    let len = bytes
+        .checked_sub(overhead)
+        .filter(|&len| len >= prefix.len())
+        .unwrap_or_else(|| panic!("{bytes} bytes cannot hold event {i}"));
+    let pad = len - prefix.len();
+    prefix + &"x".repeat(pad)
+}
+
+/// `GET /sized?n=N&bytes=B`: N events, all at once, each encoded by the layer in exactly B bytes
+/// (see [`sized_data`]).
+async fn sized(
+    State(inner): State<Inner>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    inner.calls.fetch_add(1, Ordering::SeqCst);
+    let n: usize = q.get("n").and_then(|v| v.parse().ok()).unwrap_or(10);
+    let bytes: usize = q.get("bytes").and_then(|v| v.parse().ok()).unwrap_or(64);
+    Sse::new(stream::iter(0..n).map(move |i| Ok(Event::default().data(sized_data(i, bytes)))))
+}
+
 async fn json(State(inner): State<Inner>) -> impl IntoResponse {
     inner.calls.fetch_add(1, Ordering::SeqCst);
     (
@@ -134,6 +172,7 @@ pub fn routes(inner: Inner) -> Router {
     Router::new()
         .route("/tokens", routing::get(tokens))
         .route("/gated", routing::get(gated))
+        .route("/sized", routing::get(sized))
         .route("/json", routing::get(json))
         .with_state(inner)
 }
@@ -193,6 +232,11 @@ pub struct SseConn {
     pub comments: usize,
     /// Data frames received: the chunks the server wrote.
     pub frames: usize,
+    /// Whether the layer's eviction comment (`resumable_sse::sse::EVICTED_COMMENT`) came.
+    pub evicted: bool,
+    /// Whether the body ended with an error (a connection cut before the body's end) rather
+    /// than cleanly.
+    pub errored: bool,
 }
 
 pub async fn get(addr: SocketAddr, path: &str, last_event_id: Option<&str>) -> SseConn {
@@ -212,6 +256,8 @@ pub async fn get(addr: SocketAddr, path: &str, last_event_id: Option<&str>) -> S
         buf: BytesMut::new(),
         comments: 0,
         frames: 0,
+        evicted: false,
+        errored: false,
     }
 }
 
@@ -256,6 +302,9 @@ impl SseConn {
                     }
                 }
                 if only_comments {
+                    if block[..] == *resumable_sse::sse::EVICTED_COMMENT {
+                        self.evicted = true;
+                    }
                     self.comments += 1;
                     continue;
                 }
@@ -264,7 +313,10 @@ impl SseConn {
             match tokio::time::timeout(TIMEOUT, self.body.frame()).await {
                 Err(_) => panic!("no event within {TIMEOUT:?}"),
                 Ok(None) => return None,
-                Ok(Some(Err(_))) => return None,
+                Ok(Some(Err(_))) => {
+                    self.errored = true;
+                    return None;
+                }
                 Ok(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         self.frames += 1;

@@ -7,6 +7,10 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod edges;
+
+pub use edges::*;
+
 use crate::common::*;
 use resumable_sse::store::{SessionInfo, Status, Store};
 use resumable_sse::{EventId, Outcome, SessionKey};
@@ -16,6 +20,8 @@ use resumable_sse::{EventId, Outcome, SessionKey};
 pub struct Opts {
     pub retention: Option<Duration>,
     pub max_events: Option<usize>,
+    /// `max_bytes_per_session`.
+    pub max_bytes: Option<usize>,
 }
 
 /// Makes a fresh, isolated store for one test.
@@ -31,6 +37,19 @@ pub trait Backend: Sync {
 macro_rules! store_suite {
     ($backend:expr) => {
         $crate::store_suite!(@tests $backend; reconnects_get_every_event_exactly_once, reconnect_after_completion_gets_204, a_second_client_replays_from_the_start_then_follows_live, events_appended_during_a_replay_are_neither_lost_nor_repeated, a_replay_goes_out_in_a_few_large_writes_not_one_per_event, generation_continues_after_the_client_disconnects, a_slow_client_does_not_slow_the_producer_or_others, concurrent_first_requests_call_the_inner_service_once, last_event_id_query_parameter_is_a_fallback_for_the_header, inner_body_error_fails_the_session, cancel_stops_the_generator_and_reconnects_get_204, keep_alive_comments_reach_live_and_replayed_connections, keep_alive_can_be_turned_off, finished_sessions_expire_after_retention, a_session_past_its_lifetime_is_stopped_as_failed, an_oversized_event_fails_the_session_and_keeps_earlier_events, evicted_positions_are_reported_not_skipped, draining_refuses_new_sessions_and_lets_running_ones_finish, the_drain_deadline_ends_running_sessions_as_failed);
+        // The edge matrix: many concurrent cases each, so on a runtime with a worker per core.
+        $crate::store_suite!(@mt_tests $backend; a_session_without_events_ends_its_first_response_empty_then_answers_204_with_its_outcome, every_count_around_every_page_chunk_and_batch_size_ends_exactly_once, every_count_around_every_block_and_chunk_byte_size_ends_exactly_once, sessions_around_the_default_byte_limit_end_exactly_once_or_report_eviction);
+    };
+    (@mt_tests $backend:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let backend = $backend;
+                if $crate::suite::Backend::available(&backend) {
+                    $crate::suite::$name(&backend).await;
+                }
+            }
+        )*
     };
     (@tests $backend:expr; $($name:ident),*) => {
         $(
