@@ -407,6 +407,7 @@ async fn metrics_are_listed_and_count_sessions() {
         "resumable_sse_replays_total",
         "resumable_sse_events_stored_total",
         "resumable_sse_store_errors_total",
+        "resumable_sse_readers_evicted_total",
     ];
     let before = get_text(addr, "/metrics").await;
     for name in names {
