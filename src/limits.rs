@@ -17,6 +17,11 @@ pub const READ_PAGE_EVENTS: usize = 1024;
 /// reader's position, as one write.
 pub const BLOCK_BYTES: usize = 64 << 10;
 
+/// The most bytes of events the producer hands to one append, unless one block is larger:
+/// a networked store's call (and the connection every session of the process shares) is not held
+/// for long by a burst, so lease renewals and reads are not queued behind it.
+pub const APPEND_BYTES: usize = 1 << 20;
+
 /// The most events the producer takes from the frames its inner body already has ready before it
 /// appends them (one append, one notification, one wake-up per reader for all of them).
 pub const READY_BATCH_EVENTS: usize = 1024;
@@ -62,6 +67,11 @@ pub const REDIS_CHUNK_EVENTS: usize = 64;
 
 /// The most bytes in one Redis stream entry, unless it holds one larger event.
 pub const REDIS_CHUNK_BYTES: usize = 64 << 10;
+
+/// The most bytes of events one Redis read brings back (at least one chunk): a page of large
+/// events is cut short, so that no reply holds the connection that every session of the process
+/// shares (lease renewals included) for long.
+pub const REDIS_READ_BYTES: usize = 1 << 20;
 
 /// The events one refresh of a Redis session's shared tail fetches.
 pub const REDIS_TAIL_PAGE_EVENTS: usize = 1024;

@@ -31,6 +31,10 @@ const MAX_APPEND_FAILURES: u32 = crate::limits::MAX_APPEND_FAILURES;
 /// reader sends a block, or its part after the reader's position, as one write.
 const MAX_BLOCK_BYTES: usize = crate::limits::BLOCK_BYTES;
 
+/// The most bytes of events in one append: one store call does not hold a shared connection
+/// (or a lock) for long, whatever the producer has ready.
+const APPEND_BYTES: usize = crate::limits::APPEND_BYTES;
+
 type InFlight =
     Pin<Box<dyn Future<Output = (Result<Appended, StoreError>, Vec<EventBlock>)> + Send>>;
 
@@ -340,13 +344,28 @@ impl Framer {
         self.pending_events() > 0
     }
 
-    /// Every framed event, in blocks, for one append.
+    /// The oldest framed events, in blocks, for one append: every one, up to
+    /// [`APPEND_BYTES`] (at least one block). What is left goes in the next append, at once.
     fn take_pending(&mut self) -> Vec<EventBlock> {
         if let Some(block) = self.block.finish() {
+            self.pending_events += block.len();
             self.pending.push(block);
         }
-        self.pending_events = 0;
-        std::mem::take(&mut self.pending)
+        let mut bytes = 0;
+        let take = self
+            .pending
+            .iter()
+            .position(|b| {
+                bytes += b.bytes().len();
+                bytes > APPEND_BYTES
+            })
+            .unwrap_or(self.pending.len())
+            .max(1)
+            .min(self.pending.len());
+        let rest = self.pending.split_off(take);
+        let batch = std::mem::replace(&mut self.pending, rest);
+        self.pending_events -= batch.iter().map(EventBlock::len).sum::<usize>();
+        batch
     }
 
     /// Puts the blocks of a failed append back in front of what was framed since.
@@ -402,6 +421,48 @@ mod tests {
     fn producer_backoff_doubles_from_100_ms_up_to_3_2_s() {
         let waits: Vec<u64> = (1..=8).map(|f| backoff(f).as_millis() as u64).collect();
         assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 3200, 3200]);
+    }
+
+    #[test]
+    fn producer_appends_at_most_append_bytes_at_once_and_at_least_one_block() {
+        let framer = |blocks: Vec<EventBlock>| Framer {
+            parser: Parser::new(1024),
+            epoch: Epoch::from_raw(1),
+            block: EventBlockBuilder::new(blocks.last().map_or(1, |b| b.last_seq() + 1)),
+            id_buf: IdBuf::default(),
+            pending_events: blocks.iter().map(EventBlock::len).sum(),
+            pending: blocks,
+        };
+        // Blocks of exactly a quarter of the limit: four per append, then the rest.
+        let sized = |first: u64| {
+            let mut b = EventBlockBuilder::new(first);
+            b.push_with(|buf| buf.resize(APPEND_BYTES / 4, b'x'));
+            b.finish().unwrap()
+        };
+        for (n, appends) in [
+            (0, vec![]),
+            (1, vec![1]),
+            (3, vec![3]),
+            (4, vec![4]),
+            (5, vec![4, 1]),
+            (8, vec![4, 4]),
+            (9, vec![4, 4, 1]),
+        ] {
+            let mut f = framer((1..=n).map(sized).collect());
+            let mut got = Vec::new();
+            while f.has_pending() {
+                got.push(f.take_pending().len());
+            }
+            assert_eq!(got, appends, "{n} blocks");
+            assert_eq!(f.pending_events(), 0);
+        }
+        // One block larger than the limit goes alone.
+        let mut big = EventBlockBuilder::new(1);
+        big.push_with(|buf| buf.resize(2 * APPEND_BYTES, b'x'));
+        let mut f = framer(vec![big.finish().unwrap(), block(2, 1)]);
+        assert_eq!(f.take_pending().len(), 1);
+        assert_eq!(f.take_pending().len(), 1);
+        assert!(!f.has_pending());
     }
 
     #[test]

@@ -326,6 +326,27 @@ impl MemoryStoreBuilder {
 pub struct MemorySubscription {
     rx: Option<watch::Receiver<()>>,
     pin: Option<Arc<AtomicU64>>,
+    /// The session and its limits, to apply the soft limits again when this reader goes.
+    session: Option<(Weak<Session>, Limits)>,
+}
+
+impl Drop for MemorySubscription {
+    /// Events kept past the soft limits for this reader alone go with it, so that a session
+    /// returns to its soft limits once its readers are gone, rather than at its next append
+    /// (which may never come).
+    fn drop(&mut self) {
+        if self.pin.take().is_none() {
+            return;
+        }
+        if let Some((session, limits)) = &self.session {
+            if let Some(session) = session.upgrade() {
+                let mut st = write(&session.state);
+                if st.over_soft_limits(limits) {
+                    st.evict(limits, session.pinned());
+                }
+            }
+        }
+    }
 }
 
 impl Subscription for MemorySubscription {
@@ -559,7 +580,8 @@ impl Store for MemoryStore {
         let session = self.get_epoch(key, epoch);
         Ok(MemorySubscription {
             rx: session.as_ref().map(|s| s.changed.subscribe()),
-            pin: session.map(|s| s.pin()),
+            pin: session.as_ref().map(|s| s.pin()),
+            session: session.map(|s| (Arc::downgrade(&s), self.inner.limits)),
         })
     }
 
@@ -698,10 +720,35 @@ mod tests {
         reader.reached(8);
         store.append(&key, epoch, &[block(11, 1, 9)]).await.unwrap();
         assert_eq!(stored(&store, &key, epoch).await, [8, 9, 10, 11]);
-        // Once the reader is gone, the limit applies in full.
+        // Once the reader is gone, the limit applies in full, at once.
         drop(reader);
+        assert_eq!(stored(&store, &key, epoch).await, [8, 9, 10, 11]);
         store.append(&key, epoch, &[block(12, 3, 9)]).await.unwrap();
         assert_eq!(stored(&store, &key, epoch).await, [11, 12, 13, 14]);
+    }
+
+    #[tokio::test]
+    async fn a_session_returns_to_its_soft_limits_when_its_last_reader_goes() {
+        let store = MemoryStore::builder().max_events_per_session(4).build();
+        let (key, epoch) = running(&store).await;
+        let mut one = store.subscribe(&key, epoch).await.unwrap();
+        let mut two = store.subscribe(&key, epoch).await.unwrap();
+        one.reached(2);
+        two.reached(5);
+        store.append(&key, epoch, &[block(1, 10, 9)]).await.unwrap();
+        assert_eq!(
+            stored(&store, &key, epoch).await,
+            (3..=10).collect::<Vec<_>>()
+        );
+        // The furthest behind goes: what the other still needs stays.
+        drop(one);
+        assert_eq!(
+            stored(&store, &key, epoch).await,
+            (6..=10).collect::<Vec<_>>()
+        );
+        // No reader left: the limit, without waiting for another append.
+        drop(two);
+        assert_eq!(stored(&store, &key, epoch).await, [7, 8, 9, 10]);
     }
 
     #[tokio::test]

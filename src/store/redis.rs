@@ -673,9 +673,11 @@ if not st then return false end
 return info(st)
 "#;
 
-/// ARGV: channel, msg, retention_ms, epoch, after, max_events.
+/// ARGV: channel, msg, retention_ms, epoch, after, max_events, max_bytes.
 /// Returns {status, first, last, entries}: the raw stream entries holding the events
-/// (after, after + max] (from the oldest retained one when `after` was evicted).
+/// (after, after + max] (from the oldest retained one when `after` was evicted), stopping after
+/// the entry that brings their data to `max_bytes` (at least one entry), so that no reply holds
+/// the shared connection for long.
 const READ: &str = r#"
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'status', 'first', 'last')
 if m[1] ~= ARGV[4] then return false end
@@ -693,8 +695,28 @@ if upto > after then
   if #e > 0 then
     from = string.format('%d-0', tonumber(string.match(e[1][1], '^(%d+)')) + 1)
   end
-  entries = redis.call('XRANGE', KEYS[2], from, string.format('%d-0', upto))
-  if #e > 0 then table.insert(entries, 1, e[1]) end
+  local to, budget, size = string.format('%d-0', upto), tonumber(ARGV[7]), 0
+  local function size_of(entry)
+    local f = entry[2]
+    for k = 1, #f, 2 do
+      if f[k] == 'd' then return #f[k + 1] end
+    end
+    return 0
+  end
+  if #e > 0 then
+    entries[1] = e[1]
+    size = size_of(e[1])
+  end
+  while size < budget do
+    local batch = redis.call('XRANGE', KEYS[2], from, to, 'COUNT', 16)
+    for j = 1, #batch do
+      entries[#entries + 1] = batch[j]
+      size = size + size_of(batch[j])
+      if size >= budget then break end
+    end
+    if #batch < 16 then break end
+    from = '(' .. batch[#batch][1]
+  end
 end
 return {st, m[3], m[4], entries}
 "#;
@@ -1289,6 +1311,8 @@ impl Notifier {
 
 /// Events one fetch asks for.
 const TAIL_PAGE: usize = crate::limits::REDIS_TAIL_PAGE_EVENTS;
+/// The most bytes of events one read brings back (at least one chunk).
+const READ_BYTES: usize = crate::limits::REDIS_READ_BYTES;
 /// Tail fetches one read waits for before it reads directly instead. One is what a reader
 /// behind a change needs; a second when the fetch it joined had started before the events it
 /// wants were announced.
@@ -1380,8 +1404,6 @@ impl Tail {
             self.generation = generation;
             return;
         };
-        let events: usize = batch.blocks.iter().map(EventBlock::len).sum();
-        let complete = events < TAIL_PAGE;
         let next = batch
             .blocks
             .first()
@@ -1398,7 +1420,9 @@ impl Tail {
         self.first_seq = batch.first_seq;
         self.head_seq = batch.last_seq;
         self.gone = false;
-        // A full page means more is waiting: the tail is not fresh yet.
+        // A page that stops short of the newest event (full, or at the byte budget) means more
+        // is waiting: the tail is not fresh yet.
+        let complete = self.last_seq >= batch.last_seq;
         self.generation = if complete {
             generation
         } else {
@@ -1675,11 +1699,12 @@ impl RedisStore {
         max: usize,
     ) -> Result<Option<ReadBatch>, StoreError> {
         let inner = &self.inner;
-        let mut call = inner.call(&inner.scripts.read, keys, 4, 64);
+        let mut call = inner.call(&inner.scripts.read, keys, 5, 80);
         call.arg(millis(inner.config.retention))
             .arg(epoch.raw())
             .arg(after)
-            .arg(max);
+            .arg(max)
+            .arg(READ_BYTES);
         parse_read(inner.invoke(&call).await?, after, max)
     }
 

@@ -616,8 +616,8 @@ pub async fn every_count_around_every_page_chunk_and_batch_size_ends_exactly_onc
     run_matrix(b, cases(Events::Tokens, counts)).await;
 }
 
-/// 1, and around every size counted in bytes (the producer's block, the Redis chunk), with events
-/// of a fixed encoded size.
+/// 1, and around every size counted in bytes (the producer's block and append, the Redis chunk
+/// and read), with events of a fixed encoded size.
 pub async fn every_count_around_every_block_and_chunk_byte_size_ends_exactly_once<B: Backend>(
     b: &B,
 ) {
@@ -633,6 +633,8 @@ pub async fn every_count_around_every_block_and_chunk_byte_size_ends_exactly_onc
         &[
             ("BLOCK_BYTES", per(limits::BLOCK_BYTES)),
             ("REDIS_CHUNK_BYTES", per(limits::REDIS_CHUNK_BYTES)),
+            ("APPEND_BYTES", per(limits::APPEND_BYTES)),
+            ("REDIS_READ_BYTES", per(limits::REDIS_READ_BYTES)),
         ],
         &[("one event", 1)],
     );
