@@ -39,10 +39,9 @@ fn session(
     n: u64,
 ) -> (MemoryStore, SessionKey, resumable_sse::Epoch) {
     rt.block_on(async {
-        let store = MemoryStore::builder()
-            .max_events_per_session(usize::MAX)
-            .max_bytes_per_session(usize::MAX)
-            .build();
+        // The configuration a new user gets: a million of these events fit in its byte
+        // limits, and a long append run evicts as it would in production.
+        let store = MemoryStore::new();
         let key = SessionKey::new("bench").expect("key");
         let Ok(Claim::Claimed(epoch)) = store.claim(&key, Duration::from_secs(3600)).await else {
             panic!("claim");
