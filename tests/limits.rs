@@ -147,7 +147,7 @@ async fn the_default_store_takes_max_sessions_and_refuses_the_next_ones_only() {
     // Beyond it (max + 1 up to 2 max), every new key is refused, and nothing is added.
     for i in max..2 * max {
         let key = SessionKey::new(format!("s{i}")).unwrap();
-        let err = store.claim(&key, lifetime).await.err().expect("refused");
+        let err = store.claim(&key, lifetime).await.expect_err("refused");
         assert_eq!(
             err.kind(),
             StoreErrorKind::SessionLimit,
