@@ -3,10 +3,10 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use crate::drain::{Drain, DrainState};
+use crate::config::{Config, OnStoreError};
+use crate::drain::Drain;
 use crate::key::{ExtractSessionKey, QueryParam};
 use crate::service::ResumableSse;
-use crate::sse::DEFAULT_MAX_EVENT_SIZE;
 
 /// The ceiling of [`ResumableSseLayer::max_event_size`]: an event, once encoded with `data: `
 /// before each of its lines (up to seven times its size), must fit in the 4 GiB a block holds.
@@ -41,29 +41,6 @@ pub struct ResumableSseLayer<St, K = QueryParam> {
     pub(crate) config: Arc<Config>,
 }
 
-/// What the layer does when its store fails (for instance Redis is down) while a request with a
-/// session key arrives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum OnStoreError {
-    /// Answer `503 Service Unavailable` with `retry-after: 1` and
-    /// `resumable-sse-reason: store-unavailable` (the default). Nothing is generated twice.
-    #[default]
-    ServiceUnavailable,
-    /// Call the inner service and pass its response through, unresumable. Availability first:
-    /// a reconnect may then generate again.
-    PassThrough,
-}
-
-#[derive(Clone, Debug)]
-pub(crate) struct Config {
-    pub(crate) keep_alive: Option<Duration>,
-    pub(crate) max_lifetime: Duration,
-    pub(crate) max_event_size: usize,
-    pub(crate) on_store_error: OnStoreError,
-    pub(crate) drain: Arc<DrainState>,
-}
-
 impl<St> ResumableSseLayer<St> {
     /// Wraps services with resumability backed by `store`, with the defaults: the key comes from
     /// `?session_id=`, a keep-alive comment every 15 s, a session lifetime of one hour, events of
@@ -72,13 +49,7 @@ impl<St> ResumableSseLayer<St> {
         Self {
             store,
             key: QueryParam::default(),
-            config: Arc::new(Config {
-                keep_alive: Some(crate::limits::DEFAULT_KEEP_ALIVE),
-                max_lifetime: crate::limits::DEFAULT_MAX_LIFETIME,
-                max_event_size: DEFAULT_MAX_EVENT_SIZE,
-                on_store_error: OnStoreError::default(),
-                drain: Arc::default(),
-            }),
+            config: Arc::new(Config::default()),
         }
     }
 }

@@ -181,6 +181,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+mod config;
 mod drain;
 mod future;
 mod key;
@@ -197,10 +198,11 @@ pub use body::ResumableBody;
 pub use drain::{Drain, DrainReport};
 pub use future::ResponseFuture;
 pub use key::{ExtractSessionKey, Header, QueryParam};
-pub use layer::{OnStoreError, ResumableSseLayer};
+pub use config::OnStoreError;
+pub use layer::ResumableSseLayer;
 pub use service::{ResumableSse, REASON_HEADER};
 pub use session::{
-    Epoch, EventId, IdBuf, InvalidSessionKey, Outcome, SessionKey, MAX_SESSION_KEY_LEN,
+    Epoch, EventId, InvalidSessionKey, Outcome, SessionKey, MAX_SESSION_KEY_LEN,
 };
 pub use store::memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]

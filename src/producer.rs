@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use crate::drain::ProducerGuard;
-use crate::layer::Config;
+use crate::config::Config;
 use crate::metrics;
 use crate::session::{Epoch, EventId, IdBuf, Outcome, SessionKey};
 use crate::sse::{encode_event_into, Parser};

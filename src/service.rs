@@ -11,9 +11,9 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::{Reader, ResumableBody, SessionEvents};
+use crate::config::{Config, OnStoreError};
 use crate::future::ResponseFuture;
 use crate::key::{last_event_id, ExtractSessionKey, LastEventId, QueryParam};
-use crate::layer::{Config, OnStoreError};
 use crate::metrics;
 use crate::session::{Epoch, SessionKey};
 use crate::store::{Claim, ResponseHead, SessionInfo, Status, Store, StoreErrorKind, Subscription};
@@ -43,6 +43,16 @@ impl<S, St, K> ResumableSse<S, St, K> {
     /// The wrapped service.
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 
     /// The store.
@@ -135,11 +145,12 @@ impl<St: Store> Session<St> {
             // exists, but never starts one.
             let draining = last.is_none() && self.config.drain.is_draining();
             let found = if last.is_some() || draining {
-                self.store.lookup(&self.key).await.map(|info| match info {
-                    Some(info) => Ok(info),
-                    None if draining => Err("draining"),
-                    None => Err("unknown-session"),
-                })
+                match self.store.lookup(&self.key).await {
+                    Ok(Some(info)) => Found::Session(info),
+                    Ok(None) if draining => Found::Draining,
+                    Ok(None) => Found::Unknown,
+                    Err(e) => Found::StoreFailed(e),
+                }
             } else {
                 match self
                     .store
@@ -147,18 +158,18 @@ impl<St: Store> Session<St> {
                     .await
                 {
                     Ok(Claim::Claimed(epoch)) => return self.start(inner, req, epoch).await,
-                    Ok(Claim::Exists(info)) => Ok(Ok(info)),
-                    Err(e) => Err(e),
+                    Ok(Claim::Exists(info)) => Found::Session(info),
+                    Err(e) => Found::StoreFailed(e),
                 }
             };
             let info = match found {
-                Ok(Ok(info)) => info,
-                Ok(Err("draining")) => return Ok(draining_response()),
-                Ok(Err(reason)) => return Ok(reject(StatusCode::GONE, reason)),
-                Err(e) if e.kind() == StoreErrorKind::SessionLimit => {
+                Found::Session(info) => info,
+                Found::Draining => return Ok(draining_response()),
+                Found::Unknown => return Ok(reject(StatusCode::GONE, "unknown-session")),
+                Found::StoreFailed(e) if e.kind() == StoreErrorKind::SessionLimit => {
                     return Ok(reject(StatusCode::SERVICE_UNAVAILABLE, "session-limit"))
                 }
-                Err(e) => return self.store_failed(e, inner, req).await,
+                Found::StoreFailed(e) => return self.store_failed(e, inner, req).await,
             };
             if info.status == Status::Starting {
                 if let Err(e) = self.wait_started(info.epoch).await {
@@ -418,6 +429,16 @@ impl<St: Store> Drop for ClaimGuard<St> {
             });
         }
     }
+}
+
+/// What a request that does not start a session found under its key.
+enum Found {
+    Session(SessionInfo),
+    /// None, and the layer drains: no new session.
+    Draining,
+    /// None (never was, or expired).
+    Unknown,
+    StoreFailed(crate::store::StoreError),
 }
 
 /// What became of a session's start, told by the task that ran it to the request.

@@ -171,7 +171,7 @@ impl EventId {
     }
 
     /// Writes the id into `buf` and returns its bytes (no allocation).
-    pub fn write<'a>(&self, buf: &'a mut IdBuf) -> &'a [u8] {
+    pub(crate) fn write<'a>(&self, buf: &'a mut IdBuf) -> &'a [u8] {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let out = &mut buf.0;
         for (i, slot) in out[..12].iter_mut().enumerate() {
@@ -195,7 +195,7 @@ impl fmt::Display for EventId {
 
 /// A stack buffer that holds one formatted [`EventId`].
 #[derive(Debug)]
-pub struct IdBuf([u8; MAX_ID_LEN]);
+pub(crate) struct IdBuf([u8; MAX_ID_LEN]);
 
 impl Default for IdBuf {
     fn default() -> Self {

@@ -1,0 +1,44 @@
+//! The layer's configuration, shared by the layer, its services and their producers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::drain::DrainState;
+
+/// What the layer does when its store fails (for instance Redis is down) while a request with a
+/// session key arrives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnStoreError {
+    /// Answer `503 Service Unavailable` with `retry-after: 1` and
+    /// `resumable-sse-reason: store-unavailable` (the default). Nothing is generated twice.
+    #[default]
+    ServiceUnavailable,
+    /// Call the inner service and pass its response through, unresumable. Availability first:
+    /// a reconnect may then generate again.
+    PassThrough,
+}
+
+/// What a layer, the services it makes and their producers share.
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) keep_alive: Option<Duration>,
+    pub(crate) max_lifetime: Duration,
+    pub(crate) max_event_size: usize,
+    pub(crate) on_store_error: OnStoreError,
+    pub(crate) drain: Arc<DrainState>,
+}
+
+impl Default for Config {
+    /// The defaults of [`ResumableSseLayer::new`](crate::ResumableSseLayer::new), from
+    /// [`limits`](crate::limits).
+    fn default() -> Self {
+        Self {
+            keep_alive: Some(crate::limits::DEFAULT_KEEP_ALIVE),
+            max_lifetime: crate::limits::DEFAULT_MAX_LIFETIME,
+            max_event_size: crate::limits::DEFAULT_MAX_EVENT_SIZE,
+            on_store_error: OnStoreError::default(),
+            drain: Arc::default(),
+        }
+    }
+}
