@@ -195,15 +195,13 @@ pub mod sse;
 pub mod store;
 
 pub use body::ResumableBody;
+pub use config::OnStoreError;
 pub use drain::{Drain, DrainReport};
 pub use future::ResponseFuture;
 pub use key::{ExtractSessionKey, Header, QueryParam};
-pub use config::OnStoreError;
 pub use layer::ResumableSseLayer;
 pub use service::{ResumableSse, REASON_HEADER};
-pub use session::{
-    Epoch, EventId, InvalidSessionKey, Outcome, SessionKey, MAX_SESSION_KEY_LEN,
-};
+pub use session::{Epoch, EventId, InvalidSessionKey, Outcome, SessionKey, MAX_SESSION_KEY_LEN};
 pub use store::memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -13,8 +13,8 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
-use crate::drain::ProducerGuard;
 use crate::config::Config;
+use crate::drain::ProducerGuard;
 use crate::metrics;
 use crate::session::{Epoch, EventId, IdBuf, Outcome, SessionKey};
 use crate::sse::{encode_event_into, Parser};

@@ -1,0 +1,172 @@
+//! Lease bookkeeping: the sessions this process produces, and the one task that renews their
+//! leases.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionLike;
+use redis::{ServerErrorKind, Value};
+use tokio::time::Instant;
+
+use super::keys::Keys;
+use super::scripts::Call;
+use super::{lock, millis, spawn_periodic, unavailable, Conn, Inner};
+use crate::session::{Epoch, SessionKey};
+use crate::store::StoreError;
+
+/// Renewals sent in one pipeline.
+const RENEWALS_PER_CALL: usize = crate::limits::REDIS_RENEWALS_PER_CALL;
+
+type Held = (SessionKey, Epoch, Arc<Keys>);
+
+/// A session this process produces, whose lease the renewal task renews.
+pub(super) struct Lease {
+    epoch: Epoch,
+    pub(super) keys: Arc<Keys>,
+    /// When its producer last began trying to record the session's end, if it did: the lease is
+    /// renewed until the end is recorded, or until the producer stops trying.
+    finishing: Option<Instant>,
+}
+
+/// How long after its latest attempt (beyond the response timeout) a producer that tries to
+/// record its session's end keeps its lease. The producer retries with a backoff of a few
+/// seconds at most, so this is only reached once it gave up.
+const FINISH_RETRY_GRACE: Duration = Duration::from_secs(30);
+
+impl Inner {
+    /// Starts the one task that renews the leases of every session this process produces.
+    pub(super) fn start_renewals(inner: &Arc<Inner>) {
+        let task = spawn_periodic(inner, inner.config.lease / 3, |inner| async move {
+            inner.renew_all().await;
+        });
+        *lock(&inner.renewal_task) = Some(task);
+    }
+
+    /// Renews every lease held; forgets the sessions that ended or were taken over, and
+    /// announces them in this process (their producer's [`Store::cancelled`] checks them).
+    async fn renew_all(&self) {
+        let held: Vec<Held> = {
+            let mut renewals = lock(&self.renewals);
+            let grace = self.config.response_timeout + FINISH_RETRY_GRACE;
+            renewals.retain(|_, lease| {
+                // A producer that stopped retrying to record its session's end: its lease is
+                // let go, so the session is marked failed when it expires rather than running
+                // forever.
+                let given_up = lease.finishing.is_some_and(|at| at.elapsed() > grace);
+                if given_up {
+                    tracing::warn!(
+                        "the end of a session could not be recorded; its lease is let go"
+                    );
+                }
+                !given_up
+            });
+            renewals
+                .iter()
+                .map(|(key, lease)| (key.clone(), lease.epoch, lease.keys.clone()))
+                .collect()
+        };
+        for batch in held.chunks(RENEWALS_PER_CALL) {
+            let replies = match self.renew_batch(batch).await {
+                Ok(replies) => replies,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not renew producer leases");
+                    continue;
+                }
+            };
+            for ((key, epoch, _), reply) in batch.iter().zip(replies) {
+                match reply {
+                    Ok(Value::Int(1)) => {}
+                    Ok(_) => {
+                        // Finished, cancelled, taken over or gone: nothing more to renew.
+                        self.release_lease(key, *epoch);
+                        self.notifier.announce_status(key);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not renew a producer lease"),
+                }
+            }
+        }
+    }
+
+    fn renew_call<'a>(&'a self, keys: &Keys, epoch: Epoch) -> Call<'a> {
+        let mut call = self.call(&self.scripts.renew, keys, 3, 48);
+        call.arg(epoch.raw())
+            .arg(millis(self.config.lease))
+            .arg(self.ttl_ms());
+        call
+    }
+
+    /// Sends renewals: in one pipeline on one server; on a Cluster, whose sessions live on
+    /// several nodes, as concurrent calls on the shared connection.
+    async fn renew_batch(
+        &self,
+        batch: &[Held],
+    ) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
+        if let Conn::Cluster(_) = self.conn {
+            let calls: Vec<Call<'_>> = batch
+                .iter()
+                .map(|(_, epoch, keys)| self.renew_call(keys, *epoch))
+                .collect();
+            return Ok(
+                futures_util::future::join_all(calls.iter().map(|call| self.invoke(call))).await,
+            );
+        }
+        let mut pipe = redis::pipe();
+        for (_, epoch, keys) in batch {
+            pipe.add_command(self.renew_call(keys, *epoch).cmd);
+        }
+        let mut conn = self.conn.clone();
+        let mut replies = conn
+            .req_packed_commands(&pipe, 0, batch.len())
+            .await
+            .map_err(unavailable)?;
+        let no_script = |v: &Value| matches!(v, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript));
+        if replies.iter().any(no_script) {
+            // The server's script cache was emptied: load, retry (renewing twice is harmless).
+            self.scripts
+                .renew
+                .load_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            replies = conn
+                .req_packed_commands(&pipe, 0, batch.len())
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(replies
+            .into_iter()
+            .map(|v| match v {
+                Value::ServerError(e) => Err(StoreError::unavailable(redis::RedisError::from(e))),
+                v => Ok(v),
+            })
+            .collect())
+    }
+
+    pub(super) fn hold_lease(&self, key: &SessionKey, epoch: Epoch) {
+        let keys = self.keys(key);
+        lock(&self.renewals).insert(
+            key.clone(),
+            Lease {
+                epoch,
+                keys,
+                finishing: None,
+            },
+        );
+    }
+
+    /// Notes an attempt to record the end of a session produced here: its lease stays renewed
+    /// meanwhile.
+    pub(super) fn finishing(&self, key: &SessionKey, epoch: Epoch) {
+        if let Some(lease) = lock(&self.renewals).get_mut(key) {
+            if lease.epoch == epoch {
+                lease.finishing = Some(Instant::now());
+            }
+        }
+    }
+
+    pub(super) fn release_lease(&self, key: &SessionKey, epoch: Epoch) {
+        let mut renewals = lock(&self.renewals);
+        if renewals.get(key).is_some_and(|lease| lease.epoch == epoch) {
+            renewals.remove(key);
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! The notifier: one pub/sub connection per process, fanned out to what the process keeps per
+//! session ([`Local`]); and the [`RedisSubscription`] a reader waits on.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::RedisResult;
+use tokio::sync::watch;
+
+use super::keys::Keys;
+use super::tail::Tail;
+use super::{lock, spawn_periodic, Inner, RedisStore};
+use crate::session::{Epoch, SessionKey};
+use crate::store::Subscription;
+
+/// One pub/sub connection per process; every session's changes are announced on one channel and
+/// fanned out here to the local subscribers of that session.
+pub(super) struct Notifier {
+    pub(super) client: redis::Client,
+    pub(super) sessions: Mutex<Sessions>,
+    pub(super) task: Mutex<Option<tokio::task::AbortHandle>>,
+    pub(super) checks_task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+/// The sessions with local subscribers, by session key.
+#[derive(Default)]
+pub(super) struct Sessions {
+    pub(super) map: HashMap<Arc<str>, Local>,
+    /// The size at which sessions nobody listens to any more are forgotten.
+    sweep_at: usize,
+}
+
+/// What this process keeps for a session that has local subscribers or its producer: the signal
+/// the subscribers wait on, the tail of its log that they all read from, its keys, and the
+/// signal of its status changes that its producer waits on.
+pub(super) struct Local {
+    tx: watch::Sender<Generation>,
+    tail: Arc<Mutex<Tail>>,
+    pub(super) keys: Arc<Keys>,
+    /// Status changes only. The producer waits on this one, not on `tx`: woken with its
+    /// subscribers at every event, it would queue behind all of them each time, and only
+    /// produce its next event once every subscriber had been polled.
+    status: watch::Sender<u64>,
+    /// Where each local reader is, with the epoch it reads: the producer's appends keep what
+    /// they still need past the soft limits.
+    pins: Mutex<Vec<(Epoch, Weak<AtomicU64>)>>,
+}
+
+impl Local {
+    fn new(keys: &Arc<Keys>) -> Self {
+        Local {
+            tx: watch::Sender::new(Generation::default()),
+            tail: Arc::default(),
+            keys: keys.clone(),
+            status: watch::Sender::new(0),
+            pins: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A pin for a new reader of `epoch`, at the start until it says where it is.
+    fn pin(&self, epoch: Epoch) -> Arc<AtomicU64> {
+        let pin = Arc::new(AtomicU64::new(0));
+        let mut pins = lock(&self.pins);
+        // Readers that went away are forgotten when the list doubled, so it stays as long as
+        // the number of connected readers (amortised).
+        if pins.len() >= 64 && pins.len().is_power_of_two() {
+            pins.retain(|(_, p)| p.strong_count() > 0);
+        }
+        pins.push((epoch, Arc::downgrade(&pin)));
+        pin
+    }
+
+    /// The newest sequence number every local reader of `epoch` has reached, if one is
+    /// connected.
+    fn pinned(&self, epoch: Epoch) -> Option<u64> {
+        let mut pins = lock(&self.pins);
+        let mut min = None::<u64>;
+        pins.retain(|(e, pin)| match pin.upgrade() {
+            Some(pin) => {
+                if *e == epoch {
+                    let seq = pin.load(Ordering::Relaxed);
+                    min = Some(min.map_or(seq, |m| m.min(seq)));
+                }
+                true
+            }
+            None => false,
+        });
+        min
+    }
+
+    /// Signals new events to the subscribers.
+    fn events_changed(&self) {
+        self.tx.send_modify(|g| g.events += 1);
+    }
+
+    /// Signals a new status (or a possibly missed change) to the subscribers and the producer.
+    fn status_changed(&self) {
+        self.tx.send_modify(|g| g.status += 1);
+        self.status.send_modify(|n| *n += 1);
+    }
+
+    fn in_use(&self) -> bool {
+        self.tx.receiver_count() > 0 || self.status.receiver_count() > 0
+    }
+}
+
+/// Counts of event and status notifications received for a session, and of the periodic checks
+/// asked of its subscribers.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub(super) struct Generation {
+    events: u64,
+    status: u64,
+    checks: u64,
+}
+
+impl Notifier {
+    pub(super) fn start(inner: &Arc<Inner>) {
+        let weak = Arc::downgrade(inner);
+        let client = inner.notifier.client.clone();
+        let channel = inner.channel.clone();
+        let task = tokio::spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                match Self::listen(&client, &channel, &weak).await {
+                    Ok(()) => return, // the store was dropped
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(error = %e, "Redis notifications lost; reconnecting");
+                    }
+                }
+                // Changes may have been missed: wake everyone to re-read.
+                let Some(inner) = weak.upgrade() else { return };
+                inner.notifier.wake_all();
+                drop(inner);
+                tokio::time::sleep(Duration::from_millis(100u64 << failures.min(4))).await;
+            }
+        });
+        *lock(&inner.notifier.task) = Some(task.abort_handle());
+    }
+
+    async fn listen(client: &redis::Client, channel: &str, weak: &Weak<Inner>) -> RedisResult<()> {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(channel).await?;
+        if let Some(inner) = weak.upgrade() {
+            // Subscribed again after a loss: whatever happened meanwhile is re-read.
+            inner.notifier.wake_all();
+        }
+        let mut messages = pubsub.into_on_message();
+        while let Some(msg) = messages.next().await {
+            let Some(inner) = weak.upgrade() else {
+                return Ok(());
+            };
+            let payload = msg.get_payload_bytes();
+            let (kind, key) = payload.split_first().unwrap_or((&b'?', &[]));
+            let Ok(key) = std::str::from_utf8(key) else {
+                continue;
+            };
+            let sessions = lock(&inner.notifier.sessions);
+            if let Some(local) = sessions.map.get(key) {
+                match kind {
+                    b'e' => Self::events_announced(&inner, key, local),
+                    _ => local.status_changed(),
+                }
+            }
+        }
+        Err(redis::RedisError::from(std::io::Error::other(
+            "pub/sub connection closed",
+        )))
+    }
+
+    /// New events of a session with local subscribers. When they read from the shared tail, the
+    /// tail is refreshed first and they are woken once it holds the new events: each of them is
+    /// then polled once per change and finds the events ready, rather than twice (once to find
+    /// the tail behind and wait for its refresh, once when it is refreshed). The wake-up follows
+    /// the fetch whatever its result, so nothing announced is missed.
+    fn events_announced(inner: &Arc<Inner>, key: &str, local: &Local) {
+        // The new generation, without waking anyone yet: a read from now on finds the tail
+        // behind it.
+        local.tx.send_if_modified(|g| {
+            g.events += 1;
+            false
+        });
+        let generation = *local.tx.borrow();
+        let fetch = {
+            let mut t = lock(&local.tail);
+            match t.epoch {
+                Some(epoch) if local.tx.receiver_count() > 0 => {
+                    let store = RedisStore {
+                        inner: inner.clone(),
+                    };
+                    Some(store.fetch(&local.tail, &mut t, local.keys.clone(), epoch, generation))
+                }
+                _ => None,
+            }
+        };
+        let Some(fetch) = fetch else {
+            local.events_changed();
+            return;
+        };
+        let weak = Arc::downgrade(inner);
+        let key: Arc<str> = Arc::from(key);
+        tokio::spawn(async move {
+            let _ = fetch.await;
+            if let Some(inner) = weak.upgrade() {
+                if let Some(local) = lock(&inner.notifier.sessions).map.get(&key) {
+                    local.tx.send_modify(|_| {});
+                }
+            }
+        });
+    }
+
+    /// Starts the one task that makes the local subscribers of every session check it when
+    /// nothing was read from Redis for it lately: their next read goes to Redis, which marks
+    /// the session failed if its producer's lease expired. A session whose tail is read (events
+    /// or statuses announced) costs nothing here, and no subscriber has a timer of its own: a
+    /// timer per subscriber would fire thousands of times a second for a large fan-out, each
+    /// wake-up a read, and each firing in the way of the timers that pace the producers.
+    pub(super) fn start_checks(inner: &Arc<Inner>) {
+        // Every half interval, the sessions not read for half an interval: each session is
+        // checked at most an interval after its last read.
+        let every = inner.config.check_interval / 2;
+        let task = spawn_periodic(inner, every, move |inner| async move {
+            inner.notifier.check_idle(every);
+        });
+        *lock(&inner.notifier.checks_task) = Some(task);
+    }
+
+    /// Wakes the subscribers of every session whose tail was not read from Redis within `idle`.
+    fn check_idle(&self, idle: Duration) {
+        for local in lock(&self.sessions).map.values() {
+            if local.tx.receiver_count() == 0 {
+                continue;
+            }
+            let recent = lock(&local.tail)
+                .fetched_at
+                .is_some_and(|t| t.elapsed() < idle);
+            if !recent {
+                local.tx.send_modify(|g| g.checks += 1);
+            }
+        }
+    }
+
+    /// Announces a status change of a session to its local subscribers.
+    pub(super) fn announce_status(&self, key: &SessionKey) {
+        if let Some(local) = lock(&self.sessions).map.get(key.as_str()) {
+            local.status_changed();
+        }
+    }
+
+    fn wake_all(&self) {
+        for local in lock(&self.sessions).map.values() {
+            local.status_changed();
+        }
+    }
+
+    /// A subscriber's signal, every change of the session, and its reader's pin.
+    pub(super) fn subscribe(
+        &self,
+        keys: &Arc<Keys>,
+        epoch: Epoch,
+    ) -> (watch::Receiver<Generation>, Arc<AtomicU64>) {
+        self.with_local(keys, |local| (local.tx.subscribe(), local.pin(epoch)))
+    }
+
+    /// Where the local readers of a session's `epoch` are, if any is connected.
+    pub(super) fn pinned(&self, key: &SessionKey, epoch: Epoch) -> Option<u64> {
+        let sessions = lock(&self.sessions);
+        sessions.map.get(key.as_str())?.pinned(epoch)
+    }
+
+    /// The producer's signal: the session's status changes.
+    pub(super) fn subscribe_status(&self, keys: &Arc<Keys>) -> watch::Receiver<u64> {
+        self.with_local(keys, |local| local.status.subscribe())
+    }
+
+    /// Runs `f` on what this process keeps for the session, made if needed.
+    fn with_local<T>(&self, keys: &Arc<Keys>, f: impl FnOnce(&Local) -> T) -> T {
+        let mut sessions = lock(&self.sessions);
+        if let Some(local) = sessions.map.get(keys.key.as_str()) {
+            return f(local);
+        }
+        // Forget sessions nobody in this process listens to any more, once their number doubled
+        // since the last time (so that this costs O(1) per subscription on average).
+        if sessions.map.len() >= sessions.sweep_at {
+            sessions.map.retain(|_, local| local.in_use());
+            sessions.sweep_at = (sessions.map.len() * 2).max(64);
+        }
+        let local = Local::new(keys);
+        let out = f(&local);
+        sessions.map.insert(Arc::from(keys.key.as_str()), local);
+        out
+    }
+
+    /// The current generation, the tail and the keys of a session with local subscribers.
+    pub(super) fn local(
+        &self,
+        key: &SessionKey,
+    ) -> Option<(Generation, Arc<Mutex<Tail>>, Arc<Keys>)> {
+        let sessions = lock(&self.sessions);
+        let local = sessions
+            .map
+            .get(key.as_str())
+            .filter(|l| l.tx.receiver_count() > 0)?;
+        let generation = *local.tx.borrow();
+        Some((generation, local.tail.clone(), local.keys.clone()))
+    }
+}
+
+impl Generation {
+    /// A generation no notification produces, so that a tail marked with it is refreshed.
+    pub(super) fn stale() -> Self {
+        Self {
+            events: u64::MAX,
+            status: u64::MAX,
+            checks: u64::MAX,
+        }
+    }
+}
+
+/// The [`Subscription`] of a [`RedisStore`]: woken by the process's pub/sub connection, and by
+/// the process's periodic check of the sessions not read from Redis within the last second, so
+/// that a dead producer is noticed even when nothing is announced. It has no timer of its own.
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+#[derive(Debug)]
+pub struct RedisSubscription {
+    rx: watch::Receiver<Generation>,
+    check_interval: Duration,
+    /// Where its reader is; the producer in this process keeps what it still needs.
+    pin: Arc<AtomicU64>,
+}
+
+impl RedisSubscription {
+    pub(super) fn new(
+        (rx, pin): (watch::Receiver<Generation>, Arc<AtomicU64>),
+        check_interval: Duration,
+    ) -> Self {
+        Self {
+            rx,
+            check_interval,
+            pin,
+        }
+    }
+}
+
+impl Subscription for RedisSubscription {
+    async fn changed(&mut self) {
+        if self.rx.changed().await.is_err() {
+            // The store is gone, and its checks with it: wait as long as one would have.
+            tokio::time::sleep(self.check_interval).await;
+        }
+    }
+
+    fn reached(&mut self, seq: u64) {
+        self.pin.store(seq, Ordering::Relaxed);
+    }
+}
