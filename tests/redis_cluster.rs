@@ -4,7 +4,6 @@
 mod common;
 mod suite;
 
-use std::time::Duration;
 
 use common::redis::*;
 use resumable_sse::RedisStore;
@@ -22,8 +21,7 @@ impl Backend for Cluster {
     async fn store(&self, opts: Opts) -> RedisStore {
         let urls = RedisCluster::shared_urls().expect("checked by available()");
         let mut b = RedisStore::cluster_builder(urls)
-            .prefix(unique_prefix())
-            .lease(Duration::from_secs(2));
+            .prefix(unique_prefix());
         if let Some(r) = opts.retention {
             b = b.retention(r);
         }

@@ -5,7 +5,6 @@
 mod common;
 mod suite;
 
-use std::time::Duration;
 
 use common::redis::*;
 use resumable_sse::RedisStore;
@@ -24,8 +23,7 @@ impl Backend for Redis {
     async fn store(&self, opts: Opts) -> RedisStore {
         let url = shared_url().expect("checked by available()");
         let mut b = RedisStore::builder(url)
-            .prefix(unique_prefix())
-            .lease(Duration::from_secs(2));
+            .prefix(unique_prefix());
         if let Some(r) = opts.retention {
             b = b.retention(r);
         }
