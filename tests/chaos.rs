@@ -49,76 +49,6 @@ struct Followed {
     last_answer: (http::StatusCode, Option<String>),
 }
 
-/// An SSE response read event by event. Unlike the harness's `get`, a request that gets no
-/// response head is reported, not a panic, so that the test can say what happened.
-struct Conn {
-    status: http::StatusCode,
-    reason: Option<String>,
-    body: hyper::body::Incoming,
-    buf: Vec<u8>,
-}
-
-async fn try_get(addr: SocketAddr, path: &str, last_event_id: Option<&str>) -> Option<Conn> {
-    let mut req = http::Request::get(format!("http://{addr}{path}"));
-    if let Some(id) = last_event_id {
-        req = req.header("last-event-id", id);
-    }
-    let req = req.body(http_body_util::Empty::new()).unwrap();
-    let res = tokio::time::timeout(TIMEOUT, client().request(req))
-        .await
-        .expect("response head in time")
-        .ok()?;
-    let (parts, body) = res.into_parts();
-    Some(Conn {
-        status: parts.status,
-        reason: parts
-            .headers
-            .get("resumable-sse-reason")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-        body,
-        buf: Vec::new(),
-    })
-}
-
-impl Conn {
-    /// The next complete event; `None` when the body ends or fails (a cut).
-    async fn next(&mut self) -> Option<Ev> {
-        use http_body_util::BodyExt;
-        loop {
-            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
-                let block: Vec<u8> = self.buf.drain(..end + 2).collect();
-                let text = String::from_utf8(block[..end].to_vec()).expect("UTF-8 events");
-                let mut ev = Ev {
-                    id: None,
-                    event: None,
-                    data: String::new(),
-                };
-                for line in text.lines().filter(|l| !l.starts_with(':')) {
-                    match line.split_once(": ") {
-                        Some(("id", v)) => ev.id = Some(v.to_owned()),
-                        Some(("data", v)) => ev.data = v.to_owned(),
-                        _ => panic!("unexpected line {line:?}"),
-                    }
-                }
-                if ev.id.is_none() {
-                    continue; // a keep-alive comment
-                }
-                return Some(ev);
-            }
-            match tokio::time::timeout(TIMEOUT, self.body.frame()).await {
-                Err(_) => panic!("no event within {TIMEOUT:?}"),
-                Ok(None | Some(Err(_))) => return None,
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
-                    }
-                }
-            }
-        }
-    }
-}
-
 /// Follows one session through `proxy`, reconnecting with `Last-Event-ID` (the id of the last
 /// complete event received) until the layer answers something else than `200`.
 async fn follow(proxy: SocketAddr, key: String, interval_ms: u64) -> Followed {
@@ -130,9 +60,11 @@ async fn follow(proxy: SocketAddr, key: String, interval_ms: u64) -> Followed {
     loop {
         assert!(requests < 1_000, "{key}: no end after {requests} requests");
         let last = events.last().and_then(|e| e.id.clone());
-        let conn = try_get(proxy, &path, last.as_deref()).await;
+        // Unlike the harness's `get`, a request that gets no response head is counted, not a
+        // panic, so that the test can say what happened.
+        let conn = request(proxy, &path, last.as_deref(), &[]).await;
         requests += 1;
-        let Some(mut conn) = conn else {
+        let Ok(mut conn) = conn else {
             unanswered += 1;
             continue;
         };
@@ -143,7 +75,7 @@ async fn follow(proxy: SocketAddr, key: String, interval_ms: u64) -> Followed {
                 reconnects: requests - 1,
                 cut_short,
                 unanswered,
-                last_answer: (conn.status, conn.reason),
+                last_answer: (conn.status, conn.reason().map(str::to_owned)),
             };
         }
         // A cut shows up as the body ending (or failing) early; a partial event is dropped.
@@ -197,6 +129,7 @@ async fn run_clients_through_cuts<St: Store>(
         );
         // No duplicate, no gap: the data is exactly token 0..EVENTS-1, the ids exactly 1..=EVENTS.
         assert_eq!(datas(&f.events), expected, "{ctx}");
+        assert!(f.events.iter().all(|e| e.event.is_none()), "{ctx}");
         let seqs: Vec<u64> = f.events.iter().map(seq_of).collect();
         assert_eq!(seqs, (1..=EVENTS as u64).collect::<Vec<_>>(), "{ctx}");
         assert!(

@@ -298,7 +298,10 @@ async fn a_custom_store_serves_a_session_and_resumes_it_exactly_once() {
     // Generated while nobody is connected.
     app.inner.send("chat", "c");
     app.inner.send("chat", "d");
-    eventually(|| app.store.info("chat").is_some_and(|i| i.last_seq == 4)).await;
+    eventually("four events stored", || {
+        app.store.info("chat").is_some_and(|i| i.last_seq == 4)
+    })
+    .await;
 
     let mut resumed = get(app.addr, path, got.last().unwrap().id.as_deref()).await;
     assert_eq!(resumed.status, 200);
@@ -357,7 +360,10 @@ async fn cancelling_through_a_custom_store_ends_the_stream_and_the_generation() 
     assert!(app.store.cancel(&key).await.unwrap());
     // The connected client gets the end, and the generator is dropped.
     assert_eq!(conn.next().await, None);
-    eventually(|| app.inner.generators_dropped() == 1).await;
+    eventually("the generator dropped", || {
+        app.inner.generators_dropped() == 1
+    })
+    .await;
     assert_eq!(
         app.store.info("stop").unwrap().status,
         Status::Finished(Outcome::Cancelled)

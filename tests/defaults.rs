@@ -60,29 +60,8 @@ async fn a_reconnect_whose_remaining_count_is_a_multiple_of_the_read_page_ends()
     let got = first.take(7).await;
     drop(first);
     // Wait for the end of the session, then resume: exactly two pages remain.
-    let key = resumable_sse::SessionKey::new("r").unwrap();
-    eventually_async(|| async {
-        use resumable_sse::store::Store;
-        app.store
-            .lookup(&key)
-            .await
-            .unwrap()
-            .is_some_and(|i| i.status.is_finished())
-    })
-    .await;
+    session_finished(&app.store, "r").await;
     let mut again = get(app.addr, &path, got.last().unwrap().id.as_deref()).await;
     let rest = again.collect().await;
     assert_eq!(datas(&rest), expected_tokens(7..n));
-}
-
-async fn eventually_async<F, Fut>(mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = std::time::Instant::now();
-    while !cond().await {
-        assert!(start.elapsed() < TIMEOUT, "condition not reached in time");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
 }

@@ -32,23 +32,6 @@ async fn serve_body(body: &'static [u8]) -> (std::net::SocketAddr, MemoryStore) 
     (serve_router(app).await, store)
 }
 
-async fn finished(store: &MemoryStore, key: &str) -> Status {
-    let key = SessionKey::new(key).unwrap();
-    let wait = async {
-        loop {
-            if let Some(info) = store.lookup(&key).await.unwrap() {
-                if info.status.is_finished() {
-                    return info.status;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(TIMEOUT, wait)
-        .await
-        .expect("the session ends")
-}
-
 #[tokio::test]
 async fn an_event_line_up_to_the_default_max_event_size_is_stored_and_a_larger_one_fails_the_session(
 ) {
@@ -67,7 +50,7 @@ async fn an_event_line_up_to_the_default_max_event_size_is_stored_and_a_larger_o
             .await
             .collect()
             .await;
-        let status = finished(&store, &key).await;
+        let status = session_finished(&store, &key).await.status;
         if line <= max {
             assert_eq!(datas(&evs), ["before", payload.as_str(), "after"], "{line}");
             assert_eq!(status, Status::Finished(Outcome::Completed), "{line}");

@@ -24,7 +24,10 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use resumable_sse::{MemoryStore, ResumableSseLayer};
 
-const TIMEOUT: Duration = Duration::from_secs(30);
+mod common;
+
+use common::TIMEOUT;
+
 const BLOB_LEN: usize = 5 << 20;
 
 const JSON: &str = r#"{"id":7,"items":["a","b"],"text":"data: not an event\n\n"}"#;

@@ -35,10 +35,9 @@ use tokio::time::Instant;
 use tower::util::BoxCloneService;
 use tower::{Layer, ServiceExt};
 
-use common::Inner;
+// The waits of `common` measure the runtime's clock: paused time in most tests here.
+use common::{datas, eventually, within, Block, Ev, Inner, TIMEOUT};
 
-/// The deadline of every wait (on the runtime's clock, paused in most tests).
-const TIMEOUT: Duration = Duration::from_secs(20);
 /// How soon the producer must react to a cancel or a deadline. Far below every backoff it could
 /// otherwise be sleeping through (the fourth failure waits 800 ms).
 const PROMPTLY: Duration = Duration::from_millis(100);
@@ -322,8 +321,9 @@ fn reason(res: &Res) -> Option<&str> {
         .map(|v| v.to_str().unwrap())
 }
 
-/// The body to its end, as `(id, data)` pairs.
-async fn events(res: Res) -> Vec<(String, String)> {
+/// The body to its end, as events (read by the tests' one parser). Keep-alive is off: a
+/// comment fails the test.
+async fn events(res: Res) -> Vec<Ev> {
     let mut body = res.into_body();
     let mut bytes = Vec::new();
     while let Some(frame) = tokio::time::timeout(TIMEOUT, body.frame())
@@ -334,47 +334,22 @@ async fn events(res: Res) -> Vec<(String, String)> {
             bytes.extend_from_slice(&data);
         }
     }
-    let text = String::from_utf8(bytes).unwrap();
-    text.split("\n\n")
-        .filter(|block| !block.is_empty())
-        .map(|block| {
-            let field = |name: &str| {
-                block
-                    .lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .unwrap_or_default()
-                    .to_owned()
-            };
-            (field("id: "), field("data: "))
+    common::parse_blocks(&bytes)
+        .into_iter()
+        .map(|block| match block {
+            Block::Event(ev) => ev,
+            Block::Comment(c) => panic!("a comment, with keep-alive off: {c:?}"),
         })
         .collect()
 }
 
-fn datas(evs: &[(String, String)]) -> Vec<String> {
-    evs.iter().map(|(_, d)| d.clone()).collect()
-}
-
 /// Every id is the layer's, and they follow each other from 1.
-fn assert_layer_ids(evs: &[(String, String)]) {
-    for (i, (id, _)) in evs.iter().enumerate() {
+fn assert_layer_ids(evs: &[Ev]) {
+    for (i, ev) in evs.iter().enumerate() {
+        let id = ev.id.as_deref().unwrap_or_default();
         let id = EventId::parse(id.as_bytes()).unwrap_or_else(|| panic!("not a layer id: {id}"));
         assert_eq!(id.seq, i as u64 + 1, "ids in order, without gap or repeat");
     }
-}
-
-/// Waits until `cond` holds, for at most `within` (on the runtime's clock).
-async fn within(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let waited = tokio::time::timeout(within, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await;
-    assert!(waited.is_ok(), "{what}: not within {within:?}");
-}
-
-async fn eventually(what: &str, cond: impl FnMut() -> bool) {
-    within(TIMEOUT, what, cond).await;
 }
 
 /// A running `/gated` session with its first event stored, and the response that started it.
@@ -530,7 +505,9 @@ async fn a_completed_session_whose_first_finish_calls_fail_is_recorded_completed
         app.status("fin").await,
         Some(Status::Finished(Outcome::Completed))
     );
-    let end = app.get("/tokens?session_id=fin&n=5", Some(&evs[4].0)).await;
+    let end = app
+        .get("/tokens?session_id=fin&n=5", evs[4].id.as_deref())
+        .await;
     assert_eq!(end.status(), StatusCode::NO_CONTENT);
     assert_eq!(reason(&end), Some("completed"));
     assert_eq!(app.inner.calls(), 1);
@@ -679,7 +656,7 @@ async fn a_client_that_disconnects_during_a_slow_start_loses_no_event() {
     assert_layer_ids(&evs);
     assert_eq!(datas(&evs), common::expected_tokens(0..50));
     let end = app
-        .get("/tokens?session_id=slow-start&n=50", Some(&evs[49].0))
+        .get("/tokens?session_id=slow-start&n=50", evs[49].id.as_deref())
         .await;
     assert_eq!(end.status(), StatusCode::NO_CONTENT);
     assert_eq!(reason(&end), Some("completed"));
@@ -715,7 +692,11 @@ async fn a_start_that_keeps_failing_serves_the_response_unresumable_and_releases
     assert_eq!(res.status(), StatusCode::OK);
     let evs = events(res).await;
     assert_eq!(datas(&evs), common::expected_tokens(0..3));
-    assert_eq!(evs[0].0, "inner-0", "passed through, with the inner ids");
+    assert_eq!(
+        evs[0].id.as_deref(),
+        Some("inner-0"),
+        "passed through, with the inner ids"
+    );
     assert_eq!(app.store.calls("append"), 0);
     assert_eq!(app.status("no-start").await, None, "the claim is released");
     assert_eq!(app.drain.running(), 0);

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::redis::free_port;
-use common::TIMEOUT;
+use common::{datas, Ev, SseConn, TIMEOUT};
 use futures_util::stream;
 use http::{HeaderMap, StatusCode};
 use http_body_util::combinators::BoxBody;
@@ -349,124 +349,13 @@ impl Fetch {
     }
 
     /// The response as an event stream.
-    async fn events(self) -> Events {
-        let (parts, body) = self.response().await.into_parts();
-        Events {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-            buf: Vec::new(),
-            ev: Ev::default(),
-            fields: false,
-        }
-    }
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Ev {
-    id: Option<String>,
-    data: String,
-}
-
-/// An SSE reader (LF, CR LF or CR line ends; comments skipped).
-struct Events {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Incoming,
-    buf: Vec<u8>,
-    ev: Ev,
-    fields: bool,
-}
-
-impl Events {
-    fn reason(&self) -> Option<&str> {
-        self.headers
-            .get("resumable-sse-reason")
-            .and_then(|v| v.to_str().ok())
-    }
-
-    /// The next event, or `None` at the end of the body.
-    async fn next(&mut self) -> Option<Ev> {
-        loop {
-            let mut start = 0;
-            let mut found = None;
-            while let Some(end) = self.buf[start..]
-                .iter()
-                .position(|b| *b == b'\n' || *b == b'\r')
-            {
-                let end = start + end;
-                // A CR at the very end may be the first half of CR LF: wait for more.
-                if self.buf[end] == b'\r' && end + 1 == self.buf.len() {
-                    break;
-                }
-                let line = String::from_utf8_lossy(&self.buf[start..end]).into_owned();
-                start = end + 1;
-                if self.buf[end] == b'\r' && self.buf.get(start) == Some(&b'\n') {
-                    start += 1;
-                }
-                if line.is_empty() {
-                    if std::mem::take(&mut self.fields) {
-                        found = Some(std::mem::take(&mut self.ev));
-                        break;
-                    }
-                    continue;
-                }
-                if line.starts_with(':') {
-                    continue;
-                }
-                self.fields = true;
-                let (field, value) = line.split_once(':').unwrap_or((&line, ""));
-                let value = value.strip_prefix(' ').unwrap_or(value);
-                match field {
-                    "id" => self.ev.id = Some(value.to_owned()),
-                    "data" => {
-                        if !self.ev.data.is_empty() {
-                            self.ev.data.push('\n');
-                        }
-                        self.ev.data.push_str(value);
-                    }
-                    _ => {}
-                }
-            }
-            self.buf.drain(..start);
-            if found.is_some() {
-                return found;
-            }
-            match tokio::time::timeout(TIMEOUT, self.body.frame()).await {
-                Err(_) => panic!("no event within {TIMEOUT:?}"),
-                Ok(None) | Ok(Some(Err(_))) => return None,
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
-                    }
-                }
-            }
-        }
-    }
-
-    async fn take(&mut self, n: usize) -> Vec<Ev> {
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..n {
-            out.push(self.next().await.expect("stream ended early"));
-        }
-        out
-    }
-
-    async fn collect(&mut self) -> Vec<Ev> {
-        let mut out = Vec::new();
-        while let Some(ev) = self.next().await {
-            out.push(ev);
-        }
-        out
+    async fn events(self) -> SseConn {
+        SseConn::new(self.response().await)
     }
 }
 
 fn tokens(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("token {i}")).collect()
-}
-
-fn datas(evs: &[Ev]) -> Vec<String> {
-    evs.iter().map(|e| e.data.clone()).collect()
 }
 
 /// Reads a session in pieces of `pieces` events, dropping the connection after each and

@@ -4,7 +4,6 @@
 mod common;
 mod suite;
 
-
 use common::redis::*;
 use resumable_sse::RedisStore;
 use suite::{Backend, Opts};
@@ -20,8 +19,7 @@ impl Backend for Cluster {
 
     async fn store(&self, opts: Opts) -> RedisStore {
         let urls = RedisCluster::shared_urls().expect("checked by available()");
-        let mut b = RedisStore::cluster_builder(urls)
-            .prefix(unique_prefix());
+        let mut b = RedisStore::cluster_builder(urls).prefix(unique_prefix());
         if let Some(r) = opts.retention {
             b = b.retention(r);
         }

@@ -371,13 +371,20 @@ async fn keys_carry_a_ttl_while_running_and_expire_after_retention() {
     }
     app.inner.end("ttl");
     assert_eq!(conn.next().await, None);
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let left: Vec<String> = ::redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut rc)
-        .await
-        .unwrap();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    // Gone once the retention has passed (Redis expires them; nothing deletes them).
+    eventually_async("every key expired", || {
+        let mut rc = rc.clone();
+        let pattern = format!("{prefix}:*");
+        async move {
+            let left: Vec<String> = ::redis::cmd("KEYS")
+                .arg(pattern)
+                .query_async(&mut rc)
+                .await
+                .unwrap();
+            left.is_empty()
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -493,7 +500,8 @@ async fn a_redis_restart_that_keeps_data_loses_nothing() {
     let mut got = conn.take(10).await;
     drop(conn);
     server.kill();
-    // Produced while Redis is down: held by the producer and retried.
+    // Produced while Redis is down: held by the producer and retried. (The sleep is the
+    // scenario: Redis stays down a while.)
     for i in 10..20 {
         app.inner.send("restart", format!("token {i}"));
     }
@@ -677,6 +685,7 @@ async fn a_cancel_whose_announcement_was_lost_reaches_the_producer_at_its_next_r
         let (store, key) = (store.clone(), key.clone());
         async move { store.cancelled(&key, epoch).await }
     });
+    // A fixed wait: it checks that nothing happens.
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!cancelled.is_finished());
     // Cancelled behind the store's back: nothing is announced.
@@ -732,12 +741,24 @@ async fn a_reply_slower_than_the_response_timeout_fails_and_the_default_waits_fo
         .await
         .expect("connect");
     let default = store_on(&url, &unique_prefix(), Duration::from_secs(5)).await;
-    // Both connections are up before the server stalls.
+    // Both connections (and the probe's, below) are up before the server stalls.
     assert!(short.lookup(&key).await.unwrap().is_none());
     assert!(default.lookup(&key).await.unwrap().is_none());
 
+    let probe = inspector(&url).await;
     let busy = block_server(&url, 2_500);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The script runs once the server stops answering at once.
+    eventually_async("the server stalled by the script", || {
+        let mut probe = probe.clone();
+        async move {
+            let ping = ::redis::cmd("PING");
+            let answer = ping.query_async::<String>(&mut probe);
+            tokio::time::timeout(Duration::from_millis(50), answer)
+                .await
+                .is_err()
+        }
+    })
+    .await;
     let started = tokio::time::Instant::now();
     let (slow, waited) = tokio::join!(short.lookup(&key), default.lookup(&key));
     // The short timeout gives a clean store error, well before the server answers ...
@@ -957,14 +978,9 @@ async fn a_client_behind_the_hard_byte_limit_gets_a_prefix_then_the_evicted_comm
             app.inner.send("behind", data(i));
         }
         app.inner.end("behind");
-        loop {
-            let info = app.store.lookup(&key).await.unwrap().expect("session");
-            if info.status == Status::Finished(Outcome::Completed) {
-                assert!(info.first_seq > 1, "the oldest events were trimmed");
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let info = session_finished(&app.store, "behind").await;
+        assert_eq!(info.status, Status::Finished(Outcome::Completed));
+        assert!(info.first_seq > 1, "the oldest events were trimmed");
         // Then it reads: what the connection already held, then the evicted comment, then the end.
         got.extend(first.collect().await);
         assert!(got.len() < EVENTS - 300, "{} events", got.len());
@@ -1025,7 +1041,6 @@ async fn a_client_on_the_producing_instance_keeps_what_it_needs_past_the_soft_by
         .expect("connect");
     let app = serve_with(store, |l| l.keep_alive(None)).await;
     let path = "/gated?session_id=held";
-    let key = SessionKey::new("held").unwrap();
     let run = async {
         app.inner.gate("held");
         let mut first = get(app.addr, path, None).await;
@@ -1036,13 +1051,8 @@ async fn a_client_on_the_producing_instance_keeps_what_it_needs_past_the_soft_by
             app.inner.send("held", data(i));
         }
         app.inner.end("held");
-        loop {
-            let info = app.store.lookup(&key).await.unwrap().expect("session");
-            if info.status == Status::Finished(Outcome::Completed) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let info = session_finished(&app.store, "held").await;
+        assert_eq!(info.status, Status::Finished(Outcome::Completed));
         got.extend(first.collect().await);
         assert_eq!(got.len(), EVENTS);
         for (i, ev) in got.iter().enumerate() {
@@ -1262,7 +1272,8 @@ async fn a_shared_tail_overtaken_by_trimming_restarts_so_that_no_subscriber_stal
             used < 20 * 5,
             "{used} script calls for 20 events to {SUBSCRIBERS} subscribers: the tail is not shared"
         );
-        // No read spins: idle, the instance costs Redis a few calls a second.
+        // No read spins: idle, the instance costs Redis a few calls a second. (Fixed waits: the
+        // scenario is an idle second, after the last reads settle.)
         tokio::time::sleep(Duration::from_millis(300)).await;
         let before = script_calls(&mut rc).await;
         tokio::time::sleep(Duration::from_secs(1)).await;

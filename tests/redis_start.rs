@@ -19,8 +19,8 @@ use resumable_sse::store::{
 use resumable_sse::{Epoch, EventId, Outcome, RedisStore, SessionKey};
 
 /// The lease of these tests: short, so that a session whose producer was lost is seen failed
-/// within a few seconds.
-const LEASE: Duration = Duration::from_millis(600);
+/// within a few seconds, and long enough that a loaded machine does not delay a renewal past it.
+const LEASE: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 struct RacyStart {
@@ -135,24 +135,6 @@ impl Store for RacyStart {
     }
 }
 
-/// Waits until the session is finished, and returns its final state.
-async fn finished(store: &RacyStart, key: &str) -> SessionInfo {
-    let key = SessionKey::new(key).unwrap();
-    let wait = async {
-        loop {
-            if let Some(info) = store.lookup(&key).await.expect("lookup") {
-                if info.status.is_finished() {
-                    return info;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(TIMEOUT, wait)
-        .await
-        .expect("the session finishes")
-}
-
 #[tokio::test]
 async fn a_client_that_disconnects_while_redis_starts_the_session_loses_no_event() {
     // The start's reply takes longer than the client waits, and longer than the lease.
@@ -165,7 +147,7 @@ async fn a_client_that_disconnects_while_redis_starts_the_session_loses_no_event
     let gone = tokio::time::timeout(Duration::from_millis(200), get(addr, path, None)).await;
     assert!(gone.is_err(), "the client gave up before the head came");
     // The generation was not lost with the client: it runs to its end, well past the lease.
-    let info = finished(&store, "gone").await;
+    let info = session_finished(&store, "gone").await;
     assert_eq!(info.status, Status::Finished(Outcome::Completed));
     assert_eq!(info.last_seq, 50);
     let evs = get(addr, path, None).await.collect().await;
@@ -185,7 +167,7 @@ async fn a_lost_start_reply_on_redis_is_retried_and_the_session_is_produced_once
     assert_eq!(first.status, 200);
     assert_eq!(datas(&first.collect().await), expected_tokens(0..20));
     assert_eq!(store.starts.load(Ordering::SeqCst), 2, "one retry");
-    let info = finished(&store, "lost").await;
+    let info = session_finished(&store, "lost").await;
     assert_eq!(info.status, Status::Finished(Outcome::Completed));
     // A reconnect holding the last event is told it is done; the inner service ran once.
     let last = EventId {
@@ -216,11 +198,15 @@ async fn a_start_that_finds_its_claim_cancelled_on_redis_drops_the_body_and_prod
         (res.status.as_u16(), res.reason()),
         (204, Some("cancelled"))
     );
-    eventually(|| app.inner.generators_dropped() == 1).await;
-    // Nothing produces: an event released now is stored nowhere.
+    eventually("the generator dropped", || {
+        app.inner.generators_dropped() == 1
+    })
+    .await;
+    // Nothing produces: an event released now is stored nowhere. Waiting for something not to
+    // happen takes a fixed wait: two leases, past any renewal or takeover.
     app.inner.send("cut", "late");
     tokio::time::sleep(2 * LEASE).await;
-    let info = finished(&store, "cut").await;
+    let info = session_finished(&store, "cut").await;
     assert_eq!(info.status, Status::Finished(Outcome::Cancelled));
     assert_eq!(info.last_seq, 0);
     assert_eq!(app.inner.calls(), 1);

@@ -5,7 +5,6 @@
 mod common;
 mod suite;
 
-
 use common::redis::*;
 use resumable_sse::RedisStore;
 use suite::{Backend, Opts};
@@ -22,8 +21,7 @@ impl Backend for Redis {
 
     async fn store(&self, opts: Opts) -> RedisStore {
         let url = shared_url().expect("checked by available()");
-        let mut b = RedisStore::builder(url)
-            .prefix(unique_prefix());
+        let mut b = RedisStore::builder(url).prefix(unique_prefix());
         if let Some(r) = opts.retention {
             b = b.retention(r);
         }

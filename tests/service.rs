@@ -29,7 +29,9 @@ use tokio::sync::mpsc;
 use tower::{Layer, Service, ServiceExt};
 use tower_test::mock;
 
-const TIMEOUT: Duration = Duration::from_secs(20);
+mod common;
+
+use common::{datas, eventually, parse_events, session_when, TIMEOUT};
 
 // ---------------------------------------------------------------------------------------------
 // Allocation counting: only allocations made on the measuring thread, inside a window.
@@ -307,26 +309,31 @@ async fn body_bytes(res: Response<ResumableBody<TestBody>>) -> Bytes {
     frames(res).await.concat().into()
 }
 
-/// The next event frame of a live session body.
-async fn next_event(body: &mut ResumableBody<TestBody>) -> Option<Bytes> {
+/// The next frame of a live session body. Frames, not events: the tests below check what each
+/// frame of an in-process body holds (one event, or the eviction comment alone), which a reader
+/// of a socket (`common::SseConn`) cannot tell apart.
+async fn next_frame(body: &mut ResumableBody<TestBody>) -> Option<Bytes> {
     let frame = tokio::time::timeout(TIMEOUT, body.frame())
         .await
         .expect("an event or the end in time")?;
     Some(frame.expect("the body does not fail").into_data().unwrap())
 }
 
-/// The value of every `<field>: ` line of an encoded stream.
-fn field_values(bytes: &[u8], field: &str) -> Vec<String> {
-    let prefix = format!("{field}: ");
-    String::from_utf8(bytes.to_vec())
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+/// The data of every event of an encoded stream (read by the tests' one parser).
+fn datas_in(bytes: &[u8]) -> Vec<String> {
+    datas(&parse_events(bytes))
+}
+
+/// The id of every event of an encoded stream.
+fn ids_in(bytes: &[u8]) -> Vec<String> {
+    parse_events(bytes)
+        .into_iter()
+        .map(|ev| ev.id.expect("every event has an id"))
         .collect()
 }
 
 fn event_id(bytes: &[u8]) -> EventId {
-    let ids = field_values(bytes, "id");
+    let ids = ids_in(bytes);
     EventId::parse(ids[0].as_bytes()).expect("an id of the layer")
 }
 
@@ -342,16 +349,6 @@ async fn lookup(store: &CountingStore, key: &str) -> Option<SessionInfo> {
         .lookup(&SessionKey::new(key).unwrap())
         .await
         .unwrap()
-}
-
-async fn eventually(mut cond: impl FnMut() -> bool) {
-    tokio::time::timeout(TIMEOUT, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await
-    .expect("condition reached in time");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -531,14 +528,14 @@ async fn content_type_matching_ignores_case_and_parameters() {
 }
 
 #[tokio::test]
-async fn concurrent_first_requests_call_the_inner_service_once() {
+async fn concurrent_first_calls_of_the_service_share_one_inner_call_and_identical_bytes() {
     let store = CountingStore::default();
     let (svc, mut handle) = layered(store.clone());
     let clients: Vec<_> = (0..5)
         .map(|_| call(&svc, get("/chat?session_id=crowd")))
         .collect();
     // All five have asked for the session before the inner service answers.
-    eventually(|| store.count("claim") >= 5).await;
+    eventually("five claims", || store.count("claim") >= 5).await;
     let (_, reply) = inner_request(&mut handle).await;
     assert_inner_not_called(&mut handle);
 
@@ -555,7 +552,7 @@ async fn concurrent_first_requests_call_the_inner_service_once() {
     }
     let (status, first) = &results[0];
     assert_eq!(*status, StatusCode::OK);
-    assert_eq!(field_values(first, "data"), ["one", "two", "three"]);
+    assert_eq!(datas_in(first), ["one", "two", "three"]);
     for (status, bytes) in &results {
         assert_eq!(*status, StatusCode::OK);
         assert_eq!(bytes, first, "every client gets identical bytes");
@@ -602,8 +599,8 @@ async fn awkwardly_chunked_inner_events_are_stored_with_the_layers_own_ids() {
     assert_eq!(res.status(), StatusCode::OK);
     let received = body_bytes(res).await;
 
-    let first = EventId::parse(field_values(&received, "id")[0].as_bytes())
-        .expect("the first id is the layer's");
+    let first =
+        EventId::parse(ids_in(&received)[0].as_bytes()).expect("the first id is the layer's");
     let epoch = first.to_string()[..12].to_owned();
     assert!(epoch
         .bytes()
@@ -647,14 +644,7 @@ async fn bad_positions_and_keys_are_answered_without_calling_the_inner_service()
     reply.send_response(sse(body));
     send(&tx, b"data: 1\n\ndata: 2\n\n");
     let live = answer(pending).await.unwrap();
-    let store_for_check = store.clone();
-    let key = SessionKey::new("live").unwrap();
-    eventually(|| {
-        futures_util::FutureExt::now_or_never(store_for_check.inner.lookup(&key))
-            .and_then(|r| r.unwrap())
-            .is_some_and(|i| i.last_seq == 2)
-    })
-    .await;
+    session_when(&store.inner, "live", "2 events stored", |i| i.last_seq == 2).await;
     let epoch = lookup(&store, "live").await.unwrap().epoch;
     let id = |seq| EventId { epoch, seq }.to_string();
     let long_key = format!("/chat?session_id={}", "k".repeat(10 * 1024));
@@ -743,7 +733,7 @@ async fn bad_positions_and_keys_are_answered_without_calling_the_inner_service()
     assert!(lookup(&store, "never").await.is_none());
 
     drop(tx);
-    assert_eq!(field_values(&body_bytes(live).await, "data"), ["1", "2"]);
+    assert_eq!(datas_in(&body_bytes(live).await), ["1", "2"]);
     assert_no_more_inner_calls(svc, handle).await;
 }
 
@@ -769,7 +759,7 @@ async fn an_inner_service_error_reaches_the_caller_and_releases_the_claim() {
     reply.send_response(sse(full(b"data: second try\n\n")));
     let res = answer(pending).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(field_values(&body_bytes(res).await, "data"), ["second try"]);
+    assert_eq!(datas_in(&body_bytes(res).await), ["second try"]);
     assert_no_more_inner_calls(svc, handle).await;
 }
 
@@ -793,11 +783,11 @@ async fn a_caller_that_goes_away_while_the_inner_service_answers_releases_the_cl
     reply.send_response(sse(full(b"data: fresh\n\n")));
     let res = answer(pending).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(field_values(&body_bytes(res).await, "data"), ["fresh"]);
+    assert_eq!(datas_in(&body_bytes(res).await), ["fresh"]);
     // The abandoned answer arrives too late to matter.
     first_reply.send_response(sse(full(b"data: stale\n\n")));
     let replay = answer(call(&svc, get(uri))).await.unwrap();
-    assert_eq!(field_values(&body_bytes(replay).await, "data"), ["fresh"]);
+    assert_eq!(datas_in(&body_bytes(replay).await), ["fresh"]);
     assert_no_more_inner_calls(svc, handle).await;
 }
 
@@ -805,7 +795,7 @@ async fn a_caller_that_goes_away_while_the_inner_service_answers_releases_the_cl
 // Session life.
 
 #[tokio::test]
-async fn reconnect_after_completion_gets_204() {
+async fn a_call_holding_the_last_event_gets_204_completed_and_one_holding_less_gets_the_rest() {
     let store = CountingStore::default();
     let (svc, mut handle) = layered(store.clone());
     let uri = "/chat?session_id=done";
@@ -813,7 +803,7 @@ async fn reconnect_after_completion_gets_204() {
     let (_, reply) = inner_request(&mut handle).await;
     reply.send_response(sse(full(b"data: a\n\ndata: b\n\n")));
     let all = body_bytes(answer(pending).await.unwrap()).await;
-    let ids = field_values(&all, "id");
+    let ids = ids_in(&all);
     assert_eq!(ids.len(), 2);
 
     let end = answer(call(&svc, resume(uri, &ids[1]))).await.unwrap();
@@ -822,7 +812,7 @@ async fn reconnect_after_completion_gets_204() {
     assert_eq!(end.headers()["cache-control"], "no-store");
     // Holding the first event only, the client still gets the second.
     let rest = answer(call(&svc, resume(uri, &ids[0]))).await.unwrap();
-    assert_eq!(field_values(&body_bytes(rest).await, "data"), ["b"]);
+    assert_eq!(datas_in(&body_bytes(rest).await), ["b"]);
     assert_no_more_inner_calls(svc, handle).await;
 }
 
@@ -848,7 +838,7 @@ impl Log {
 }
 
 #[tokio::test]
-async fn inner_body_error_fails_the_session() {
+async fn an_inner_body_error_keeps_the_stored_events_fails_the_session_and_logs_a_warning() {
     use tracing_subscriber::util::SubscriberInitExt;
     let log = Log::default();
     let writer = log.clone();
@@ -872,11 +862,11 @@ async fn inner_body_error_fails_the_session() {
     let res = answer(pending).await.unwrap();
     // The client gets what was stored, then the end.
     let received = body_bytes(res).await;
-    assert_eq!(field_values(&received, "data"), ["kept"]);
+    assert_eq!(datas_in(&received), ["kept"]);
     let info = lookup(&store, "broken").await.unwrap();
     assert_eq!(info.status, Status::Finished(Outcome::Failed));
 
-    let last = &field_values(&received, "id")[0];
+    let last = &ids_in(&received)[0];
     let end = answer(call(&svc, resume(uri, last))).await.unwrap();
     assert_eq!(end.status(), StatusCode::NO_CONTENT);
     assert_eq!(reason(&end), Some("failed"));
@@ -901,9 +891,9 @@ async fn ids_from_an_earlier_incarnation_are_foreign() {
     reply.send_response(sse(body));
     send(&tx, b"data: old\n\n");
     let mut old_body = answer(pending).await.unwrap().into_body();
-    let old_id = event_id(&next_event(&mut old_body).await.unwrap());
+    let old_id = event_id(&next_frame(&mut old_body).await.unwrap());
     drop(tx);
-    assert_eq!(next_event(&mut old_body).await, None);
+    assert_eq!(next_frame(&mut old_body).await, None);
     assert!(
         lookup(&store, "again").await.is_none(),
         "the first session expired"
@@ -916,7 +906,7 @@ async fn ids_from_an_earlier_incarnation_are_foreign() {
     reply.send_response(sse(body));
     send(&tx, b"data: new\n\n");
     let mut new_body = answer(pending).await.unwrap().into_body();
-    let new_id = event_id(&next_event(&mut new_body).await.unwrap());
+    let new_id = event_id(&next_frame(&mut new_body).await.unwrap());
     assert_ne!(new_id.epoch, old_id.epoch);
     assert_eq!(new_id.seq, 1);
 
@@ -934,7 +924,7 @@ async fn ids_from_an_earlier_incarnation_are_foreign() {
     .unwrap();
     assert_eq!(current.status(), StatusCode::OK);
     drop(tx);
-    assert_eq!(field_values(&body_bytes(current).await, "data"), ["new"]);
+    assert_eq!(datas_in(&body_bytes(current).await), ["new"]);
     assert_no_more_inner_calls(svc, handle).await;
 }
 
@@ -942,7 +932,7 @@ async fn ids_from_an_earlier_incarnation_are_foreign() {
 const SMALL_EVENT_LEN: usize = "id: 0123456789ab-1\ndata: 1\n\n".len();
 
 #[tokio::test]
-async fn evicted_positions_are_reported_not_skipped() {
+async fn a_body_behind_the_hard_limit_ends_with_the_evicted_comment_and_older_positions_get_410() {
     // Three events of history, and no room to keep more for a connected reader either.
     let store = CountingStore::new(
         MemoryStore::builder()
@@ -959,28 +949,21 @@ async fn evicted_positions_are_reported_not_skipped() {
     reply.send_response(sse(body));
     send(&tx, b"data: 1\n\n");
     let mut connected = answer(pending).await.unwrap().into_body();
-    let first = event_id(&next_event(&mut connected).await.unwrap());
+    let first = event_id(&next_frame(&mut connected).await.unwrap());
     // The connected client stops reading while five more events arrive; only 4, 5 and 6 are
     // retained.
     send(
         &tx,
         b"data: 2\n\ndata: 3\n\ndata: 4\n\ndata: 5\n\ndata: 6\n\n",
     );
-    let key = SessionKey::new("long").unwrap();
-    let probe = store.clone();
-    eventually(|| {
-        futures_util::FutureExt::now_or_never(probe.inner.lookup(&key))
-            .and_then(|r| r.unwrap())
-            .is_some_and(|i| i.last_seq == 6)
-    })
-    .await;
+    session_when(&store.inner, "long", "6 events stored", |i| i.last_seq == 6).await;
     assert_eq!(lookup(&store, "long").await.unwrap().first_seq, 4);
     // It is disconnected, with a comment saying why, rather than given event 4 after event 1.
     assert_eq!(
-        next_event(&mut connected).await.as_deref(),
+        next_frame(&mut connected).await.as_deref(),
         Some(resumable_sse::sse::EVICTED_COMMENT)
     );
-    assert_eq!(next_event(&mut connected).await, None);
+    assert_eq!(next_frame(&mut connected).await, None);
 
     let id = |seq| {
         EventId {
@@ -997,10 +980,7 @@ async fn evicted_positions_are_reported_not_skipped() {
     let rest = answer(call(&svc, resume(uri, &id(3)))).await.unwrap();
     assert_eq!(rest.status(), StatusCode::OK);
     drop(tx);
-    assert_eq!(
-        field_values(&body_bytes(rest).await, "data"),
-        ["4", "5", "6"]
-    );
+    assert_eq!(datas_in(&body_bytes(rest).await), ["4", "5", "6"]);
     assert_no_more_inner_calls(svc, handle).await;
 }
 
@@ -1015,28 +995,21 @@ async fn a_connected_reader_keeps_the_events_it_needs_past_the_soft_limit() {
     reply.send_response(sse(body));
     send(&tx, b"data: 1\n\n");
     let mut connected = answer(pending).await.unwrap().into_body();
-    let first = event_id(&next_event(&mut connected).await.unwrap());
+    let first = event_id(&next_frame(&mut connected).await.unwrap());
     // Five more events while the connected client reads nothing: past the limit of three, but
     // it still needs them, so they stay.
     send(
         &tx,
         b"data: 2\n\ndata: 3\n\ndata: 4\n\ndata: 5\n\ndata: 6\n\n",
     );
-    let key = SessionKey::new("held").unwrap();
-    let probe = store.clone();
-    eventually(|| {
-        futures_util::FutureExt::now_or_never(probe.inner.lookup(&key))
-            .and_then(|r| r.unwrap())
-            .is_some_and(|i| i.last_seq == 6)
-    })
-    .await;
+    session_when(&store.inner, "held", "6 events stored", |i| i.last_seq == 6).await;
     assert_eq!(lookup(&store, "held").await.unwrap().first_seq, 2);
     drop(tx);
     let mut rest = Vec::new();
-    while let Some(frame) = next_event(&mut connected).await {
+    while let Some(frame) = next_frame(&mut connected).await {
         rest.extend_from_slice(&frame);
     }
-    assert_eq!(field_values(&rest, "data"), ["2", "3", "4", "5", "6"]);
+    assert_eq!(datas_in(&rest), ["2", "3", "4", "5", "6"]);
     assert_eq!(first.seq, 1);
     assert_no_more_inner_calls(svc, handle).await;
 }

@@ -1,4 +1,6 @@
-//! Test harness: an axum app behind the layer on a real TCP socket, and an SSE client over hyper.
+//! Test harness, shared by every test binary: an axum app behind the layer on a real TCP socket,
+//! an SSE client over hyper with the tests' own event-stream reader, and the waits with a
+//! deadline that tests use instead of fixed sleeps.
 #![allow(dead_code)]
 
 pub mod chaos_proxy;
@@ -23,10 +25,12 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use resumable_sse::store::Store;
-use resumable_sse::{MemoryStore, ResumableSseLayer};
+use resumable_sse::store::{SessionInfo, Store};
+use resumable_sse::{MemoryStore, ResumableSseLayer, SessionKey};
 use tokio::sync::mpsc;
 
+/// The longest any wait of the tests takes before it fails the test: for a response head, a
+/// frame, a condition.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Calls counted per route, and the test-controlled event sources of `/gated`.
@@ -199,24 +203,267 @@ pub async fn serve() -> App {
 }
 
 pub async fn serve_router(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_router_with_send_buffer(app, None).await
+}
+
+/// Serves `app` on a free port with `TCP_NODELAY` on every connection (Nagle plus delayed ACKs
+/// would hold every multi-part write ~40 ms) and, if given, a small send buffer (so that a
+/// client that stops reading stops the server's writes early).
+pub async fn serve_router_with_send_buffer(app: Router, send_buffer: Option<u32>) -> SocketAddr {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(size) = send_buffer {
+        // Accepted connections inherit it.
+        socket.set_send_buffer_size(size).unwrap();
+    }
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(4096).unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        // Nagle plus delayed ACKs would hold every multi-part write ~40 ms.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(listener, app).await.unwrap();
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
     });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
 }
 
+/// Serves `GET /raw?session_id=..` behind the layer: a `200 text/event-stream` whose body is
+/// `body()`'s chunks, as they are; counts the calls.
+pub async fn serve_raw<F, S>(
+    store: MemoryStore,
+    send_buffer: Option<u32>,
+    layer: impl FnOnce(ResumableSseLayer<MemoryStore>) -> ResumableSseLayer<MemoryStore>,
+    body: F,
+) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn() -> S + Clone + Send + Sync + 'static,
+    S: Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+{
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = move |State(calls): State<Arc<AtomicUsize>>| {
+        let body = body.clone();
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            axum::response::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(axum::body::Body::from_stream(body()))
+                .unwrap()
+        }
+    };
+    let app = Router::new()
+        .route("/raw", routing::get(handler))
+        .with_state(calls.clone())
+        .layer(layer(ResumableSseLayer::new(store)));
+    (serve_router_with_send_buffer(app, send_buffer).await, calls)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waits with a deadline
+
+/// How often [`within`] and [`eventually`] check their condition.
+const POLL: Duration = Duration::from_millis(1);
+/// How often [`eventually_async`] checks its condition (a store call, say).
+const POLL_ASYNC: Duration = Duration::from_millis(5);
+
+/// Waits until `cond` holds; fails the test, naming `what`, once `limit` has passed on the
+/// runtime's clock (the real one, or the paused one of `start_paused` tests, where the wait
+/// measures virtual time).
+pub async fn within(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until `cond` holds, for at most [`TIMEOUT`]; fails the test naming `what`.
+pub async fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    within(TIMEOUT, what, cond).await;
+}
+
+/// Waits until the asynchronous `cond` holds, for at most [`TIMEOUT`]; fails the test naming
+/// `what`.
+pub async fn eventually_async<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {TIMEOUT:?}"
+        );
+        tokio::time::sleep(POLL_ASYNC).await;
+    }
+}
+
+/// Waits until the session under `key` exists and satisfies `cond`, for at most [`TIMEOUT`],
+/// and returns its state; fails the test naming `what` and the last state seen.
+pub async fn session_when<St: Store>(
+    store: &St,
+    key: &str,
+    what: &str,
+    cond: impl Fn(&SessionInfo) -> bool,
+) -> SessionInfo {
+    let key = SessionKey::new(key).unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let info = store.lookup(&key).await.expect("lookup");
+        if let Some(info) = info.as_ref().filter(|i| cond(i)) {
+            return info.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "session {key:?}: {what}: not within {TIMEOUT:?}; last seen {info:?}"
+        );
+        tokio::time::sleep(POLL_ASYNC).await;
+    }
+}
+
+/// Waits until the session under `key` is finished, and returns its state.
+pub async fn session_finished<St: Store>(store: &St, key: &str) -> SessionInfo {
+    session_when(store, key, "finished", |i| i.status.is_finished()).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading event streams
+
 /// One parsed event as a client sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ev {
     pub id: Option<String>,
     pub event: Option<String>,
     pub data: String,
+}
+
+/// One block of an event stream, as [`SseParser`] reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Block {
+    /// A block with at least one field line (whatever the fields).
+    Event(Ev),
+    /// A block of comment lines only: the text of each after its `:`.
+    Comment(Vec<String>),
+}
+
+impl Block {
+    /// Whether this is the layer's eviction comment (`resumable_sse::sse::EVICTED_COMMENT`),
+    /// alone in its block.
+    pub fn is_evicted_comment(&self) -> bool {
+        match self {
+            Block::Comment(lines) => {
+                lines.len() == 1
+                    && format!(":{}\n\n", lines[0]).as_bytes()
+                        == resumable_sse::sse::EVICTED_COMMENT
+            }
+            Block::Event(_) => false,
+        }
+    }
+}
+
+/// The tests' one reader of `text/event-stream` bytes, written here rather than taken from the
+/// crate so that it checks the crate's output independently. It takes the bytes in any chunks;
+/// line ends are LF, CR LF or CR (a CR LF may be split across chunks); `id`, `event` and `data`
+/// are kept (data lines joined with LF, one space after the colon removed), other fields are
+/// ignored; a blank line ends a block. Invalid UTF-8 is replaced, not refused.
+#[derive(Debug, Default)]
+pub struct SseParser {
+    /// Bytes not yet split into lines.
+    buf: BytesMut,
+    /// The last line ended with CR: an LF that follows belongs to it.
+    after_cr: bool,
+    ev: Ev,
+    has_field: bool,
+    has_data: bool,
+    comment_lines: Vec<String>,
+}
+
+impl SseParser {
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete block, if the bytes pushed so far hold one.
+    pub fn next_block(&mut self) -> Option<Block> {
+        use bytes::Buf;
+        loop {
+            if self.after_cr && !self.buf.is_empty() {
+                if self.buf[0] == b'\n' {
+                    self.buf.advance(1);
+                }
+                self.after_cr = false;
+            }
+            let end = self.buf.iter().position(|&b| b == b'\n' || b == b'\r')?;
+            let line = self.buf.split_to(end + 1);
+            self.after_cr = line[end] == b'\r';
+            if let Some(block) = self.line(&String::from_utf8_lossy(&line[..end])) {
+                return Some(block);
+            }
+        }
+    }
+
+    /// The bytes pushed and not yet split into lines.
+    pub fn unparsed(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Whether every byte pushed so far was part of a complete block.
+    pub fn holds_nothing(&self) -> bool {
+        self.buf.is_empty() && !self.has_field && self.comment_lines.is_empty()
+    }
+
+    fn line(&mut self, line: &str) -> Option<Block> {
+        if line.is_empty() {
+            if std::mem::take(&mut self.has_field) {
+                self.has_data = false;
+                self.comment_lines.clear();
+                return Some(Block::Event(std::mem::take(&mut self.ev)));
+            }
+            if !self.comment_lines.is_empty() {
+                return Some(Block::Comment(std::mem::take(&mut self.comment_lines)));
+            }
+            return None;
+        }
+        if let Some(comment) = line.strip_prefix(':') {
+            self.comment_lines.push(comment.to_owned());
+            return None;
+        }
+        self.has_field = true;
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "id" => self.ev.id = Some(value.to_owned()),
+            "event" => self.ev.event = Some(value.to_owned()),
+            "data" => {
+                if self.has_data {
+                    self.ev.data.push('\n');
+                }
+                self.ev.data.push_str(value);
+                self.has_data = true;
+            }
+            _ => {}
+        }
+        None
+    }
+}
+
+/// Every complete block of a whole stream (an unterminated last block is dropped).
+pub fn parse_blocks(bytes: &[u8]) -> Vec<Block> {
+    let mut parser = SseParser::default();
+    parser.push(bytes);
+    std::iter::from_fn(|| parser.next_block()).collect()
+}
+
+/// Every event of a whole stream; comments are skipped.
+pub fn parse_events(bytes: &[u8]) -> Vec<Ev> {
+    parse_blocks(bytes)
+        .into_iter()
+        .filter_map(|block| match block {
+            Block::Event(ev) => Some(ev),
+            Block::Comment(_) => None,
+        })
+        .collect()
 }
 
 pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
@@ -228,7 +475,8 @@ pub struct SseConn {
     pub status: http::StatusCode,
     pub headers: http::HeaderMap,
     body: Incoming,
-    buf: BytesMut,
+    parser: SseParser,
+    /// Blocks of comments only received (keep-alives, the eviction comment).
     pub comments: usize,
     /// Data frames received: the chunks the server wrote.
     pub frames: usize,
@@ -237,81 +485,72 @@ pub struct SseConn {
     /// Whether the body ended with an error (a connection cut before the body's end) rather
     /// than cleanly.
     pub errored: bool,
+    /// The first bytes of the body (up to 64), as they came over the wire.
+    pub first_bytes: Vec<u8>,
 }
 
-pub async fn get(addr: SocketAddr, path: &str, last_event_id: Option<&str>) -> SseConn {
+/// Sends `GET path` with the given `Last-Event-ID` and headers, and waits for the response
+/// head; an error is a connection that closed before any answer.
+pub async fn request(
+    addr: SocketAddr,
+    path: &str,
+    last_event_id: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Result<SseConn, hyper_util::client::legacy::Error> {
     let mut req = http::Request::get(format!("http://{addr}{path}"));
     if let Some(id) = last_event_id {
         req = req.header("last-event-id", id);
     }
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
     let res = tokio::time::timeout(TIMEOUT, client().request(req.body(Empty::new()).unwrap()))
         .await
-        .expect("response head in time")
-        .expect("request succeeds");
-    let (parts, body) = res.into_parts();
-    SseConn {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-        buf: BytesMut::new(),
-        comments: 0,
-        frames: 0,
-        evicted: false,
-        errored: false,
-    }
+        .expect("response head in time")?;
+    Ok(SseConn::new(res))
+}
+
+pub async fn get(addr: SocketAddr, path: &str, last_event_id: Option<&str>) -> SseConn {
+    request(addr, path, last_event_id, &[])
+        .await
+        .expect("request succeeds")
 }
 
 impl SseConn {
+    pub fn new(res: http::Response<Incoming>) -> Self {
+        let (parts, body) = res.into_parts();
+        SseConn {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            parser: SseParser::default(),
+            comments: 0,
+            frames: 0,
+            evicted: false,
+            errored: false,
+            first_bytes: Vec::new(),
+        }
+    }
+
     pub fn reason(&self) -> Option<&str> {
         self.headers
             .get("resumable-sse-reason")
             .and_then(|v| v.to_str().ok())
     }
 
-    /// The next event, or `None` at the end of the body. Comments are counted, not returned.
-    pub async fn next(&mut self) -> Option<Ev> {
+    /// The next block, or `None` at the end of the body (an unterminated last block is
+    /// dropped). Comments are counted here.
+    async fn next_block(&mut self) -> Option<Block> {
         loop {
-            if let Some(pos) = find(&self.buf, b"\n\n") {
-                let block = self.buf.split_to(pos + 2);
-                let text = String::from_utf8_lossy(&block[..pos]).into_owned();
-                let mut ev = Ev {
-                    id: None,
-                    event: None,
-                    data: String::new(),
-                };
-                let mut has_data = false;
-                let mut only_comments = true;
-                for line in text.split('\n') {
-                    if line.starts_with(':') {
-                        continue;
-                    }
-                    only_comments = false;
-                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
-                    let value = value.strip_prefix(' ').unwrap_or(value);
-                    match field {
-                        "id" => ev.id = Some(value.to_owned()),
-                        "event" => ev.event = Some(value.to_owned()),
-                        "data" => {
-                            if has_data {
-                                ev.data.push('\n');
-                            }
-                            ev.data.push_str(value);
-                            has_data = true;
-                        }
-                        _ => {}
-                    }
-                }
-                if only_comments {
-                    if block[..] == *resumable_sse::sse::EVICTED_COMMENT {
-                        self.evicted = true;
-                    }
+            if let Some(block) = self.parser.next_block() {
+                if let Block::Comment(_) = block {
                     self.comments += 1;
-                    continue;
+                    self.evicted |= block.is_evicted_comment();
                 }
-                return Some(ev);
+                return Some(block);
             }
             match tokio::time::timeout(TIMEOUT, self.body.frame()).await {
-                Err(_) => panic!("no event within {TIMEOUT:?}"),
+                Err(_) => panic!("nothing received within {TIMEOUT:?}"),
                 Ok(None) => return None,
                 Ok(Some(Err(_))) => {
                     self.errored = true;
@@ -320,9 +559,34 @@ impl SseConn {
                 Ok(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         self.frames += 1;
-                        self.buf.extend_from_slice(&data);
+                        let room = 64usize.saturating_sub(self.first_bytes.len());
+                        self.first_bytes
+                            .extend_from_slice(&data[..room.min(data.len())]);
+                        self.parser.push(&data);
                     }
                 }
+            }
+        }
+    }
+
+    /// The next event, or `None` at the end of the body. Comments are counted, not returned.
+    pub async fn next(&mut self) -> Option<Ev> {
+        loop {
+            match self.next_block().await? {
+                Block::Event(ev) => return Some(ev),
+                Block::Comment(_) => {}
+            }
+        }
+    }
+
+    /// Reads until `n` comment blocks have come on this connection in all; fails if an event
+    /// or the end comes first.
+    pub async fn comments_before_any_event(&mut self, n: usize) {
+        while self.comments < n {
+            match self.next_block().await {
+                Some(Block::Comment(_)) => {}
+                Some(Block::Event(ev)) => panic!("an event before {n} comments: {ev:?}"),
+                None => panic!("the end before {n} comments"),
             }
         }
     }
@@ -344,10 +608,19 @@ impl SseConn {
         }
         out
     }
-}
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    /// The rest of the body, as bytes (what was received and not read as events, then what
+    /// follows).
+    pub async fn bytes(self) -> Bytes {
+        let rest = tokio::time::timeout(TIMEOUT, self.body.collect())
+            .await
+            .expect("body in time")
+            .expect("body received")
+            .to_bytes();
+        let mut all = BytesMut::from(self.parser.unparsed());
+        all.extend_from_slice(&rest);
+        all.freeze()
+    }
 }
 
 pub fn datas(evs: &[Ev]) -> Vec<String> {
@@ -358,11 +631,23 @@ pub fn expected_tokens(range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("token {i}")).collect()
 }
 
-/// Polls `cond` until it holds, or fails the test after [`TIMEOUT`].
-pub async fn eventually(mut cond: impl FnMut() -> bool) {
-    let start = std::time::Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < TIMEOUT, "condition not reached in time");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+// ---------------------------------------------------------------------------------------------
+// Whole answers
+
+/// A whole response: status, reason, body.
+pub struct Answer {
+    pub status: http::StatusCode,
+    pub reason: Option<String>,
+    pub body: Bytes,
+}
+
+/// Sends a GET with the given `Last-Event-ID` header and reads the whole response.
+pub async fn answer(addr: SocketAddr, path: &str, last_event_id: Option<&str>) -> Answer {
+    let conn = get(addr, path, last_event_id).await;
+    let (status, reason) = (conn.status, conn.reason().map(str::to_owned));
+    Answer {
+        status,
+        reason,
+        body: conn.bytes().await,
     }
 }

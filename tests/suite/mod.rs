@@ -1,6 +1,10 @@
 //! The behaviour suite every store must pass, over real TCP. Each store's test binary
 //! instantiates it with `store_suite!`, so the stores can never drift apart.
-#![allow(dead_code)]
+//!
+//! `store_suite!` lists every test of the suite once, and each store's binary instantiates that
+//! list. A `pub async fn` added here (or in `edges.rs`) and not listed is never used, and
+//! `dead_code` is denied: the suite does not compile until every store runs it.
+#![deny(dead_code)]
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -12,7 +16,7 @@ mod edges;
 pub use edges::*;
 
 use crate::common::*;
-use resumable_sse::store::{SessionInfo, Status, Store};
+use resumable_sse::store::{Status, Store};
 use resumable_sse::{EventId, Outcome, SessionKey};
 
 /// Store options a test needs; `None` keeps the backend's default.
@@ -32,15 +36,41 @@ pub trait Backend: Sync {
     fn store(&self, opts: Opts) -> impl Future<Output = Self::Store> + Send;
 }
 
-/// Instantiates every test of the suite for one backend expression.
+/// Instantiates every test of the suite for one backend expression: the one list of the suite's
+/// tests, one per line.
 #[macro_export]
 macro_rules! store_suite {
     ($backend:expr) => {
-        $crate::store_suite!(@tests $backend; reconnects_get_every_event_exactly_once, reconnect_after_completion_gets_204, a_second_client_replays_from_the_start_then_follows_live, events_appended_during_a_replay_are_neither_lost_nor_repeated, a_replay_goes_out_in_a_few_large_writes_not_one_per_event, generation_continues_after_the_client_disconnects, a_slow_client_does_not_slow_the_producer_or_others, concurrent_first_requests_call_the_inner_service_once, last_event_id_query_parameter_is_a_fallback_for_the_header, inner_body_error_fails_the_session, cancel_stops_the_generator_and_reconnects_get_204, keep_alive_comments_reach_live_and_replayed_connections, keep_alive_can_be_turned_off, finished_sessions_expire_after_retention, a_session_past_its_lifetime_is_stopped_as_failed, an_oversized_event_fails_the_session_and_keeps_earlier_events, evicted_positions_are_reported_not_skipped, draining_refuses_new_sessions_and_lets_running_ones_finish, the_drain_deadline_ends_running_sessions_as_failed);
+        $crate::store_suite!(@current_thread $backend;
+            reconnects_get_every_event_exactly_once,
+            reconnect_after_completion_gets_204,
+            a_second_client_replays_from_the_start_then_follows_live,
+            events_appended_during_a_replay_are_neither_lost_nor_repeated,
+            a_replay_goes_out_in_a_few_large_writes_not_one_per_event,
+            generation_continues_after_the_client_disconnects,
+            a_slow_client_does_not_slow_the_producer_or_others,
+            concurrent_first_requests_call_the_inner_service_once,
+            last_event_id_query_parameter_is_a_fallback_for_the_header,
+            inner_body_error_fails_the_session,
+            cancel_stops_the_generator_and_reconnects_get_204,
+            keep_alive_comments_reach_live_and_replayed_connections,
+            keep_alive_can_be_turned_off,
+            finished_sessions_expire_after_retention,
+            a_session_past_its_lifetime_is_stopped_as_failed,
+            an_oversized_event_fails_the_session_and_keeps_earlier_events,
+            evicted_positions_are_reported_not_skipped,
+            draining_refuses_new_sessions_and_lets_running_ones_finish,
+            the_drain_deadline_ends_running_sessions_as_failed,
+        );
         // The edge matrix: many concurrent cases each, so on a runtime with a worker per core.
-        $crate::store_suite!(@mt_tests $backend; a_session_without_events_ends_its_first_response_empty_then_answers_204_with_its_outcome, every_count_around_every_page_chunk_and_batch_size_ends_exactly_once, every_count_around_every_block_and_chunk_byte_size_ends_exactly_once, sessions_around_the_default_byte_limit_end_exactly_once_or_report_eviction);
+        $crate::store_suite!(@multi_thread $backend;
+            a_session_without_events_ends_its_first_response_empty_then_answers_204_with_its_outcome,
+            every_count_around_every_page_chunk_and_batch_size_ends_exactly_once,
+            every_count_around_every_block_and_chunk_byte_size_ends_exactly_once,
+            sessions_around_the_default_byte_limit_end_exactly_once_or_report_eviction,
+        );
     };
-    (@mt_tests $backend:expr; $($name:ident),*) => {
+    (@multi_thread $backend:expr; $($name:ident,)*) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
@@ -51,7 +81,7 @@ macro_rules! store_suite {
             }
         )*
     };
-    (@tests $backend:expr; $($name:ident),*) => {
+    (@current_thread $backend:expr; $($name:ident,)*) => {
         $(
             #[tokio::test]
             async fn $name() {
@@ -62,23 +92,6 @@ macro_rules! store_suite {
             }
         )*
     };
-}
-
-/// Waits until the session's info satisfies `cond`.
-async fn wait_info<St: Store>(store: &St, key: &SessionKey, cond: impl Fn(&SessionInfo) -> bool) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        if let Some(info) = store.lookup(key).await.unwrap() {
-            if cond(&info) {
-                return;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "session state not reached"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 // --- Resuming ---
@@ -212,8 +225,7 @@ pub async fn generation_continues_after_the_client_disconnects<B: Backend>(b: &B
     for i in 0..5 {
         app.inner.send("bg", format!("after {i}"));
     }
-    let key = SessionKey::new("bg").unwrap();
-    wait_info(&app.store, &key, |i| i.last_seq == 6).await;
+    session_when(&app.store, "bg", "six events stored", |i| i.last_seq == 6).await;
     assert_eq!(
         app.inner.generators_dropped(),
         0,
@@ -241,7 +253,6 @@ pub async fn a_slow_client_does_not_slow_the_producer_or_others<B: Backend>(b: &
     assert!(info.status.is_finished());
     assert_eq!(info.last_seq, 5000);
     // The slow client still gets everything, in order.
-    tokio::time::sleep(Duration::from_millis(50)).await;
     let rest = slow.collect().await;
     assert_eq!(datas(&rest), expected_tokens(1..5000));
 }
@@ -286,20 +297,12 @@ pub async fn last_event_id_query_parameter_is_a_fallback_for_the_header<B: Backe
 
 // --- How sessions end ---
 
-async fn status<St: Store>(store: &St, key: &str) -> Option<Status> {
-    let key = SessionKey::new(key).unwrap();
-    store.lookup(&key).await.unwrap().map(|i| i.status)
-}
-
+/// Waits until the session under `key` has the status `want`.
 async fn wait_status<St: Store>(store: &St, key: &str, want: Status) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while status(store, key).await != Some(want) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "status {want:?} not reached"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    session_when(store, key, &format!("status {want:?}"), |i| {
+        i.status == want
+    })
+    .await;
 }
 
 /// Collects what `tracing` writes, to check that failures are recorded.
@@ -364,7 +367,10 @@ pub async fn cancel_stops_the_generator_and_reconnects_get_204<B: Backend>(b: &B
     assert!(app.store.cancel(&key).await.unwrap());
     // The connected client sees the end; the generator is dropped.
     assert_eq!(conn.next().await, None);
-    eventually(|| app.inner.generators_dropped() == 1).await;
+    eventually("the generator dropped", || {
+        app.inner.generators_dropped() == 1
+    })
+    .await;
     let again = get(app.addr, path, Some(evs[0].id.as_deref().unwrap())).await;
     assert_eq!(again.status, 204);
     assert_eq!(again.reason(), Some("cancelled"));
@@ -385,7 +391,8 @@ pub async fn keep_alive_comments_reach_live_and_replayed_connections<B: Backend>
     let first = live.take(1).await;
     let mut replayed = get(app.addr, path, Some(first[0].id.as_deref().unwrap())).await;
     // Both connections stay idle; comments arrive on both before the next event.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    live.comments_before_any_event(2).await;
+    replayed.comments_before_any_event(2).await;
     app.inner.send("idle", "y");
     assert_eq!(datas(&live.take(1).await), ["y"]);
     assert_eq!(datas(&replayed.take(1).await), ["y"]);
@@ -414,14 +421,33 @@ pub async fn keep_alive_comments_reach_live_and_replayed_connections<B: Backend>
 }
 
 pub async fn keep_alive_can_be_turned_off<B: Backend>(b: &B) {
-    let app = serve_with(b.store(Opts::default()).await, |l| l.keep_alive(None)).await;
-    app.inner.gate("quiet");
-    let mut conn = get(app.addr, "/gated?session_id=quiet", None).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    app.inner.send("quiet", "only");
-    app.inner.end("quiet");
+    // Turned off after a short interval was set: a layer that ignored `None` would keep
+    // sending comments every `INTERVAL`.
+    const INTERVAL: Duration = Duration::from_millis(20);
+    let quiet = serve_with(b.store(Opts::default()).await, |l| {
+        l.keep_alive(Some(INTERVAL)).keep_alive(None)
+    })
+    .await;
+    quiet.inner.gate("quiet");
+    let mut conn = get(quiet.addr, "/gated?session_id=quiet", None).await;
+    // The control: the same, with the keep-alive left on, opened after the quiet connection.
+    // Once it has had two comments, the quiet connection has been idle for longer than two
+    // intervals.
+    let loud = serve_with(b.store(Opts::default()).await, |l| {
+        l.keep_alive(Some(INTERVAL))
+    })
+    .await;
+    loud.inner.gate("loud");
+    let mut control = get(loud.addr, "/gated?session_id=loud", None).await;
+    control.comments_before_any_event(2).await;
+    loud.inner.end("loud");
+    quiet.inner.send("quiet", "only");
+    quiet.inner.end("quiet");
     assert_eq!(datas(&conn.collect().await), ["only"]);
-    assert_eq!(conn.comments, 0);
+    assert_eq!(
+        conn.comments, 0,
+        "comments on a connection without keep-alive"
+    );
 }
 
 pub async fn finished_sessions_expire_after_retention<B: Backend>(b: &B) {
@@ -437,6 +463,7 @@ pub async fn finished_sessions_expire_after_retention<B: Backend>(b: &B) {
     let old_id = old[1].id.clone().unwrap();
     // Still resumable within retention.
     assert_eq!(get(app.addr, path, Some(&old_id)).await.status, 200);
+    // The scenario itself: the client comes back after the retention.
     tokio::time::sleep(Duration::from_millis(250)).await;
     let gone = get(app.addr, path, Some(&old_id)).await;
     assert_eq!(gone.status, 410);
@@ -467,7 +494,10 @@ pub async fn a_session_past_its_lifetime_is_stopped_as_failed<B: Backend>(b: &B)
     // The generator never ends by itself; the lifetime ends it.
     assert_eq!(datas(&conn.collect().await), ["early"]);
     wait_status(&app.store, "long", Status::Finished(Outcome::Failed)).await;
-    eventually(|| app.inner.generators_dropped() == 1).await;
+    eventually("the generator dropped", || {
+        app.inner.generators_dropped() == 1
+    })
+    .await;
 }
 
 pub async fn an_oversized_event_fails_the_session_and_keeps_earlier_events<B: Backend>(b: &B) {
@@ -504,10 +534,13 @@ pub async fn evicted_positions_are_reported_not_skipped<B: Backend>(b: &B) {
     let key = SessionKey::new("ring").unwrap();
     for i in 1..50u64 {
         app.inner.send("ring", format!("token {i}"));
-        wait_info(&app.store, &key, |info| info.last_seq == i + 1).await;
+        session_when(&app.store, "ring", "the event stored", |info| {
+            info.last_seq == i + 1
+        })
+        .await;
     }
     app.inner.end("ring");
-    wait_info(&app.store, &key, |i| i.status.is_finished()).await;
+    session_finished(&app.store, "ring").await;
     // A position before the oldest retained event is reported, not skipped.
     let r = get(app.addr, path, Some(first[0].id.as_deref().unwrap())).await;
     assert_eq!(r.status, 410);
@@ -558,7 +591,7 @@ pub async fn draining_refuses_new_sessions_and_lets_running_ones_finish<B: Backe
         let drain = drain.clone();
         async move { drain.drain(TIMEOUT).await }
     });
-    eventually(|| drain.is_draining()).await;
+    eventually("draining", || drain.is_draining()).await;
     // New sessions go elsewhere.
     let refused = get(app.addr, "/tokens?session_id=new&n=1", None).await;
     assert_eq!(refused.status, 503);
@@ -598,5 +631,8 @@ pub async fn the_drain_deadline_ends_running_sessions_as_failed<B: Backend>(b: &
     assert_eq!(drain.running(), 0);
     assert_eq!(conn.next().await, None);
     wait_status(&app.store, "forever", Status::Finished(Outcome::Failed)).await;
-    eventually(|| app.inner.generators_dropped() == 1).await;
+    eventually("the generator dropped", || {
+        app.inner.generators_dropped() == 1
+    })
+    .await;
 }
