@@ -572,7 +572,7 @@ async fn session_status<S: Store>(State(app): State<App<S>>, Query(q): Params) -
     let status = match info.status {
         Status::Starting => "starting",
         Status::Running => "running",
-        Status::Finished(outcome) => outcome.reason(),
+        Status::Finished(outcome) => outcome.reason().as_str(),
     };
     Json(json!({ "status": status, "events": info.last_seq })).into_response()
 }

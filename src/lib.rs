@@ -45,7 +45,7 @@
 //!    session ends.
 //!
 //! Everything the layer answers itself carries a reason in the `resumable-sse-reason` header
-//! ([`REASON_HEADER`]) and `cache-control: no-store`:
+//! ([`REASON_HEADER`]; the tokens are the [`Reason`]s) and `cache-control: no-store`:
 //!
 //! | case | status | reason |
 //! |---|---|---|
@@ -189,6 +189,7 @@ mod layer;
 pub mod limits;
 pub mod metrics;
 mod producer;
+mod reason;
 mod service;
 mod session;
 pub mod sse;
@@ -200,6 +201,7 @@ pub use drain::{Drain, DrainReport};
 pub use future::ResponseFuture;
 pub use key::{ExtractSessionKey, Header, QueryParam};
 pub use layer::ResumableSseLayer;
+pub use reason::Reason;
 pub use service::{ResumableSse, REASON_HEADER};
 pub use session::{Epoch, EventId, InvalidSessionKey, Outcome, SessionKey, MAX_SESSION_KEY_LEN};
 pub use store::memory::{MemoryStore, MemoryStoreBuilder};

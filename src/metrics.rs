@@ -109,8 +109,8 @@ pub(crate) fn reader_evicted() {
     metrics::counter!("resumable_sse_readers_evicted_total").increment(1);
 }
 
-pub(crate) fn rejected(reason: &'static str) {
-    metrics::counter!("resumable_sse_rejections_total", "reason" => reason).increment(1);
+pub(crate) fn rejected(reason: crate::Reason) {
+    metrics::counter!("resumable_sse_rejections_total", "reason" => reason.as_str()).increment(1);
 }
 
 /// Counts a connected client for as long as it lives.

@@ -15,6 +15,7 @@ use crate::config::{Config, OnStoreError};
 use crate::future::ResponseFuture;
 use crate::key::{last_event_id, ExtractSessionKey, LastEventId, QueryParam};
 use crate::metrics;
+use crate::reason::Reason;
 use crate::session::{Epoch, SessionKey};
 use crate::store::{Claim, ResponseHead, SessionInfo, Status, Store, StoreErrorKind, Subscription};
 use crate::{producer, BoxError};
@@ -91,7 +92,7 @@ where
             }
             Err(e) => {
                 tracing::debug!(error = %e, "invalid session key");
-                let res = reject(StatusCode::BAD_REQUEST, "invalid-session-key");
+                let res = reject(StatusCode::BAD_REQUEST, Reason::InvalidSessionKey);
                 return ResponseFuture::session(Box::pin(async move { Ok(res) }));
             }
         };
@@ -133,7 +134,10 @@ impl<St: Store> Session<St> {
     {
         let last = match last {
             LastEventId::Malformed => {
-                return Ok(reject(StatusCode::BAD_REQUEST, "malformed-last-event-id"))
+                return Ok(reject(
+                    StatusCode::BAD_REQUEST,
+                    Reason::MalformedLastEventId,
+                ))
             }
             LastEventId::Id(id) => Some(id),
             LastEventId::None => None,
@@ -165,9 +169,12 @@ impl<St: Store> Session<St> {
             let info = match found {
                 Found::Session(info) => info,
                 Found::Draining => return Ok(draining_response()),
-                Found::Unknown => return Ok(reject(StatusCode::GONE, "unknown-session")),
+                Found::Unknown => return Ok(reject(StatusCode::GONE, Reason::UnknownSession)),
                 Found::StoreFailed(e) if e.kind() == StoreErrorKind::SessionLimit => {
-                    return Ok(reject(StatusCode::SERVICE_UNAVAILABLE, "session-limit"))
+                    return Ok(reject(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Reason::SessionLimit,
+                    ))
                 }
                 Found::StoreFailed(e) => return self.store_failed(e, inner, req).await,
             };
@@ -179,7 +186,10 @@ impl<St: Store> Session<St> {
             }
             return Ok(self.resume(info, last));
         }
-        Ok(reject(StatusCode::SERVICE_UNAVAILABLE, "session-starting"))
+        Ok(reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Reason::SessionStarting,
+        ))
     }
 
     /// The first request: call the inner service and take over its event stream.
@@ -286,7 +296,7 @@ impl<St: Store> Session<St> {
                 Ok(Some(info)) if info.status != Status::Starting => Ok(self.resume(info, None)),
                 // Gone, or claimed afresh: this request is told to come back.
                 Ok(_) => {
-                    let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, "session-starting");
+                    let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, Reason::SessionStarting);
                     res.headers_mut()
                         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                     Ok(res)
@@ -317,14 +327,16 @@ impl<St: Store> Session<St> {
                 }
                 _ => 0,
             },
-            None if info.first_seq > 1 => return reject(StatusCode::GONE, "evicted"),
+            None if info.first_seq > 1 => return reject(StatusCode::GONE, Reason::Evicted),
             None => 0,
-            Some(id) if id.epoch != info.epoch => return reject(StatusCode::GONE, "foreign-epoch"),
+            Some(id) if id.epoch != info.epoch => {
+                return reject(StatusCode::GONE, Reason::ForeignEpoch)
+            }
             Some(id) if id.seq > info.last_seq => {
-                return reject(StatusCode::BAD_REQUEST, "beyond-head")
+                return reject(StatusCode::BAD_REQUEST, Reason::BeyondHead)
             }
             Some(id) if id.seq < info.first_seq.saturating_sub(1) => {
-                return reject(StatusCode::GONE, "evicted")
+                return reject(StatusCode::GONE, Reason::Evicted)
             }
             Some(id) => match info.status {
                 Status::Finished(outcome) if id.seq == info.last_seq => {
@@ -335,7 +347,7 @@ impl<St: Store> Session<St> {
         };
         let Some(head) = info.head else {
             // A running or finished session always has its head; be safe anyway.
-            return reject(StatusCode::GONE, "unknown-session");
+            return reject(StatusCode::GONE, Reason::UnknownSession);
         };
         metrics::replay_served();
         let reader = Reader::new(self.store, self.key, info.epoch, after);
@@ -391,7 +403,7 @@ impl<St: Store> Session<St> {
     fn store_unavailable<B>(&self, e: crate::store::StoreError) -> Response<ResumableBody<B>> {
         metrics::store_error();
         tracing::warn!(error = %e, "session store unavailable");
-        let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable");
+        let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, Reason::StoreUnavailable);
         res.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         res
@@ -475,19 +487,19 @@ async fn start_session<St: Store>(
 
 /// `503` with `draining` and `retry-after: 1`, so that a load balancer retries elsewhere.
 fn draining_response<B>() -> Response<ResumableBody<B>> {
-    let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, "draining");
+    let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, Reason::Draining);
     res.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     res
 }
 
 /// An answer the layer gives itself, with the reason in [`REASON_HEADER`].
-fn reject<B>(status: StatusCode, reason: &'static str) -> Response<ResumableBody<B>> {
+fn reject<B>(status: StatusCode, reason: Reason) -> Response<ResumableBody<B>> {
     metrics::rejected(reason);
     let mut res = Response::new(ResumableBody::empty());
     *res.status_mut() = status;
     let headers = res.headers_mut();
-    headers.insert(REASON_HEADER, HeaderValue::from_static(reason));
+    headers.insert(REASON_HEADER, HeaderValue::from_static(reason.as_str()));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
 }

@@ -219,11 +219,11 @@ pub enum Outcome {
 impl Outcome {
     /// The reason token the layer sends in `resumable-sse-reason` when a client that already holds
     /// every event of a session with this outcome reconnects.
-    pub fn reason(self) -> &'static str {
+    pub fn reason(self) -> crate::Reason {
         match self {
-            Self::Completed => "completed",
-            Self::Failed => "failed",
-            Self::Cancelled => "cancelled",
+            Self::Completed => crate::Reason::Completed,
+            Self::Failed => crate::Reason::Failed,
+            Self::Cancelled => crate::Reason::Cancelled,
         }
     }
 }

@@ -570,7 +570,7 @@ impl<St: Store> Model<St> {
         }
         if let Some(outcome) = s.outcome {
             if after == s.events {
-                return Self::expect_status(&what, &conn, 204, Some(outcome.reason()));
+                return Self::expect_status(&what, &conn, 204, Some(outcome.reason().as_str()));
             }
         }
         Self::expect_status(&what, &conn, 200, None)?;

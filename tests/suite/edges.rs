@@ -709,7 +709,7 @@ pub async fn a_session_without_events_ends_its_first_response_empty_then_answers
             ("another request without Last-Event-ID", None),
         ] {
             let conn = get(app.addr, &path, id).await;
-            check_status(what, &conn, 204, Some(outcome.reason())).unwrap();
+            check_status(what, &conn, 204, Some(outcome.reason().as_str())).unwrap();
         }
         calls += 1;
         assert_eq!(app.inner.calls(), calls, "{outcome:?}");

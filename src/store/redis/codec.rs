@@ -314,7 +314,7 @@ mod tests {
     fn outcomes_are_stored_under_the_names_read_back() {
         // `finish` and `cancel` store `Outcome::reason()`; the scripts write `failed` themselves.
         for outcome in [Outcome::Completed, Outcome::Failed, Outcome::Cancelled] {
-            let stored = Value::BulkString(outcome.reason().as_bytes().to_vec());
+            let stored = Value::BulkString(outcome.reason().as_str().as_bytes().to_vec());
             assert_eq!(status_from(&stored), Some(Status::Finished(outcome)));
         }
     }

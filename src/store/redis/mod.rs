@@ -601,7 +601,7 @@ impl Store for RedisStore {
         inner.finishing(key, epoch);
         let mut call = inner.call(&inner.scripts.finish, &keys, 3, 64);
         call.arg(epoch.raw())
-            .arg(outcome.reason())
+            .arg(outcome.reason().as_str())
             .arg(millis(inner.config.retention));
         // 1: finished now; 0: it had already ended (a retry after a lost reply, a cancel, a
         // takeover). Either way there is nothing left to renew.
@@ -721,7 +721,7 @@ impl Store for RedisStore {
         let keys = inner.keys(key);
         let mut call = inner.call(&inner.scripts.finish, &keys, 3, 48);
         call.arg("")
-            .arg(Outcome::Cancelled.reason())
+            .arg(Outcome::Cancelled.reason().as_str())
             .arg(millis(inner.config.retention));
         Ok(as_u64(&inner.invoke(&call).await?) == Some(1))
     }
