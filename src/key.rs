@@ -14,7 +14,8 @@ use crate::session::{EventId, InvalidSessionKey, SessionKey};
 /// `Err` means it has one that is not valid: the layer answers `400 Bad Request` with
 /// `resumable-sse-reason: invalid-session-key` and calls nothing.
 ///
-/// Implemented by [`QueryParam`] (the default, `?session_id=`), [`Header`], and any
+/// Implemented by [`FromQuery`] (the default, `?session_id=`), [`FromHeader`], [`FromPath`],
+/// their combination with [`or`](ExtractSessionKey::or), and any
 /// `Fn(&http::request::Parts) -> Option<String>` closure, which is how an application binds the key
 /// to the authenticated user:
 ///
@@ -35,6 +36,42 @@ use crate::session::{EventId, InvalidSessionKey, SessionKey};
 pub trait ExtractSessionKey: Clone + Send + Sync + 'static {
     /// Returns the request's session key, if it has one.
     fn extract(&self, parts: &Parts) -> Result<Option<SessionKey>, InvalidSessionKey>;
+
+    /// This extractor's key, or, when the request has none, `other`'s. An invalid key is an
+    /// answer: `other` is not asked.
+    ///
+    /// ```
+    /// use http::HeaderName;
+    /// use resumable_sse::{ExtractSessionKey, FromHeader, FromQuery};
+    ///
+    /// let key = FromHeader::new(HeaderName::from_static("x-session-id")).or(FromQuery::default());
+    /// let req = http::Request::get("/chat?session_id=q").body(()).unwrap();
+    /// let (parts, ()) = req.into_parts();
+    /// assert_eq!(key.extract(&parts).unwrap().unwrap().as_str(), "q");
+    /// ```
+    fn or<B: ExtractSessionKey>(self, other: B) -> Or<Self, B>
+    where
+        Self: Sized,
+    {
+        Or { first: self, other }
+    }
+}
+
+/// The key of one extractor, or of another when the request has none; see
+/// [`ExtractSessionKey::or`].
+#[derive(Clone, Debug)]
+pub struct Or<A, B> {
+    first: A,
+    other: B,
+}
+
+impl<A: ExtractSessionKey, B: ExtractSessionKey> ExtractSessionKey for Or<A, B> {
+    fn extract(&self, parts: &Parts) -> Result<Option<SessionKey>, InvalidSessionKey> {
+        match self.first.extract(parts)? {
+            Some(key) => Ok(Some(key)),
+            None => self.other.extract(parts),
+        }
+    }
 }
 
 impl<F> ExtractSessionKey for F
@@ -49,25 +86,25 @@ where
 /// Takes the session key from a query parameter (form-decoded: `+` is a space, `%XX` a byte, and
 /// the result must be UTF-8). An absent or empty parameter means no key.
 #[derive(Clone, Debug)]
-pub struct QueryParam {
+pub struct FromQuery {
     name: Cow<'static, str>,
 }
 
-impl QueryParam {
+impl FromQuery {
     /// Reads the parameter called `name`.
     pub fn new(name: impl Into<Cow<'static, str>>) -> Self {
         Self { name: name.into() }
     }
 }
 
-impl Default for QueryParam {
+impl Default for FromQuery {
     /// `?session_id=`.
     fn default() -> Self {
         Self::new("session_id")
     }
 }
 
-impl ExtractSessionKey for QueryParam {
+impl ExtractSessionKey for FromQuery {
     fn extract(&self, parts: &Parts) -> Result<Option<SessionKey>, InvalidSessionKey> {
         match query_param(parts.uri.query(), &self.name) {
             None | Some("") => Ok(None),
@@ -78,18 +115,18 @@ impl ExtractSessionKey for QueryParam {
 
 /// Takes the session key from a request header. An absent or empty header means no key.
 #[derive(Clone, Debug)]
-pub struct Header {
+pub struct FromHeader {
     name: HeaderName,
 }
 
-impl Header {
+impl FromHeader {
     /// Reads the header called `name`.
     pub fn new(name: HeaderName) -> Self {
         Self { name }
     }
 }
 
-impl ExtractSessionKey for Header {
+impl ExtractSessionKey for FromHeader {
     fn extract(&self, parts: &Parts) -> Result<Option<SessionKey>, InvalidSessionKey> {
         match parts.headers.get(&self.name) {
             None => Ok(None),
@@ -97,6 +134,52 @@ impl ExtractSessionKey for Header {
             Some(v) => std::str::from_utf8(v.as_bytes())
                 .map_err(|_| InvalidSessionKey::NotUtf8)
                 .and_then(SessionKey::new)
+                .map(Some),
+        }
+    }
+}
+
+/// Takes the session key from a segment of the request's path, percent-decoded as axum's `Path`
+/// extractor decodes it, so that a handler reading `Path<String>` names the same session (for
+/// instance to cancel it). A path too short to have the segment, or an empty segment, means no
+/// key; a segment that does not decode to UTF-8 is an invalid key.
+///
+/// ```
+/// use resumable_sse::{ExtractSessionKey, FromPath};
+///
+/// // `/chat/{id}` and `/chat/{id}/stream`: the segment after `chat`.
+/// let key = FromPath::segment(1);
+/// let req = http::Request::get("/chat/my%20chat/stream").body(()).unwrap();
+/// let (parts, ()) = req.into_parts();
+/// assert_eq!(key.extract(&parts).unwrap().unwrap().as_str(), "my chat");
+/// ```
+#[derive(Clone, Debug)]
+pub struct FromPath {
+    index: usize,
+}
+
+impl FromPath {
+    /// Reads the path segment at `index`, counting from 0 after the leading `/`
+    /// (`/a/b/c`: 0 is `a`, 2 is `c`).
+    pub fn segment(index: usize) -> Self {
+        Self { index }
+    }
+}
+
+impl ExtractSessionKey for FromPath {
+    fn extract(&self, parts: &Parts) -> Result<Option<SessionKey>, InvalidSessionKey> {
+        let path = parts.uri.path();
+        match path
+            .strip_prefix('/')
+            .unwrap_or(path)
+            .split('/')
+            .nth(self.index)
+        {
+            None | Some("") => Ok(None),
+            Some(raw) => percent_decode_str(raw)
+                .decode_utf8()
+                .map_err(|_| InvalidSessionKey::NotUtf8)
+                .and_then(|key| SessionKey::new(&key))
                 .map(Some),
         }
     }
@@ -170,7 +253,7 @@ mod tests {
 
     #[test]
     fn query_key_is_form_decoded() {
-        let q = QueryParam::default();
+        let q = FromQuery::default();
         let key = q
             .extract(&parts("/chat?a=1&session_id=a%2Fb+c&x", &[]))
             .unwrap()
@@ -180,7 +263,7 @@ mod tests {
 
     #[test]
     fn absent_or_empty_query_key_is_no_key() {
-        let q = QueryParam::default();
+        let q = FromQuery::default();
         assert_eq!(q.extract(&parts("/chat", &[])), Ok(None));
         assert_eq!(q.extract(&parts("/chat?session_id=", &[])), Ok(None));
         assert_eq!(q.extract(&parts("/chat?session_idx=1", &[])), Ok(None));
@@ -188,7 +271,7 @@ mod tests {
 
     #[test]
     fn invalid_query_keys_are_rejected() {
-        let q = QueryParam::default();
+        let q = FromQuery::default();
         assert_eq!(
             q.extract(&parts("/chat?session_id=%ff", &[])),
             Err(InvalidSessionKey::NotUtf8)
@@ -210,7 +293,7 @@ mod tests {
 
     #[test]
     fn header_key_is_read_verbatim() {
-        let h = Header::new(HeaderName::from_static("x-session-id"));
+        let h = FromHeader::new(HeaderName::from_static("x-session-id"));
         let key = h
             .extract(&parts("/", &[("x-session-id", b"abc*?[")]))
             .unwrap()
@@ -219,6 +302,37 @@ mod tests {
         assert_eq!(h.extract(&parts("/", &[])), Ok(None));
         assert_eq!(
             h.extract(&parts("/", &[("x-session-id", b"\xff")])),
+            Err(InvalidSessionKey::NotUtf8)
+        );
+    }
+
+    #[test]
+    fn path_keys_are_segments_decoded_like_axum_path() {
+        let at = |i, uri| FromPath::segment(i).extract(&parts(uri, &[]));
+        assert_eq!(
+            at(1, "/chat/a%2Fb%20c/stop").unwrap().unwrap().as_str(),
+            "a/b c"
+        );
+        assert_eq!(at(0, "/chat").unwrap().unwrap().as_str(), "chat");
+        // `+` is a plus in a path, not a space.
+        assert_eq!(at(1, "/chat/a+b").unwrap().unwrap().as_str(), "a+b");
+        assert_eq!(at(1, "/chat"), Ok(None));
+        assert_eq!(at(1, "/chat/"), Ok(None));
+        assert_eq!(at(1, "/chat/%ff"), Err(InvalidSessionKey::NotUtf8));
+        let long = format!("/chat/{}", "k".repeat(300));
+        assert_eq!(at(1, &long), Err(InvalidSessionKey::TooLong(300)));
+    }
+
+    #[test]
+    fn or_takes_the_first_key_found_and_stops_at_an_invalid_one() {
+        let key = FromHeader::new(HeaderName::from_static("x-k")).or(FromQuery::default());
+        let from_header = key.extract(&parts("/?session_id=q", &[("x-k", b"h")]));
+        assert_eq!(from_header.unwrap().unwrap().as_str(), "h");
+        let from_query = key.extract(&parts("/?session_id=q", &[]));
+        assert_eq!(from_query.unwrap().unwrap().as_str(), "q");
+        assert_eq!(key.extract(&parts("/", &[])), Ok(None));
+        assert_eq!(
+            key.extract(&parts("/?session_id=q", &[("x-k", b"\xff")])),
             Err(InvalidSessionKey::NotUtf8)
         );
     }

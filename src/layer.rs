@@ -5,7 +5,7 @@ use tower_layer::Layer;
 
 use crate::config::{Config, OnStoreError};
 use crate::drain::Drain;
-use crate::key::{ExtractSessionKey, QueryParam};
+use crate::key::{ExtractSessionKey, FromQuery};
 use crate::service::ResumableSse;
 
 /// The ceiling of [`ResumableSseLayer::max_event_size`]: an event, once encoded with `data: `
@@ -35,7 +35,7 @@ const _: () = assert!(7 * MAX_EVENT_SIZE_LIMIT + (64 << 10) < u32::MAX as usize)
 /// ```
 #[derive(Clone, Debug)]
 #[must_use]
-pub struct ResumableSseLayer<St, K = QueryParam> {
+pub struct ResumableSseLayer<St, K = FromQuery> {
     pub(crate) store: St,
     pub(crate) key: K,
     pub(crate) config: Arc<Config>,
@@ -48,7 +48,7 @@ impl<St> ResumableSseLayer<St> {
     pub fn new(store: St) -> Self {
         Self {
             store,
-            key: QueryParam::default(),
+            key: FromQuery::default(),
             config: Arc::new(Config::default()),
         }
     }

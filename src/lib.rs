@@ -199,7 +199,7 @@ pub use body::ResumableBody;
 pub use config::OnStoreError;
 pub use drain::{Drain, DrainReport};
 pub use future::ResponseFuture;
-pub use key::{ExtractSessionKey, Header, QueryParam};
+pub use key::{ExtractSessionKey, FromHeader, FromPath, FromQuery, Or};
 pub use layer::ResumableSseLayer;
 pub use reason::Reason;
 pub use service::{ResumableSse, REASON_HEADER};

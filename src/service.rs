@@ -13,7 +13,7 @@ use tower_service::Service;
 use crate::body::{Reader, ResumableBody, SessionEvents};
 use crate::config::{Config, OnStoreError};
 use crate::future::ResponseFuture;
-use crate::key::{last_event_id, ExtractSessionKey, LastEventId, QueryParam};
+use crate::key::{last_event_id, ExtractSessionKey, FromQuery, LastEventId};
 use crate::metrics;
 use crate::reason::Reason;
 use crate::session::{Epoch, SessionKey};
@@ -33,7 +33,7 @@ const FINISH_GRACE: Duration = Duration::from_secs(30);
 ///
 /// See the [crate docs](crate) for what it does.
 #[derive(Clone, Debug)]
-pub struct ResumableSse<S, St, K = QueryParam> {
+pub struct ResumableSse<S, St, K = FromQuery> {
     pub(crate) inner: S,
     pub(crate) store: St,
     pub(crate) key: K,

@@ -7,7 +7,7 @@ use http::header::HeaderName;
 use http::request::Parts;
 use http::uri::{Authority, Scheme, Uri};
 use percent_encoding::percent_decode_str;
-use resumable_sse::{ExtractSessionKey, Header, InvalidSessionKey, QueryParam, SessionKey};
+use resumable_sse::{ExtractSessionKey, FromHeader, FromQuery, InvalidSessionKey, SessionKey};
 
 const ABOUT: &str = "A reverse proxy that makes the Server-Sent-Events routes of an HTTP service \
 resumable: a client that reconnects with Last-Event-ID gets exactly the events it missed, the \
@@ -267,8 +267,8 @@ impl std::fmt::Display for Route {
 /// Where the session key of a request is, from `--session-key`.
 #[derive(Clone, Debug)]
 pub(crate) enum KeySource {
-    Query(String, QueryParam),
-    Header(HeaderName, Header),
+    Query(String, FromQuery),
+    Header(HeaderName, FromHeader),
     /// The 1-based index of a path segment.
     Path(usize),
 }
@@ -279,12 +279,12 @@ impl KeySource {
         let (kind, arg) = s.split_once(':').ok_or(EXPECTED)?;
         match kind {
             "query" if !arg.is_empty() => {
-                Ok(Self::Query(arg.to_owned(), QueryParam::new(arg.to_owned())))
+                Ok(Self::Query(arg.to_owned(), FromQuery::new(arg.to_owned())))
             }
             "header" => {
                 let name = HeaderName::from_bytes(arg.as_bytes())
                     .map_err(|_| format!("`{arg}` is not a header name"))?;
-                Ok(Self::Header(name.clone(), Header::new(name)))
+                Ok(Self::Header(name.clone(), FromHeader::new(name)))
             }
             "path" => match arg.parse::<usize>() {
                 Ok(n) if n >= 1 => Ok(Self::Path(n)),
