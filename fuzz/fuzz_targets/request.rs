@@ -332,7 +332,7 @@ fuzz_target!(|input: &[u8]| {
                 if let (Some(info), Some(Some(id))) = (&prepared, parsed) {
                     if let Status::Finished(outcome) = info.status {
                         if id.epoch == info.epoch && id.seq == info.last_seq && info.last_seq > 0 {
-                            assert_eq!(answered, (204, Some(outcome.reason())));
+                            assert_eq!(answered, (204, Some(outcome.reason().as_str())));
                         }
                     }
                 }
