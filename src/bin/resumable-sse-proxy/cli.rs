@@ -6,8 +6,9 @@ use clap::Parser;
 use http::header::HeaderName;
 use http::request::Parts;
 use http::uri::{Authority, Scheme, Uri};
-use percent_encoding::percent_decode_str;
-use resumable_sse::{ExtractSessionKey, FromHeader, FromQuery, InvalidSessionKey, SessionKey};
+use resumable_sse::{
+    ExtractSessionKey, FromHeader, FromPath, FromQuery, InvalidSessionKey, SessionKey,
+};
 
 const ABOUT: &str = "A reverse proxy that makes the Server-Sent-Events routes of an HTTP service \
 resumable: a client that reconnects with Last-Event-ID gets exactly the events it missed, the \
@@ -269,8 +270,8 @@ impl std::fmt::Display for Route {
 pub(crate) enum KeySource {
     Query(String, FromQuery),
     Header(HeaderName, FromHeader),
-    /// The 1-based index of a path segment.
-    Path(usize),
+    /// The 1-based index of a path segment (the library's `FromPath` counts from 0).
+    Path(usize, FromPath),
 }
 
 impl KeySource {
@@ -287,7 +288,7 @@ impl KeySource {
                 Ok(Self::Header(name.clone(), FromHeader::new(name)))
             }
             "path" => match arg.parse::<usize>() {
-                Ok(n) if n >= 1 => Ok(Self::Path(n)),
+                Ok(n) if n >= 1 => Ok(Self::Path(n, FromPath::segment(n - 1))),
                 _ => Err(format!(
                     "`path:{arg}`: N must be a segment number counted from 1"
                 )),
@@ -302,7 +303,7 @@ impl std::fmt::Display for KeySource {
         match self {
             Self::Query(name, _) => write!(f, "query:{name}"),
             Self::Header(name, _) => write!(f, "header:{name}"),
-            Self::Path(n) => write!(f, "path:{n}"),
+            Self::Path(n, _) => write!(f, "path:{n}"),
         }
     }
 }
@@ -312,17 +313,7 @@ impl ExtractSessionKey for KeySource {
         match self {
             Self::Query(_, q) => q.extract(parts),
             Self::Header(_, h) => h.extract(parts),
-            Self::Path(n) => {
-                // `/a/b/c`: segment 1 is `a`.
-                match parts.uri.path().split('/').nth(*n) {
-                    None | Some("") => Ok(None),
-                    Some(raw) => percent_decode_str(raw)
-                        .decode_utf8()
-                        .map_err(|_| InvalidSessionKey::NotUtf8)
-                        .and_then(SessionKey::new)
-                        .map(Some),
-                }
-            }
+            Self::Path(_, p) => p.extract(parts),
         }
     }
 }
