@@ -333,9 +333,9 @@ impl<St: Store> Reader<St> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Claim, EventBlockBuilder, ResponseHead};
+    use crate::store::memory::tests::running;
+    use crate::store::EventBlockBuilder;
     use crate::MemoryStore;
-    use http::{HeaderMap, StatusCode};
 
     /// The next frame's bytes, and when it came (the clock is paused: only timers move it).
     async fn next(events: &mut SessionEvents) -> (Bytes, Instant) {
@@ -349,15 +349,7 @@ mod tests {
     /// comes fails the deadline at once instead of hanging).
     async fn read_to_end(n: u64, after: u64, blocks_of: u64) -> Vec<u64> {
         let store = MemoryStore::new();
-        let key = SessionKey::new("k").unwrap();
-        let Ok(Claim::Claimed(epoch)) = store.claim(&key, Duration::from_secs(60)).await else {
-            panic!("claim");
-        };
-        let head = ResponseHead {
-            status: StatusCode::OK,
-            headers: HeaderMap::new(),
-        };
-        store.start(&key, epoch, head).await.unwrap();
+        let (key, epoch) = running(&store).await;
         let mut first = 1;
         while first <= n {
             let mut b = EventBlockBuilder::new(first);
@@ -411,15 +403,7 @@ mod tests {
     ) {
         const INTERVAL: Duration = Duration::from_millis(100);
         let store = MemoryStore::new();
-        let key = SessionKey::new("k").unwrap();
-        let Ok(Claim::Claimed(epoch)) = store.claim(&key, Duration::from_secs(60)).await else {
-            panic!("claim");
-        };
-        let head = ResponseHead {
-            status: StatusCode::OK,
-            headers: HeaderMap::new(),
-        };
-        store.start(&key, epoch, head).await.unwrap();
+        let (key, epoch) = running(&store).await;
         let reader = Reader::new(store.clone(), key.clone(), epoch, 0);
         let mut events = SessionEvents::new(reader, Some(INTERVAL));
         // An event every 60 ms for a second: no comment among them.

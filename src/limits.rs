@@ -33,6 +33,10 @@ pub const MAX_PENDING_EVENTS: usize = 10_000;
 /// Consecutive failed appends (each after a backoff) before a session is given up as failed.
 pub const MAX_APPEND_FAILURES: u32 = 8;
 
+/// Calls of `Store::start` (the first and its retries, each after a backoff) before a response
+/// whose session cannot be started is served as it is, unresumable.
+pub const START_ATTEMPTS: u32 = 4;
+
 /// The longest session key, in bytes; a longer one is answered `400 invalid-session-key`.
 pub const MAX_SESSION_KEY_LEN: usize = crate::session::MAX_SESSION_KEY_LEN;
 

@@ -295,12 +295,7 @@ impl<St: Store> Session<St> {
             Ok(Started::Lost) => match self.store.lookup(&self.key).await {
                 Ok(Some(info)) if info.status != Status::Starting => Ok(self.resume(info, None)),
                 // Gone, or claimed afresh: this request is told to come back.
-                Ok(_) => {
-                    let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, Reason::SessionStarting);
-                    res.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                    Ok(res)
-                }
+                Ok(_) => Ok(unavailable(Reason::SessionStarting)),
                 Err(e) => Ok(self.store_unavailable(e)),
             },
             // The task was dropped: the runtime is shutting down.
@@ -403,10 +398,7 @@ impl<St: Store> Session<St> {
     fn store_unavailable<B>(&self, e: crate::store::StoreError) -> Response<ResumableBody<B>> {
         metrics::store_error();
         tracing::warn!(error = %e, "session store unavailable");
-        let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, Reason::StoreUnavailable);
-        res.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        res
+        unavailable(Reason::StoreUnavailable)
     }
 }
 
@@ -461,7 +453,7 @@ enum Started<B, Sub> {
 }
 
 /// Attempts at starting a session whose store fails, before the response is served unresumable.
-const START_ATTEMPTS: u32 = 4;
+const START_ATTEMPTS: u32 = crate::limits::START_ATTEMPTS;
 
 /// Starts a claimed session, retrying a failed call (a start is idempotent, so a retry after a
 /// lost reply is safe).
@@ -487,7 +479,12 @@ async fn start_session<St: Store>(
 
 /// `503` with `draining` and `retry-after: 1`, so that a load balancer retries elsewhere.
 fn draining_response<B>() -> Response<ResumableBody<B>> {
-    let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, Reason::Draining);
+    unavailable(Reason::Draining)
+}
+
+/// `503` with `reason` and `retry-after: 1`: the request may succeed if it comes again.
+fn unavailable<B>(reason: Reason) -> Response<ResumableBody<B>> {
+    let mut res = reject(StatusCode::SERVICE_UNAVAILABLE, reason);
     res.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     res

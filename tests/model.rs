@@ -179,10 +179,6 @@ fn data(incarnation: usize, seq: u64) -> String {
     format!("i{incarnation}-e{seq}")
 }
 
-fn reason_of(conn: &SseConn) -> Option<String> {
-    conn.reason().map(str::to_owned)
-}
-
 impl<St: Store> Model<St> {
     async fn new(store: St) -> Self {
         Self {
@@ -345,14 +341,7 @@ impl<St: Store> Model<St> {
         status: u16,
         reason: Option<&str>,
     ) -> Result<(), String> {
-        if conn.status != status || conn.reason() != reason {
-            return Err(format!(
-                "{what}: answered {} {:?}, expected {status} {reason:?}",
-                conn.status,
-                reason_of(conn)
-            ));
-        }
-        Ok(())
+        conn.check_answer(what, status, reason)
     }
 
     /// A finished session is read only well inside its retention: past that point, the model

@@ -3,17 +3,15 @@
 //! during a backoff, the drain racing a first request, and a start that is slow, loses its reply
 //! or finds its claim lost.
 //!
-//! The store is the real `MemoryStore` behind a wrapper that can fail the next calls of a
-//! method, fail the reply after the real call ran, cancel the session before a call, or hold a
-//! call after it ran. The inner service is the test routes of `tests/common`, called as a tower
+//! The store is the real `MemoryStore` behind `common::faulty::FaultyStore`, which can fail the
+//! next calls of a method, fail the reply after the real call ran, cancel the session before a
+//! call, or hold a call after it ran. The inner service is the test routes of `tests/common`, called as a tower
 //! service (no socket), so the tests run on paused time: backoffs take no wall-clock time, and a
 //! bound such as "within 100 ms" is measured on the runtime's clock, whatever the machine's load.
 
 mod common;
 
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,13 +19,10 @@ use std::time::Duration;
 use axum::body::Body;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use resumable_sse::store::memory::MemorySubscription;
-use resumable_sse::store::{
-    Appended, Claim, EventBlock, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError,
-};
+use resumable_sse::store::{Status, Store};
 use resumable_sse::{
-    Drain, Epoch, EventId, MemoryStore, Outcome, ResumableBody, ResumableSse, ResumableSseLayer,
-    SessionKey, REASON_HEADER,
+    Drain, EventId, Outcome, ResumableBody, ResumableSse, ResumableSseLayer, SessionKey,
+    REASON_HEADER,
 };
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -36,180 +31,12 @@ use tower::util::BoxCloneService;
 use tower::{Layer, ServiceExt};
 
 // The waits of `common` measure the runtime's clock: paused time in most tests here.
+use common::faulty::FaultyStore;
 use common::{datas, eventually, within, Block, Ev, Inner, TIMEOUT};
 
 /// How soon the producer must react to a cancel or a deadline. Far below every backoff it could
 /// otherwise be sleeping through (the fourth failure waits 800 ms).
 const PROMPTLY: Duration = Duration::from_millis(100);
-
-// ---------------------------------------------------------------------------------------------
-// A store that fails on purpose, around a real `MemoryStore`.
-
-#[derive(Default)]
-struct Fault {
-    calls: usize,
-    /// The next calls fail without reaching the store.
-    fail_next: usize,
-    /// The next calls reach the store, then report a failure.
-    fail_reply: usize,
-    /// The next call cancels the session first.
-    cancel_before: bool,
-    /// Calls wait here after the store answered, until released.
-    hold: Option<Arc<Semaphore>>,
-}
-
-#[derive(Clone, Default)]
-struct FaultyStore {
-    inner: MemoryStore,
-    faults: Arc<Mutex<HashMap<&'static str, Fault>>>,
-}
-
-impl FaultyStore {
-    fn with<T>(&self, method: &'static str, f: impl FnOnce(&mut Fault) -> T) -> T {
-        f(self.faults.lock().unwrap().entry(method).or_default())
-    }
-
-    fn calls(&self, method: &'static str) -> usize {
-        self.with(method, |f| f.calls)
-    }
-
-    fn fail_next(&self, method: &'static str, n: usize) {
-        self.with(method, |f| f.fail_next = n);
-    }
-
-    fn fail_reply(&self, method: &'static str, n: usize) {
-        self.with(method, |f| f.fail_reply = n);
-    }
-
-    fn cancel_before(&self, method: &'static str) {
-        self.with(method, |f| f.cancel_before = true);
-    }
-
-    fn hold(&self, method: &'static str) {
-        self.with(method, |f| f.hold = Some(Arc::new(Semaphore::new(0))));
-    }
-
-    fn release(&self, method: &'static str) {
-        if let Some(gate) = self.with(method, |f| f.hold.take()) {
-            gate.add_permits(1 << 20);
-        }
-    }
-
-    /// Runs `real` (a call of the real store) with the faults set for `method`.
-    async fn around<T>(
-        &self,
-        method: &'static str,
-        key: &SessionKey,
-        real: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        let (fail, cancel) = self.with(method, |f| {
-            f.calls += 1;
-            let fail = f.fail_next > 0;
-            f.fail_next = f.fail_next.saturating_sub(1);
-            (fail, std::mem::take(&mut f.cancel_before))
-        });
-        if fail {
-            return Err(StoreError::unavailable(format!(
-                "injected: {method} failed"
-            )));
-        }
-        if cancel {
-            assert!(self.inner.cancel(key).await.unwrap(), "a session to cancel");
-        }
-        let result = real.await;
-        let (gate, fail_reply) = self.with(method, |f| {
-            let fail = f.fail_reply > 0;
-            f.fail_reply = f.fail_reply.saturating_sub(1);
-            (f.hold.clone(), fail)
-        });
-        if let Some(gate) = gate {
-            drop(gate.acquire().await.unwrap());
-        }
-        if fail_reply {
-            return Err(StoreError::unavailable(format!(
-                "injected: the reply of {method} was lost"
-            )));
-        }
-        result
-    }
-}
-
-impl Store for FaultyStore {
-    type Subscription = MemorySubscription;
-
-    async fn claim(&self, key: &SessionKey, lifetime: Duration) -> Result<Claim, StoreError> {
-        self.around("claim", key, self.inner.claim(key, lifetime))
-            .await
-    }
-
-    async fn start(
-        &self,
-        key: &SessionKey,
-        epoch: Epoch,
-        head: ResponseHead,
-    ) -> Result<bool, StoreError> {
-        self.around("start", key, self.inner.start(key, epoch, head))
-            .await
-    }
-
-    async fn release(&self, key: &SessionKey, epoch: Epoch) -> Result<(), StoreError> {
-        self.around("release", key, self.inner.release(key, epoch))
-            .await
-    }
-
-    async fn append(
-        &self,
-        key: &SessionKey,
-        epoch: Epoch,
-        blocks: &[EventBlock],
-    ) -> Result<Appended, StoreError> {
-        self.around("append", key, self.inner.append(key, epoch, blocks))
-            .await
-    }
-
-    async fn finish(
-        &self,
-        key: &SessionKey,
-        epoch: Epoch,
-        outcome: Outcome,
-    ) -> Result<(), StoreError> {
-        self.around("finish", key, self.inner.finish(key, epoch, outcome))
-            .await
-    }
-
-    async fn lookup(&self, key: &SessionKey) -> Result<Option<SessionInfo>, StoreError> {
-        self.around("lookup", key, self.inner.lookup(key)).await
-    }
-
-    async fn read(
-        &self,
-        key: &SessionKey,
-        epoch: Epoch,
-        after: u64,
-        max: usize,
-    ) -> Result<Option<ReadBatch>, StoreError> {
-        self.around("read", key, self.inner.read(key, epoch, after, max))
-            .await
-    }
-
-    async fn subscribe(
-        &self,
-        key: &SessionKey,
-        epoch: Epoch,
-    ) -> Result<MemorySubscription, StoreError> {
-        self.around("subscribe", key, self.inner.subscribe(key, epoch))
-            .await
-    }
-
-    async fn cancelled(&self, key: &SessionKey, epoch: Epoch) -> Result<(), StoreError> {
-        self.around("cancelled", key, self.inner.cancelled(key, epoch))
-            .await
-    }
-
-    async fn cancel(&self, key: &SessionKey) -> Result<bool, StoreError> {
-        self.around("cancel", key, self.inner.cancel(key)).await
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The layer around the routes of `tests/common`, whose answers the test can hold.
@@ -682,6 +509,44 @@ async fn a_lost_start_reply_is_retried_and_the_session_is_produced_once() {
     let again = events(app.get("/tokens?session_id=lost-start&n=20", None).await).await;
     assert_eq!(again, evs);
     assert_eq!(app.inner.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_failing_fewer_times_than_its_attempts_still_makes_a_session_and_more_do_not() {
+    let n = resumable_sse::limits::START_ATTEMPTS as usize;
+    for failures in [0, 1, n - 1, n, n + 1, 2 * n] {
+        let app = app(|l| l);
+        app.store.fail_next("start", failures);
+        let key = format!("fails-{failures}");
+        let evs = events(
+            app.get(&format!("/tokens?session_id={key}&n=3"), None)
+                .await,
+        )
+        .await;
+        assert_eq!(
+            datas(&evs),
+            common::expected_tokens(0..3),
+            "{failures} failures"
+        );
+        if failures < n {
+            assert_layer_ids(&evs);
+            assert_eq!(
+                app.store.calls("start"),
+                failures + 1,
+                "{failures} failures"
+            );
+            eventually("the producer ended", || app.drain.running() == 0).await;
+            assert_eq!(
+                app.status(&key).await,
+                Some(Status::Finished(Outcome::Completed)),
+                "{failures} failures"
+            );
+        } else {
+            assert_eq!(evs[0].id.as_deref(), Some("inner-0"), "{failures} failures");
+            assert_eq!(app.store.calls("start"), n, "{failures} failures");
+            assert_eq!(app.status(&key).await, None, "{failures} failures");
+        }
+    }
 }
 
 #[tokio::test(start_paused = true)]

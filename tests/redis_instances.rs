@@ -38,25 +38,35 @@ fn encoded(seq: u64) -> String {
     format!("id: x-{seq}\ndata: {seq}\n\n")
 }
 
-/// One block of the events numbered `seqs`, as the layer appends them.
-fn events(seqs: std::ops::RangeInclusive<u64>) -> EventBlock {
+/// One block of the events numbered `seqs`, each as `encode` writes it.
+fn block_of(seqs: std::ops::RangeInclusive<u64>, encode: fn(u64) -> String) -> EventBlock {
     let mut b = EventBlockBuilder::new(*seqs.start());
     for seq in seqs {
-        b.push_with(|buf| buf.extend_from_slice(encoded(seq).as_bytes()));
+        b.push_with(|buf| buf.extend_from_slice(encode(seq).as_bytes()));
     }
     b.finish().expect("at least one event")
 }
 
-/// The sequence numbers of a page, checking that every event is the one appended under it.
-fn read_seqs(batch: &ReadBatch) -> Vec<u64> {
+/// The sequence numbers of a page, checking that every event is the one `encode` wrote for it.
+fn page_seqs(batch: &ReadBatch, encode: fn(u64) -> String) -> Vec<u64> {
     let mut seqs = Vec::new();
     for block in &batch.blocks {
         for (seq, bytes) in block.iter() {
-            assert_eq!(bytes, encoded(seq).as_bytes(), "event {seq}");
+            assert_eq!(bytes, encode(seq).as_bytes(), "event {seq}");
             seqs.push(seq);
         }
     }
     seqs
+}
+
+/// One block of the events numbered `seqs`, as the layer appends them.
+fn events(seqs: std::ops::RangeInclusive<u64>) -> EventBlock {
+    block_of(seqs, encoded)
+}
+
+/// The sequence numbers of a page, checking that every event is the one appended under it.
+fn read_seqs(batch: &ReadBatch) -> Vec<u64> {
+    page_seqs(batch, encoded)
 }
 
 #[tokio::test]
@@ -822,23 +832,12 @@ const FIXED_LEN: usize = 35;
 
 /// One block of fixed-size events.
 fn fixed_events(seqs: std::ops::RangeInclusive<u64>) -> EventBlock {
-    let mut b = EventBlockBuilder::new(*seqs.start());
-    for seq in seqs {
-        b.push_with(|buf| buf.extend_from_slice(fixed(seq).as_bytes()));
-    }
-    b.finish().expect("at least one event")
+    block_of(seqs, fixed)
 }
 
 /// The sequence numbers of a page of fixed-size events, checking every event's bytes.
 fn fixed_seqs(batch: &ReadBatch) -> Vec<u64> {
-    let mut seqs = Vec::new();
-    for block in &batch.blocks {
-        for (seq, bytes) in block.iter() {
-            assert_eq!(bytes, fixed(seq).as_bytes(), "event {seq}");
-            seqs.push(seq);
-        }
-    }
-    seqs
+    page_seqs(batch, fixed)
 }
 
 /// Claims and starts `key` on `store`.

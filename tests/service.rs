@@ -17,12 +17,9 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
-use resumable_sse::store::memory::MemorySubscription;
-use resumable_sse::store::{
-    Appended, Claim, EventBlock, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError,
-};
+use resumable_sse::store::{SessionInfo, Status, Store};
 use resumable_sse::{
-    BoxError, Epoch, EventId, MemoryStore, Outcome, ResumableBody, ResumableSse, ResumableSseLayer,
+    BoxError, EventId, MemoryStore, Outcome, ResumableBody, ResumableSse, ResumableSseLayer,
     SessionKey, REASON_HEADER,
 };
 use tokio::sync::mpsc;
@@ -31,6 +28,7 @@ use tower_test::mock;
 
 mod common;
 
+use common::faulty::FaultyStore;
 use common::{datas, eventually, parse_events, session_when, TIMEOUT};
 
 // ---------------------------------------------------------------------------------------------
@@ -85,118 +83,9 @@ fn allocations_in(f: impl FnOnce()) -> usize {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A store that counts every call and delegates it to a `MemoryStore`.
+// The store: a `MemoryStore` behind the wrapper of `tests/common`, which counts every call.
 
-#[derive(Clone, Default)]
-struct CountingStore {
-    inner: MemoryStore,
-    calls: Arc<Mutex<Vec<&'static str>>>,
-}
-
-impl CountingStore {
-    fn new(inner: MemoryStore) -> Self {
-        Self {
-            inner,
-            calls: Arc::default(),
-        }
-    }
-
-    fn record(&self, method: &'static str) {
-        self.calls.lock().unwrap().push(method);
-    }
-
-    fn calls(&self) -> usize {
-        self.calls.lock().unwrap().len()
-    }
-
-    fn count(&self, method: &str) -> usize {
-        self.calls
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|m| **m == method)
-            .count()
-    }
-}
-
-impl Store for CountingStore {
-    type Subscription = MemorySubscription;
-
-    async fn claim(&self, key: &SessionKey, lifetime: Duration) -> Result<Claim, StoreError> {
-        self.record("claim");
-        self.inner.claim(key, lifetime).await
-    }
-
-    async fn start(
-        &self,
-        key: &SessionKey,
-        epoch: Epoch,
-        head: ResponseHead,
-    ) -> Result<bool, StoreError> {
-        self.record("start");
-        self.inner.start(key, epoch, head).await
-    }
-
-    async fn release(&self, key: &SessionKey, epoch: Epoch) -> Result<(), StoreError> {
-        self.record("release");
-        self.inner.release(key, epoch).await
-    }
-
-    async fn append(
-        &self,
-        key: &SessionKey,
-        epoch: Epoch,
-        events: &[EventBlock],
-    ) -> Result<Appended, StoreError> {
-        self.record("append");
-        self.inner.append(key, epoch, events).await
-    }
-
-    async fn finish(
-        &self,
-        key: &SessionKey,
-        epoch: Epoch,
-        outcome: Outcome,
-    ) -> Result<(), StoreError> {
-        self.record("finish");
-        self.inner.finish(key, epoch, outcome).await
-    }
-
-    async fn lookup(&self, key: &SessionKey) -> Result<Option<SessionInfo>, StoreError> {
-        self.record("lookup");
-        self.inner.lookup(key).await
-    }
-
-    async fn read(
-        &self,
-        key: &SessionKey,
-        epoch: Epoch,
-        after: u64,
-        max: usize,
-    ) -> Result<Option<ReadBatch>, StoreError> {
-        self.record("read");
-        self.inner.read(key, epoch, after, max).await
-    }
-
-    async fn subscribe(
-        &self,
-        key: &SessionKey,
-        epoch: Epoch,
-    ) -> Result<MemorySubscription, StoreError> {
-        self.record("subscribe");
-        self.inner.subscribe(key, epoch).await
-    }
-
-    async fn cancelled(&self, key: &SessionKey, epoch: Epoch) -> Result<(), StoreError> {
-        self.record("cancelled");
-        self.inner.cancelled(key, epoch).await
-    }
-
-    async fn cancel(&self, key: &SessionKey) -> Result<bool, StoreError> {
-        self.record("cancel");
-        self.inner.cancel(key).await
-    }
-}
+type CountingStore = FaultyStore;
 
 // ---------------------------------------------------------------------------------------------
 // The mock inner service and its bodies.
@@ -389,7 +278,7 @@ async fn requests_without_a_key_reach_the_inner_service_untouched_without_store_
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers(), &sent_headers);
     assert_eq!(frames(res).await, chunks);
-    assert_eq!(store.calls(), 0, "no store access without a key");
+    assert_eq!(store.total_calls(), 0, "no store access without a key");
     assert_no_more_inner_calls(svc, handle).await;
 }
 
@@ -438,7 +327,7 @@ fn requests_without_a_key_pass_through_without_allocating() {
         layered_allocations, bare_allocations,
         "the layer allocated on a request without a key"
     );
-    assert_eq!(store.calls(), 0);
+    assert_eq!(store.total_calls(), 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -489,7 +378,7 @@ async fn responses_that_are_not_ok_event_streams_pass_through_and_create_no_sess
             assert_eq!(frames(res).await, chunks, "case {i}");
             assert!(lookup(&store, &key).await.is_none(), "case {i}: no session");
         }
-        assert_eq!(store.count("start"), 0, "case {i}");
+        assert_eq!(store.calls("start"), 0, "case {i}");
         assert_no_more_inner_calls(svc, handle).await;
     }
 }
@@ -535,7 +424,7 @@ async fn concurrent_first_calls_of_the_service_share_one_inner_call_and_identica
         .map(|_| call(&svc, get("/chat?session_id=crowd")))
         .collect();
     // All five have asked for the session before the inner service answers.
-    eventually("five claims", || store.count("claim") >= 5).await;
+    eventually("five claims", || store.calls("claim") >= 5).await;
     let (_, reply) = inner_request(&mut handle).await;
     assert_inner_not_called(&mut handle);
 
@@ -931,6 +820,32 @@ async fn ids_from_an_earlier_incarnation_are_foreign() {
 /// The encoded size of the one-digit events `data: N` of the tests below, with the layer's id.
 const SMALL_EVENT_LEN: usize = "id: 0123456789ab-1\ndata: 1\n\n".len();
 
+/// A session `key` on `store` whose connected client has read its first event: the service,
+/// the mock's handle, the inner body's sender, the client's body and the first event's id.
+async fn one_event_read(
+    store: &CountingStore,
+    key: &str,
+) -> (Svc, Handle, Sender, ResumableBody<TestBody>, EventId) {
+    let (svc, mut handle) = layered(store.clone());
+    let pending = call(&svc, get(&format!("/chat?session_id={key}")));
+    let (_, reply) = inner_request(&mut handle).await;
+    let (tx, body) = channel();
+    reply.send_response(sse(body));
+    send(&tx, b"data: 1\n\n");
+    let mut connected = answer(pending).await.unwrap().into_body();
+    let first = event_id(&next_frame(&mut connected).await.unwrap());
+    (svc, handle, tx, connected, first)
+}
+
+/// Events 2 to 6, once stored.
+async fn send_five_more(store: &CountingStore, tx: &Sender, key: &str) {
+    send(
+        tx,
+        b"data: 2\n\ndata: 3\n\ndata: 4\n\ndata: 5\n\ndata: 6\n\n",
+    );
+    session_when(&store.inner, key, "6 events stored", |i| i.last_seq == 6).await;
+}
+
 #[tokio::test]
 async fn a_body_behind_the_hard_limit_ends_with_the_evicted_comment_and_older_positions_get_410() {
     // Three events of history, and no room to keep more for a connected reader either.
@@ -941,22 +856,11 @@ async fn a_body_behind_the_hard_limit_ends_with_the_evicted_comment_and_older_po
             .hard_max_bytes_per_session(3 * SMALL_EVENT_LEN)
             .build(),
     );
-    let (svc, mut handle) = layered(store.clone());
+    let (svc, handle, tx, mut connected, first) = one_event_read(&store, "long").await;
     let uri = "/chat?session_id=long";
-    let pending = call(&svc, get(uri));
-    let (_, reply) = inner_request(&mut handle).await;
-    let (tx, body) = channel();
-    reply.send_response(sse(body));
-    send(&tx, b"data: 1\n\n");
-    let mut connected = answer(pending).await.unwrap().into_body();
-    let first = event_id(&next_frame(&mut connected).await.unwrap());
     // The connected client stops reading while five more events arrive; only 4, 5 and 6 are
     // retained.
-    send(
-        &tx,
-        b"data: 2\n\ndata: 3\n\ndata: 4\n\ndata: 5\n\ndata: 6\n\n",
-    );
-    session_when(&store.inner, "long", "6 events stored", |i| i.last_seq == 6).await;
+    send_five_more(&store, &tx, "long").await;
     assert_eq!(lookup(&store, "long").await.unwrap().first_seq, 4);
     // It is disconnected, with a comment saying why, rather than given event 4 after event 1.
     assert_eq!(
@@ -987,22 +891,10 @@ async fn a_body_behind_the_hard_limit_ends_with_the_evicted_comment_and_older_po
 #[tokio::test]
 async fn a_connected_reader_keeps_the_events_it_needs_past_the_soft_limit() {
     let store = CountingStore::new(MemoryStore::builder().max_events_per_session(3).build());
-    let (svc, mut handle) = layered(store.clone());
-    let uri = "/chat?session_id=held";
-    let pending = call(&svc, get(uri));
-    let (_, reply) = inner_request(&mut handle).await;
-    let (tx, body) = channel();
-    reply.send_response(sse(body));
-    send(&tx, b"data: 1\n\n");
-    let mut connected = answer(pending).await.unwrap().into_body();
-    let first = event_id(&next_frame(&mut connected).await.unwrap());
+    let (svc, handle, tx, mut connected, first) = one_event_read(&store, "held").await;
     // Five more events while the connected client reads nothing: past the limit of three, but
     // it still needs them, so they stay.
-    send(
-        &tx,
-        b"data: 2\n\ndata: 3\n\ndata: 4\n\ndata: 5\n\ndata: 6\n\n",
-    );
-    session_when(&store.inner, "held", "6 events stored", |i| i.last_seq == 6).await;
+    send_five_more(&store, &tx, "held").await;
     assert_eq!(lookup(&store, "held").await.unwrap().first_seq, 2);
     drop(tx);
     let mut rest = Vec::new();

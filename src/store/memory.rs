@@ -1,14 +1,14 @@
 //! [`MemoryStore`]: sessions in this process's memory.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::block::{drop_oldest, Page};
+use super::pins::{Pin, Pins};
 use super::{
     Appended, Claim, EventBlock, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError,
     Subscription,
@@ -104,7 +104,7 @@ struct Session {
     /// Set once when the session is cancelled; the producer waits on it.
     cancelled: watch::Sender<bool>,
     /// Where each connected reader is: the events after it are kept past the soft limits.
-    pins: Mutex<Vec<Weak<AtomicU64>>>,
+    pins: Pins,
 }
 
 struct State {
@@ -325,7 +325,7 @@ impl MemoryStoreBuilder {
 #[derive(Debug)]
 pub struct MemorySubscription {
     rx: Option<watch::Receiver<()>>,
-    pin: Option<Arc<AtomicU64>>,
+    pin: Option<Pin>,
     /// The session and its limits, to apply the soft limits again when this reader goes.
     session: Option<(Weak<Session>, Limits)>,
 }
@@ -361,7 +361,7 @@ impl Subscription for MemorySubscription {
 
     fn reached(&mut self, seq: u64) {
         if let Some(pin) = &self.pin {
-            pin.store(seq, Ordering::Relaxed);
+            pin.reached(seq);
         }
     }
 }
@@ -383,31 +383,9 @@ impl Session {
     }
 
     /// The newest sequence number every connected reader has reached (`u64::MAX` when none is
-    /// connected): the events after it are still needed. Forgets readers that went away.
+    /// connected): the events after it are still needed.
     fn pinned(&self) -> u64 {
-        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
-        let mut min = u64::MAX;
-        pins.retain(|pin| match pin.upgrade() {
-            Some(pin) => {
-                min = min.min(pin.load(Ordering::Relaxed));
-                true
-            }
-            None => false,
-        });
-        min
-    }
-
-    /// A pin for a new reader, at the start until it says where it is.
-    fn pin(&self) -> Arc<AtomicU64> {
-        let pin = Arc::new(AtomicU64::new(0));
-        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
-        // Readers that went away are forgotten here too, so the list stays as long as the
-        // number of connected readers (amortised: a sweep when it doubled).
-        if pins.len() >= 64 && pins.len().is_power_of_two() {
-            pins.retain(|p| p.strong_count() > 0);
-        }
-        pins.push(Arc::downgrade(&pin));
-        pin
+        self.pins.min(self.epoch).unwrap_or(u64::MAX)
     }
 }
 
@@ -446,7 +424,7 @@ impl Store for MemoryStore {
             }),
             changed: watch::Sender::new(()),
             cancelled: watch::Sender::new(false),
-            pins: Mutex::new(Vec::new()),
+            pins: Pins::default(),
         });
         sessions.map.insert(key.clone(), session);
         Ok(Claim::Claimed(epoch))
@@ -580,7 +558,7 @@ impl Store for MemoryStore {
         let session = self.get_epoch(key, epoch);
         Ok(MemorySubscription {
             rx: session.as_ref().map(|s| s.changed.subscribe()),
-            pin: session.as_ref().map(|s| s.pin()),
+            pin: session.as_ref().map(|s| s.pins.pin(s.epoch)),
             session: session.map(|s| (Arc::downgrade(&s), self.inner.limits)),
         })
     }
@@ -613,7 +591,7 @@ impl Store for MemoryStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::EventBlockBuilder;
     use http::{HeaderMap, StatusCode};
@@ -627,7 +605,8 @@ mod tests {
         b.finish().unwrap()
     }
 
-    async fn running(store: &MemoryStore) -> (SessionKey, Epoch) {
+    /// Claims and starts the session `k` on `store` (also the crate's other unit tests' setup).
+    pub(crate) async fn running(store: &MemoryStore) -> (SessionKey, Epoch) {
         let key = SessionKey::new("k").unwrap();
         let Ok(Claim::Claimed(epoch)) = store.claim(&key, Duration::from_secs(60)).await else {
             panic!("claim");

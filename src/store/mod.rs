@@ -42,6 +42,7 @@ pub use block::{EventBlock, EventBlockBuilder, InvalidBlock};
 
 mod block;
 pub mod memory;
+mod pins;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;

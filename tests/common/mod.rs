@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod chaos_proxy;
+pub mod faulty;
 pub mod redis;
 
 use std::collections::HashMap;
@@ -536,6 +537,24 @@ impl SseConn {
         self.headers
             .get("resumable-sse-reason")
             .and_then(|v| v.to_str().ok())
+    }
+
+    /// `Ok` when the answer is `status` with `reason` (in `resumable-sse-reason`); otherwise
+    /// what came, for a report that lists every failing case rather than stop at the first.
+    pub fn check_answer(
+        &self,
+        what: &str,
+        status: u16,
+        reason: Option<&str>,
+    ) -> Result<(), String> {
+        if self.status != status || self.reason() != reason {
+            return Err(format!(
+                "{what}: answered {} with reason {:?}, expected {status} with {reason:?}",
+                self.status,
+                self.reason()
+            ));
+        }
+        Ok(())
     }
 
     /// The next block, or `None` at the end of the body (an unterminated last block is

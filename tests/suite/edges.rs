@@ -366,13 +366,7 @@ fn check_status(
     status: u16,
     reason: Option<&str>,
 ) -> Result<(), String> {
-    if conn.status != status || conn.reason() != reason {
-        return Err(format!(
-            "{what}: answered {} with reason {:?}, expected {status} with {reason:?}",
-            conn.status,
-            conn.reason()
-        ));
-    }
+    conn.check_answer(what, status, reason)?;
     if status == 200
         && conn.headers.get("content-type").map(|v| v.as_bytes()) != Some(b"text/event-stream")
     {

@@ -2,7 +2,6 @@
 //! session ([`Local`]); and the [`RedisSubscription`] a reader waits on.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use super::keys::Keys;
 use super::tail::Tail;
 use super::{lock, spawn_periodic, Inner, RedisStore};
 use crate::session::{Epoch, SessionKey};
+use crate::store::pins::{Pin, Pins};
 use crate::store::Subscription;
 
 /// One pub/sub connection per process; every session's changes are announced on one channel and
@@ -46,7 +46,7 @@ pub(super) struct Local {
     status: watch::Sender<u64>,
     /// Where each local reader is, with the epoch it reads: the producer's appends keep what
     /// they still need past the soft limits.
-    pins: Mutex<Vec<(Epoch, Weak<AtomicU64>)>>,
+    pins: Pins,
 }
 
 impl Local {
@@ -56,39 +56,8 @@ impl Local {
             tail: Arc::default(),
             keys: keys.clone(),
             status: watch::Sender::new(0),
-            pins: Mutex::new(Vec::new()),
+            pins: Pins::default(),
         }
-    }
-
-    /// A pin for a new reader of `epoch`, at the start until it says where it is.
-    fn pin(&self, epoch: Epoch) -> Arc<AtomicU64> {
-        let pin = Arc::new(AtomicU64::new(0));
-        let mut pins = lock(&self.pins);
-        // Readers that went away are forgotten when the list doubled, so it stays as long as
-        // the number of connected readers (amortised).
-        if pins.len() >= 64 && pins.len().is_power_of_two() {
-            pins.retain(|(_, p)| p.strong_count() > 0);
-        }
-        pins.push((epoch, Arc::downgrade(&pin)));
-        pin
-    }
-
-    /// The newest sequence number every local reader of `epoch` has reached, if one is
-    /// connected.
-    fn pinned(&self, epoch: Epoch) -> Option<u64> {
-        let mut pins = lock(&self.pins);
-        let mut min = None::<u64>;
-        pins.retain(|(e, pin)| match pin.upgrade() {
-            Some(pin) => {
-                if *e == epoch {
-                    let seq = pin.load(Ordering::Relaxed);
-                    min = Some(min.map_or(seq, |m| m.min(seq)));
-                }
-                true
-            }
-            None => false,
-        });
-        min
     }
 
     /// Signals new events to the subscribers.
@@ -261,14 +230,14 @@ impl Notifier {
         &self,
         keys: &Arc<Keys>,
         epoch: Epoch,
-    ) -> (watch::Receiver<Generation>, Arc<AtomicU64>) {
-        self.with_local(keys, |local| (local.tx.subscribe(), local.pin(epoch)))
+    ) -> (watch::Receiver<Generation>, Pin) {
+        self.with_local(keys, |local| (local.tx.subscribe(), local.pins.pin(epoch)))
     }
 
     /// Where the local readers of a session's `epoch` are, if any is connected.
     pub(super) fn pinned(&self, key: &SessionKey, epoch: Epoch) -> Option<u64> {
         let sessions = lock(&self.sessions);
-        sessions.map.get(key.as_str())?.pinned(epoch)
+        sessions.map.get(key.as_str())?.pins.min(epoch)
     }
 
     /// The producer's signal: the session's status changes.
@@ -329,12 +298,12 @@ pub struct RedisSubscription {
     rx: watch::Receiver<Generation>,
     check_interval: Duration,
     /// Where its reader is; the producer in this process keeps what it still needs.
-    pin: Arc<AtomicU64>,
+    pin: Pin,
 }
 
 impl RedisSubscription {
     pub(super) fn new(
-        (rx, pin): (watch::Receiver<Generation>, Arc<AtomicU64>),
+        (rx, pin): (watch::Receiver<Generation>, Pin),
         check_interval: Duration,
     ) -> Self {
         Self {
@@ -354,6 +323,6 @@ impl Subscription for RedisSubscription {
     }
 
     fn reached(&mut self, seq: u64) {
-        self.pin.store(seq, Ordering::Relaxed);
+        self.pin.reached(seq);
     }
 }
