@@ -10,10 +10,11 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
+use crate::fanout::{Fanout, Follower};
 use crate::metrics;
 use crate::session::{Epoch, SessionKey};
 use crate::sse::{EVICTED_COMMENT, KEEP_ALIVE};
-use crate::store::{EventBlock, Store, Subscription};
+use crate::store::{EventBlock, Store};
 use crate::BoxError;
 
 pin_project! {
@@ -198,13 +199,15 @@ impl SessionEvents {
 const READ_BATCH: usize = crate::limits::READ_PAGE_EVENTS;
 
 /// One connection's cursor into a session log: it replays what is stored after the cursor, then
-/// waits for changes. The log is the buffer, so a slow reader only delays itself.
+/// waits for changes. The log is the buffer, so a slow reader only delays itself. It reads and
+/// waits through its [`Follower`]: the store itself, or the session's shared tail in this process.
 pub(crate) struct Reader<St: Store> {
     store: St,
+    fanout: Fanout,
     key: SessionKey,
     epoch: Epoch,
     cursor: u64,
-    subscription: Option<St::Subscription>,
+    follower: Option<Follower<St>>,
     buffered: VecDeque<EventBlock>,
     finished: bool,
     /// The last read returned everything up to the newest event.
@@ -213,13 +216,14 @@ pub(crate) struct Reader<St: Store> {
 }
 
 impl<St: Store> Reader<St> {
-    pub(crate) fn new(store: St, key: SessionKey, epoch: Epoch, after: u64) -> Self {
+    pub(crate) fn new(store: St, fanout: Fanout, key: SessionKey, epoch: Epoch, after: u64) -> Self {
         Self {
             store,
+            fanout,
             key,
             epoch,
             cursor: after,
-            subscription: None,
+            follower: None,
             buffered: VecDeque::new(),
             finished: false,
             caught_up: false,
@@ -227,17 +231,18 @@ impl<St: Store> Reader<St> {
         }
     }
 
-    /// A reader with its subscription already made (the first request's, made before the
-    /// producer starts, so that its position holds the session's events from the first one).
-    pub(crate) fn subscribed(
+    /// A reader with its follower already made (the first request's, made before the producer
+    /// starts, so that its position holds the session's events from the first one).
+    pub(crate) fn following(
         store: St,
+        fanout: Fanout,
         key: SessionKey,
         epoch: Epoch,
         after: u64,
-        subscription: Option<St::Subscription>,
+        follower: Option<Follower<St>>,
     ) -> Self {
-        let mut reader = Self::new(store, key, epoch, after);
-        reader.subscription = subscription;
+        let mut reader = Self::new(store, fanout, key, epoch, after);
+        reader.follower = follower;
         reader
     }
 
@@ -255,25 +260,25 @@ impl<St: Store> Reader<St> {
             if std::mem::take(&mut self.caught_up) {
                 // The last read reached the newest event: nothing can be new until the store
                 // signals a change, so wait for it rather than read an empty page.
-                if let Some(s) = &mut self.subscription {
-                    s.changed().await;
+                if let Some(f) = &mut self.follower {
+                    f.changed().await;
                 }
             }
-            if self.subscription.is_none() {
-                // Subscribe before the first read, so nothing appended in between is missed.
-                match self.store.subscribe(&self.key, self.epoch).await {
-                    Ok(mut s) => {
-                        s.reached(self.cursor);
-                        self.subscription = Some(s);
+            let follower = match &mut self.follower {
+                Some(f) => f,
+                None => {
+                    // Subscribe before the first read, so nothing appended in between is missed.
+                    let follow = self
+                        .fanout
+                        .follow(&self.store, &self.key, self.epoch, self.cursor);
+                    match follow.await {
+                        Ok(f) => self.follower.insert(f),
+                        Err(e) => return Some(Err(self.failed(e))),
                     }
-                    Err(e) => return Some(Err(self.failed(e))),
                 }
-            }
-            let batch = match self
-                .store
-                .read(&self.key, self.epoch, self.cursor, READ_BATCH)
-                .await
-            {
+            };
+            let read = follower.read(&self.store, &self.key, self.epoch, self.cursor, READ_BATCH);
+            let batch = match read.await {
                 Ok(Some(batch)) => batch,
                 // Expired or replaced: there is nothing more to send.
                 Ok(None) => return None,
@@ -289,34 +294,27 @@ impl<St: Store> Reader<St> {
                 // skipping ahead silently.
                 tracing::debug!(
                     cursor = self.cursor,
-                    oldest = batch.first_seq,
+                    oldest = next_seq,
                     "reader fell behind the retained history"
                 );
                 metrics::reader_evicted();
                 self.finished = true;
                 return Some(Ok(Bytes::from_static(EVICTED_COMMENT)));
             }
-            let end = batch.reaches_end(self.cursor);
             if batch.blocks.is_empty() {
-                if end {
+                if batch.end {
                     return None;
                 }
-                if let Some(s) = &mut self.subscription {
-                    s.changed().await;
-                }
+                follower.changed().await;
                 continue;
             }
             // The page holds the newest event of a finished session: nothing follows, whatever
             // the page size divides.
-            self.finished = end;
-            self.caught_up = !end
-                && batch
-                    .blocks
-                    .last()
-                    .is_some_and(|b| b.last_seq() >= batch.last_seq);
-            if let (Some(s), Some(last)) = (&mut self.subscription, batch.blocks.last()) {
+            self.finished = batch.end;
+            self.caught_up = batch.caught_up;
+            if let Some(last) = batch.blocks.last() {
                 // What this reader holds now needs the store no more.
-                s.reached(last.last_seq());
+                follower.reached(last.last_seq());
             }
             self.buffered.extend(batch.blocks);
         }
@@ -364,7 +362,7 @@ mod tests {
             .finish(&key, epoch, crate::Outcome::Completed)
             .await
             .unwrap();
-        let mut reader = Reader::new(store, key, epoch, after);
+        let mut reader = Reader::new(store, Fanout::default(), key, epoch, after);
         let mut seqs = Vec::new();
         let read_all = async {
             while let Some(frame) = reader.next().await {
@@ -404,7 +402,7 @@ mod tests {
         const INTERVAL: Duration = Duration::from_millis(100);
         let store = MemoryStore::new();
         let (key, epoch) = running(&store).await;
-        let reader = Reader::new(store.clone(), key.clone(), epoch, 0);
+        let reader = Reader::new(store.clone(), Fanout::default(), key.clone(), epoch, 0);
         let mut events = SessionEvents::new(reader, Some(INTERVAL));
         // An event every 60 ms for a second: no comment among them.
         let producer = tokio::spawn(async move {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::drain::DrainState;
+use crate::fanout::Fanout;
 
 /// What the layer does when its store fails (for instance Redis is down) while a request with a
 /// session key arrives.
@@ -27,6 +28,8 @@ pub(crate) struct Config {
     pub(crate) max_event_size: usize,
     pub(crate) on_store_error: OnStoreError,
     pub(crate) drain: Arc<DrainState>,
+    /// The sessions read in this process, shared by the readers of each.
+    pub(crate) fanout: Fanout,
 }
 
 impl Default for Config {
@@ -39,6 +42,7 @@ impl Default for Config {
             max_event_size: crate::limits::DEFAULT_MAX_EVENT_SIZE,
             on_store_error: OnStoreError::default(),
             drain: Arc::default(),
+            fanout: Fanout::default(),
         }
     }
 }

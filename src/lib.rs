@@ -183,6 +183,7 @@
 mod body;
 mod config;
 mod drain;
+mod fanout;
 mod future;
 mod key;
 mod layer;

@@ -12,6 +12,16 @@ use std::time::Duration;
 /// (a replay of more goes out in several reads).
 pub const READ_PAGE_EVENTS: usize = 1024;
 
+/// The events one read of a session's shared tail asks for (stores with
+/// [`Store::SHARED_TAIL`](crate::store::Store::SHARED_TAIL)): one read per change while the
+/// tail keeps up, several in a row when it is further behind.
+pub const TAIL_PAGE_EVENTS: usize = 1024;
+
+/// The newest events of a session that each process keeps in the session's shared tail, for
+/// all its readers there (stores with [`Store::SHARED_TAIL`](crate::store::Store::SHARED_TAIL)).
+/// A reader further behind reads the store itself, page by page, until it reaches the tail.
+pub const TAIL_CAPACITY_EVENTS: usize = 4096;
+
 /// The most bytes the producer encodes into one [`EventBlock`](crate::store::EventBlock)
 /// (a larger event is a block of its own). A reader sends a block, or its part after the
 /// reader's position, as one write.
@@ -76,12 +86,6 @@ pub const REDIS_CHUNK_BYTES: usize = 64 << 10;
 /// events is cut short, so that no reply holds the connection that every session of the process
 /// shares (lease renewals included) for long.
 pub const REDIS_READ_BYTES: usize = 1 << 20;
-
-/// The events one refresh of a Redis session's shared tail fetches.
-pub const REDIS_TAIL_PAGE_EVENTS: usize = 1024;
-
-/// The newest events of a Redis session that each process keeps in its shared tail.
-pub const REDIS_TAIL_CAPACITY_EVENTS: usize = 4096;
 
 /// Lease renewals sent in one pipeline.
 pub const REDIS_RENEWALS_PER_CALL: usize = 256;

@@ -252,9 +252,9 @@ impl<St: Store> Session<St> {
                     // The first reader subscribes before the first event is appended: its
                     // position holds the session's events from the start (without it, a
                     // reader is subscribed at its first read).
-                    let subscription = store.subscribe(&key, epoch).await.ok();
+                    let follower = config.fanout.follow(&store, &key, epoch, 0).await.ok();
                     producer::spawn(store, key, epoch, body, config, running);
-                    Started::Running(subscription)
+                    Started::Running(follower)
                 }
                 Ok(false) => {
                     // The claim was lost meanwhile (cancelled, expired, taken over): another
@@ -280,8 +280,9 @@ impl<St: Store> Session<St> {
             let _ = tx.send(started);
         });
         match rx.await {
-            Ok(Started::Running(subscription)) => {
-                let reader = Reader::subscribed(self.store, self.key, epoch, 0, subscription);
+            Ok(Started::Running(follower)) => {
+                let fanout = self.config.fanout.clone();
+                let reader = Reader::following(self.store, fanout, self.key, epoch, 0, follower);
                 Ok(Response::from_parts(
                     parts,
                     ResumableBody::session(SessionEvents::new(reader, self.config.keep_alive)),
@@ -345,7 +346,8 @@ impl<St: Store> Session<St> {
             return reject(StatusCode::GONE, Reason::UnknownSession);
         };
         metrics::replay_served();
-        let reader = Reader::new(self.store, self.key, info.epoch, after);
+        let fanout = self.config.fanout.clone();
+        let reader = Reader::new(self.store, fanout, self.key, info.epoch, after);
         let mut res = Response::new(ResumableBody::session(SessionEvents::new(
             reader,
             self.config.keep_alive,

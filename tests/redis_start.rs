@@ -109,3 +109,34 @@ async fn a_start_that_finds_its_claim_cancelled_on_redis_drops_the_body_and_prod
     assert_eq!(info.last_seq, 0);
     assert_eq!(app.inner.calls(), 1);
 }
+
+#[tokio::test]
+async fn a_redis_session_still_running_past_the_lifetime_of_its_claim_ends_as_failed() {
+    // The store is used directly: the claim's lifetime is the store's backstop for a producer
+    // that neither ends nor dies (the layer's own deadline is `max_lifetime`, before it).
+    use resumable_sse::store::{Claim, ResponseHead, Store};
+    use resumable_sse::SessionKey;
+    let Some((store, _server)) = faulty_redis().await else {
+        return;
+    };
+    let key = SessionKey::new("outlived").unwrap();
+    let lifetime = 2 * LEASE;
+    let Claim::Claimed(epoch) = store.claim(&key, lifetime).await.unwrap() else {
+        panic!("a new key is claimed");
+    };
+    let head = ResponseHead {
+        status: http::StatusCode::OK,
+        headers: http::HeaderMap::new(),
+    };
+    assert!(store.start(&key, epoch, head).await.unwrap());
+    // Renewed for the lifetime: still running after several leases.
+    tokio::time::sleep(lifetime - LEASE / 2).await;
+    let info = store.lookup(&key).await.unwrap().expect("the session exists");
+    assert_eq!(info.status, Status::Running, "renewed within its lifetime");
+    // Past it, the lease is let go and the session is failed once the lease expires.
+    eventually_async("the session outliving its claim is failed", || async {
+        let info = store.lookup(&key).await.unwrap();
+        info.is_some_and(|i| i.epoch == epoch && i.status == Status::Finished(Outcome::Failed))
+    })
+    .await;
+}

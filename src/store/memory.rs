@@ -392,6 +392,9 @@ impl Session {
 impl Store for MemoryStore {
     type Subscription = MemorySubscription;
 
+    /// Reads are in the process and share the stored blocks: every reader reads by itself.
+    const SHARED_TAIL: bool = false;
+
     async fn claim(&self, key: &SessionKey, lifetime: Duration) -> Result<Claim, StoreError> {
         let now = Instant::now();
         let mut sessions = write(&self.inner.sessions);

@@ -28,6 +28,16 @@
 //!
 //! Implement [`Store`] and [`Subscription`]. The contract every method must keep is written on
 //! the method; `tests/custom_store.rs` shows a complete store written outside the crate.
+//! [`EventBlock::page`] and [`EventBlock::drop_oldest`] read and trim a session's log of blocks.
+//! With the `test-util` feature, `resumable_sse::testing::store_suite!` runs on your store the
+//! behaviour suite that the crate's stores pass, one test per behaviour:
+//!
+//! ```ignore
+//! // tests/store_suite.rs
+//! resumable_sse::testing::store_suite!(|opts| async move {
+//!     MyStore::new(opts.retention, opts.max_events_per_session)
+//! });
+//! ```
 
 use std::future::Future;
 use std::sync::Arc;
@@ -40,9 +50,11 @@ use crate::BoxError;
 
 pub use block::{EventBlock, EventBlockBuilder, InvalidBlock};
 
-mod block;
+pub(crate) mod block;
 pub mod memory;
-mod pins;
+pub(crate) mod pins;
+#[cfg(test)]
+pub(crate) mod test_blocks;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
@@ -100,6 +112,11 @@ pub enum Claim {
 }
 
 /// A page of a session's log, read atomically with the session's status.
+///
+/// Every field is the truth at the time of the read, and nothing else: a store never adjusts
+/// them for what it believes a reader will do next. The reader ends on
+/// [`reaches_end`](Self::reaches_end), and otherwise reads again (or, when the page reached
+/// [`last_seq`](Self::last_seq), waits for its subscription first).
 #[derive(Clone, Debug)]
 pub struct ReadBatch {
     /// Events after the requested position, in order and consecutive, at most the requested
@@ -107,8 +124,7 @@ pub struct ReadBatch {
     /// ends). When the requested position was evicted the page starts at the oldest retained
     /// event; the caller sees the gap by comparing sequence numbers.
     pub blocks: Vec<EventBlock>,
-    /// The status at the time of the read. When it is finished and `events` is empty the caller
-    /// has everything.
+    /// The status at the time of the read.
     pub status: Status,
     /// The oldest retained sequence number at the time of the read.
     pub first_seq: u64,
@@ -201,6 +217,9 @@ impl std::error::Error for StoreError {
 pub trait Subscription: Send + 'static {
     /// Waits until the session may have changed since the previous call (or since the
     /// subscription was made). Returns at once when the session no longer exists.
+    ///
+    /// The future may be dropped before it completes (the layer waits on it beside other
+    /// things); a change must not be lost by that: the next call returns at once for it.
     fn changed(&mut self) -> impl Future<Output = ()> + Send;
 
     /// Tells the store that the reader holding this subscription has every event up to `seq`
@@ -215,17 +234,47 @@ pub trait Subscription: Send + 'static {
 
 /// Storage for sessions. See the [module docs](self) for the division of labour.
 ///
-/// Every method is called with the session's key and, after the claim, its [`Epoch`]; a method
-/// called with an epoch that is not the current one for that key must act as if the session did
-/// not exist. Implementations are cheap to clone (an `Arc` inside) and shared by every request.
+/// # Contract
+///
+/// This is the whole contract a store keeps; the layer relies on nothing else, and the
+/// conformance suite checks it.
+///
+/// - Every method is called with the session's key and, after the claim, its [`Epoch`]; a
+///   method called with an epoch that is not the current one for that key acts as if the
+///   session did not exist.
+/// - What a method returns is the truth at the time of the call: a [`ReadBatch`] or a
+///   [`SessionInfo`] is one atomic snapshot of the session.
+/// - Sequence numbers are consecutive from 1; the only gaps a reader may meet are events the
+///   store evicted to respect its limits (it then reads on from the oldest retained event).
+/// - A [`Subscription`] misses no change made after [`subscribe`](Self::subscribe) returned.
+/// - Implementations are cheap to clone (an `Arc` inside) and shared by every request.
+///
+/// How the layer uses a store: one [`claim`](Self::claim) per new session and its
+/// [`start`](Self::start), one [`append`](Self::append) per batch of events and one
+/// [`finish`](Self::finish) from its producer; per reader, a subscription and paged reads (or,
+/// with [`SHARED_TAIL`](Self::SHARED_TAIL), one subscription and one read per change for all
+/// the readers of a session in a process).
 pub trait Store: Clone + Send + Sync + 'static {
     /// The [`Subscription`] this store hands out.
     type Subscription: Subscription;
 
+    /// Whether the layer shares one subscription and one tail of each session among the readers
+    /// of a process: it then subscribes once per session and process, reads each change once
+    /// (pages of [`TAIL_PAGE_EVENTS`](crate::limits::TAIL_PAGE_EVENTS)) into a tail of the
+    /// newest [`TAIL_CAPACITY_EVENTS`](crate::limits::TAIL_CAPACITY_EVENTS) events, and serves
+    /// every reader at a position the tail holds from it; readers behind the tail (replays) read
+    /// the store themselves. The work a networked store does per event then does not grow with
+    /// the number of readers. `true` by default; a store whose reads are already in the process
+    /// and cheap (the [`MemoryStore`](crate::MemoryStore)) sets `false`, and each reader then
+    /// subscribes and reads by itself.
+    const SHARED_TAIL: bool = true;
+
     /// Atomically creates a session in [`Status::Starting`] if none exists under `key` (expired
     /// sessions do not exist), or returns the existing one. Exactly one of any number of
     /// concurrent callers, in any number of processes sharing the store, gets
-    /// [`Claim::Claimed`]. The new session lives at most `lifetime` unless finished earlier.
+    /// [`Claim::Claimed`]. The new session runs at most `lifetime`: one still running then
+    /// (its producer died or hung) ends as [`Outcome::Failed`], or expires, within the store's
+    /// own delay to notice (for a store with leases, the lease).
     fn claim(
         &self,
         key: &SessionKey,

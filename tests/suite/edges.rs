@@ -599,11 +599,8 @@ pub async fn every_count_around_every_page_chunk_and_batch_size_ends_exactly_onc
             ("READY_BATCH_EVENTS", limits::READY_BATCH_EVENTS),
             ("MAX_PENDING_EVENTS", limits::MAX_PENDING_EVENTS),
             ("REDIS_CHUNK_EVENTS", limits::REDIS_CHUNK_EVENTS),
-            ("REDIS_TAIL_PAGE_EVENTS", limits::REDIS_TAIL_PAGE_EVENTS),
-            (
-                "REDIS_TAIL_CAPACITY_EVENTS",
-                limits::REDIS_TAIL_CAPACITY_EVENTS,
-            ),
+            ("TAIL_PAGE_EVENTS", limits::TAIL_PAGE_EVENTS),
+            ("TAIL_CAPACITY_EVENTS", limits::TAIL_CAPACITY_EVENTS),
         ],
         &[("no event", 0), ("one event", 1)],
     );

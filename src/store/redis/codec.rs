@@ -208,7 +208,7 @@ fn decode_head(raw: &[u8]) -> Option<ResponseHead> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_blocks::{block, seqs};
+    use crate::store::test_blocks::{block, seqs};
     use super::*;
 
     fn entry(chunk: &EventBlock) -> Value {

@@ -26,12 +26,18 @@ pub(super) struct Lease {
     /// When its producer last began trying to record the session's end, if it did: the lease is
     /// renewed until the end is recorded, or until the producer stops trying.
     finishing: Option<Instant>,
+    /// The end of the lifetime given at the claim: the lease is not renewed past it, so a
+    /// session its producer did not end in time is marked failed when the lease expires.
+    until: Instant,
 }
 
 /// How long after its latest attempt (beyond the response timeout) a producer that tries to
 /// record its session's end keeps its lease. The producer retries with a backoff of a few
 /// seconds at most, so this is only reached once it gave up.
 const FINISH_RETRY_GRACE: Duration = Duration::from_secs(30);
+
+/// A lifetime too long to add to the clock counts as this long.
+const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl Inner {
     /// Starts the one task that renews the leases of every session this process produces.
@@ -58,7 +64,13 @@ impl Inner {
                         "the end of a session could not be recorded; its lease is let go"
                     );
                 }
-                !given_up
+                let too_old = Instant::now() >= lease.until;
+                if too_old && !given_up {
+                    tracing::warn!(
+                        "a session outlived the lifetime given at its claim; its lease is let go"
+                    );
+                }
+                !given_up && !too_old
             });
             renewals
                 .iter()
@@ -141,14 +153,17 @@ impl Inner {
             .collect())
     }
 
-    pub(super) fn hold_lease(&self, key: &SessionKey, epoch: Epoch) {
+    /// Renews the lease of a session claimed here, for at most `lifetime`.
+    pub(super) fn hold_lease(&self, key: &SessionKey, epoch: Epoch, lifetime: Duration) {
         let keys = self.keys(key);
+        let now = Instant::now();
         lock(&self.renewals).insert(
             key.clone(),
             Lease {
                 epoch,
                 keys,
                 finishing: None,
+                until: now.checked_add(lifetime).unwrap_or(now + YEAR),
             },
         );
     }

@@ -2,15 +2,13 @@
 
 // The parts: `keys` names a session's keys; `scripts` holds the Lua scripts (`lua/`) and calls
 // them; `codec` turns events and heads into what Redis stores, and replies back; `notify` fans the
-// pub/sub announcements out to the local subscribers; `tail` keeps a session's newest events for
-// all its local readers; `lease` renews the leases of the sessions this process produces.
+// pub/sub announcements out to the local subscribers; `lease` renews the leases of the sessions this process produces.
 
 mod codec;
 mod keys;
 mod lease;
 mod notify;
 mod scripts;
-mod tail;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,7 +25,6 @@ use self::keys::Keys;
 use self::lease::Lease;
 use self::notify::{Notifier, Sessions};
 use self::scripts::{script_limit, Scripts};
-use self::tail::Tail;
 use super::{
     Appended, Claim, EventBlock, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError,
 };
@@ -74,16 +71,16 @@ pub use self::notify::RedisSubscription;
 /// - **Paged reads in one call**: a read finds the chunk holding the position after the reader's
 ///   and returns it with the chunks after it, up to the requested number of events, together
 ///   with the session's status.
-/// - **Live tail with two connections per process**, whatever the number of subscribers and
-///   sessions: one multiplexed command connection ([`ConnectionManager`], which reconnects by
-///   itself) and one pub/sub connection on which every change of every session is announced on one
-///   channel; subscribers in the process wait on an in-memory signal fed by that connection, and
-///   read from a **shared tail** of the session kept in the process (its newest 4,096 events, in
-///   the chunks read from Redis), which one read per change refreshes for all of them, before
-///   they are woken. No blocking command is used, and the Redis work per event does not grow with
-///   the number of subscribers. The periodic check below is one task for the process, not a
-///   timer per subscriber, and a producer waits on status announcements only, so that it is not
-///   woken (and queued behind every subscriber) at each event.
+/// - **Live changes with two connections per process**, whatever the number of subscribers
+///   and sessions: one multiplexed command connection ([`ConnectionManager`], which reconnects
+///   by itself) and one pub/sub connection on which every change of every session is announced
+///   on one channel; a subscription waits on an in-memory signal fed by that connection. The
+///   layer subscribes once per session and process and shares one tail of the session among
+///   the readers of the process ([`Store::SHARED_TAIL`]), so one read per change serves all of
+///   them: no blocking command is used, and the Redis work per event does not grow with the
+///   number of subscribers. The periodic check below is one task for the process, not a timer
+///   per subscriber, and a producer waits on status announcements only, so that it is not woken
+///   (and queued behind every subscriber) at each event.
 /// - **One lease renewal for the whole process**: every third of the lease, one task renews the
 ///   leases of every session the process produces, in one pipeline per 256 sessions (on a
 ///   Cluster, whose sessions live on several nodes, one call per session, all at once): a
@@ -99,7 +96,10 @@ pub use self::notify::RedisSubscription;
 ///   dropped when its lease expires, and the next request claims the key afresh. A producer that
 ///   dies while running: the lease (default 5 s) expires; the next read, lookup or periodic check
 ///   of any instance (subscribers check at least every second) marks the session failed, so
-///   clients end within the lease TTL plus one second, and reconnects get `204 failed`.
+///   clients end within the lease TTL plus one second, and reconnects get `204 failed`. The
+///   lease is renewed for at most the lifetime given at the claim (the layer's
+///   [`max_lifetime`](crate::ResumableSseLayer::max_lifetime) plus a grace): a session still
+///   running then is marked failed in the same way, whatever its producer does.
 /// - **No leaks**: a running session's keys carry a TTL renewed with the lease (lease + retention),
 ///   a finished session's keys expire after `retention`, and a session retains at most
 ///   [`max_bytes_per_session`](RedisStoreBuilder::max_bytes_per_session) bytes of events
@@ -442,32 +442,10 @@ where
 
 /// The most bytes of events one read brings back (at least one chunk).
 const READ_BYTES: usize = crate::limits::REDIS_READ_BYTES;
-/// Tail fetches one read waits for before it reads directly instead. One is what a reader
-/// behind a change needs; a second when the fetch it joined had started before the events it
-/// wants were announced.
-const MAX_TAIL_FETCHES_PER_READ: usize = 3;
 
 // --- The store ---------------------------------------------------------------------------------
 
 impl RedisStore {
-    /// Reads from Redis, bypassing the shared tail.
-    async fn read_direct(
-        &self,
-        keys: &Keys,
-        epoch: Epoch,
-        after: u64,
-        max: usize,
-    ) -> Result<Option<ReadBatch>, StoreError> {
-        let inner = &self.inner;
-        let mut call = inner.call(&inner.scripts.read, keys, 5, 80);
-        call.arg(millis(inner.config.retention))
-            .arg(epoch.raw())
-            .arg(after)
-            .arg(max)
-            .arg(READ_BYTES);
-        parse_read(inner.invoke(&call).await?, after, max)
-    }
-
     /// The status of the session if `epoch` is its current one (`Nil` otherwise).
     async fn status(&self, keys: &Keys, epoch: Epoch) -> Result<Value, StoreError> {
         let inner = &self.inner;
@@ -489,12 +467,13 @@ impl Store for RedisStore {
             .arg(millis(inner.config.lease))
             .arg(inner.ttl_ms())
             .arg(millis(inner.config.retention));
-        let _ = lifetime; // the producer enforces it; the keys live as long as the lease is renewed
         let reply = inner.invoke(&call).await?;
         let a = as_array(&reply).ok_or_else(|| bad_reply("claim"))?;
         match a {
             [flag] if as_u64(flag) == Some(1) => {
-                inner.hold_lease(key, epoch);
+                // Renewed for at most `lifetime`: a session whose producer has not ended it by
+                // then is marked failed when the lease expires.
+                inner.hold_lease(key, epoch, lifetime);
                 Ok(Claim::Claimed(epoch))
             }
             [_, info] => parse_info(info)
@@ -628,56 +607,15 @@ impl Store for RedisStore {
         after: u64,
         max: usize,
     ) -> Result<Option<ReadBatch>, StoreError> {
-        // Every turn of this loop returns, or waits for a fetch that moved the tail forward or
-        // marked it fresh; after a few fetches that did not serve this reader (the tail far
-        // behind it, or replaced by another epoch's), it reads directly: a read never spins.
-        let mut fetches = 0;
-        let keys = loop {
-            // Without local subscribers there is nothing to share: read directly.
-            let Some((generation, tail, keys)) = self.inner.notifier.local(key) else {
-                let keys = self.inner.keys(key);
-                return Box::pin(self.read_direct(&keys, epoch, after, max)).await;
-            };
-            let fetch = {
-                let mut t = lock(&tail);
-                if t.epoch == Some(epoch) {
-                    if t.is_fresh(generation, self.inner.config.check_interval) {
-                        match t.serve(after, max) {
-                            Some(batch) => return Ok(batch),
-                            // Older than the tail: a replay, served directly.
-                            None => break keys,
-                        }
-                    }
-                    // Behind a change not fetched yet, but the tail holds events this reader
-                    // has not sent: they go now, without waiting for the fetch (which, under a
-                    // steady stream, a newer change would follow before this reader's turn).
-                    if let Some(batch) = t.serve_ahead(after, max) {
-                        return Ok(Some(batch));
-                    }
-                }
-                if fetches == MAX_TAIL_FETCHES_PER_READ {
-                    break keys;
-                }
-                if t.epoch != Some(epoch) {
-                    *t = Tail {
-                        epoch: Some(epoch),
-                        last_seq: after,
-                        ..Tail::default()
-                    };
-                }
-                if after < t.oldest_cached() {
-                    break keys;
-                }
-                fetches += 1;
-                self.fetch(&tail, &mut t, keys, epoch, generation)
-            };
-            fetch
-                .await
-                .map_err(|e| StoreError::unavailable(e.to_string()))?;
-        };
-        // Boxed: a reader keeps its read future for its whole life, but a call's state only
-        // while the call is in flight.
-        Box::pin(self.read_direct(&keys, epoch, after, max)).await
+        let inner = &self.inner;
+        let keys = inner.keys(key);
+        let mut call = inner.call(&inner.scripts.read, &keys, 5, 80);
+        call.arg(millis(inner.config.retention))
+            .arg(epoch.raw())
+            .arg(after)
+            .arg(max)
+            .arg(READ_BYTES);
+        parse_read(inner.invoke(&call).await?, after, max)
     }
 
     async fn subscribe(
@@ -724,30 +662,5 @@ impl Store for RedisStore {
             .arg(Outcome::Cancelled.reason().as_str())
             .arg(millis(inner.config.retention));
         Ok(as_u64(&inner.invoke(&call).await?) == Some(1))
-    }
-}
-
-/// Blocks for the unit tests of the parts.
-#[cfg(test)]
-mod test_blocks {
-    use bytes::Bytes;
-
-    use super::EventBlock;
-
-    pub(super) fn block(first_seq: u64, sizes: &[usize]) -> EventBlock {
-        let mut bytes = Vec::new();
-        let mut ends = Vec::new();
-        for (i, &size) in sizes.iter().enumerate() {
-            bytes.extend(std::iter::repeat(b'a' + (i % 26) as u8).take(size));
-            ends.push(bytes.len() as u32);
-        }
-        EventBlock::new(first_seq, Bytes::from(bytes), ends).unwrap()
-    }
-
-    pub(super) fn seqs(blocks: &[EventBlock]) -> Vec<(u64, u64)> {
-        blocks
-            .iter()
-            .map(|b| (b.first_seq(), b.last_seq()))
-            .collect()
     }
 }

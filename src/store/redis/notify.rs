@@ -1,17 +1,18 @@
 //! The notifier: one pub/sub connection per process, fanned out to what the process keeps per
-//! session ([`Local`]); and the [`RedisSubscription`] a reader waits on.
+//! session ([`Local`]); and the [`RedisSubscription`] that the layer's fan-out waits on.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::StreamExt;
 use redis::RedisResult;
 use tokio::sync::watch;
 
 use super::keys::Keys;
-use super::tail::Tail;
-use super::{lock, spawn_periodic, Inner, RedisStore};
+use super::{lock, spawn_periodic, Inner};
 use crate::session::{Epoch, SessionKey};
 use crate::store::pins::{Pin, Pins};
 use crate::store::Subscription;
@@ -34,11 +35,12 @@ pub(super) struct Sessions {
 }
 
 /// What this process keeps for a session that has local subscribers or its producer: the signal
-/// the subscribers wait on, the tail of its log that they all read from, its keys, and the
-/// signal of its status changes that its producer waits on.
+/// the subscribers wait on, its keys, and the signal of its status changes that its producer
+/// waits on.
 pub(super) struct Local {
     tx: watch::Sender<Generation>,
-    tail: Arc<Mutex<Tail>>,
+    /// When a change of the session was last announced.
+    heard_at: Instant,
     pub(super) keys: Arc<Keys>,
     /// Status changes only. The producer waits on this one, not on `tx`: woken with its
     /// subscribers at every event, it would queue behind all of them each time, and only
@@ -53,7 +55,7 @@ impl Local {
     fn new(keys: &Arc<Keys>) -> Self {
         Local {
             tx: watch::Sender::new(Generation::default()),
-            tail: Arc::default(),
+            heard_at: Instant::now(),
             keys: keys.clone(),
             status: watch::Sender::new(0),
             pins: Pins::default(),
@@ -127,10 +129,11 @@ impl Notifier {
             let Ok(key) = std::str::from_utf8(key) else {
                 continue;
             };
-            let sessions = lock(&inner.notifier.sessions);
-            if let Some(local) = sessions.map.get(key) {
+            let mut sessions = lock(&inner.notifier.sessions);
+            if let Some(local) = sessions.map.get_mut(key) {
+                local.heard_at = Instant::now();
                 match kind {
-                    b'e' => Self::events_announced(&inner, key, local),
+                    b'e' => local.events_changed(),
                     _ => local.status_changed(),
                 }
             }
@@ -140,56 +143,15 @@ impl Notifier {
         )))
     }
 
-    /// New events of a session with local subscribers. When they read from the shared tail, the
-    /// tail is refreshed first and they are woken once it holds the new events: each of them is
-    /// then polled once per change and finds the events ready, rather than twice (once to find
-    /// the tail behind and wait for its refresh, once when it is refreshed). The wake-up follows
-    /// the fetch whatever its result, so nothing announced is missed.
-    fn events_announced(inner: &Arc<Inner>, key: &str, local: &Local) {
-        // The new generation, without waking anyone yet: a read from now on finds the tail
-        // behind it.
-        local.tx.send_if_modified(|g| {
-            g.events += 1;
-            false
-        });
-        let generation = *local.tx.borrow();
-        let fetch = {
-            let mut t = lock(&local.tail);
-            match t.epoch {
-                Some(epoch) if local.tx.receiver_count() > 0 => {
-                    let store = RedisStore {
-                        inner: inner.clone(),
-                    };
-                    Some(store.fetch(&local.tail, &mut t, local.keys.clone(), epoch, generation))
-                }
-                _ => None,
-            }
-        };
-        let Some(fetch) = fetch else {
-            local.events_changed();
-            return;
-        };
-        let weak = Arc::downgrade(inner);
-        let key: Arc<str> = Arc::from(key);
-        tokio::spawn(async move {
-            let _ = fetch.await;
-            if let Some(inner) = weak.upgrade() {
-                if let Some(local) = lock(&inner.notifier.sessions).map.get(&key) {
-                    local.tx.send_modify(|_| {});
-                }
-            }
-        });
-    }
-
-    /// Starts the one task that makes the local subscribers of every session check it when
-    /// nothing was read from Redis for it lately: their next read goes to Redis, which marks
-    /// the session failed if its producer's lease expired. A session whose tail is read (events
-    /// or statuses announced) costs nothing here, and no subscriber has a timer of its own: a
-    /// timer per subscriber would fire thousands of times a second for a large fan-out, each
-    /// wake-up a read, and each firing in the way of the timers that pace the producers.
+    /// Starts the one task that wakes the subscribers of every session that announced nothing
+    /// lately: their next read goes to Redis, which marks the session failed if its producer's
+    /// lease expired. A session whose changes are announced costs nothing here, and no
+    /// subscriber has a timer of its own: a timer per subscriber would fire thousands of times a
+    /// second for a large fan-out, each firing in the way of the timers that pace the
+    /// producers.
     pub(super) fn start_checks(inner: &Arc<Inner>) {
-        // Every half interval, the sessions not read for half an interval: each session is
-        // checked at most an interval after its last read.
+        // Every half interval, the sessions silent for half an interval: each session is
+        // checked at most an interval after its last announcement.
         let every = inner.config.check_interval / 2;
         let task = spawn_periodic(inner, every, move |inner| async move {
             inner.notifier.check_idle(every);
@@ -197,18 +159,14 @@ impl Notifier {
         *lock(&inner.notifier.checks_task) = Some(task);
     }
 
-    /// Wakes the subscribers of every session whose tail was not read from Redis within `idle`.
+    /// Wakes the subscribers of every session that announced nothing within `idle`.
     fn check_idle(&self, idle: Duration) {
-        for local in lock(&self.sessions).map.values() {
-            if local.tx.receiver_count() == 0 {
+        for local in lock(&self.sessions).map.values_mut() {
+            if local.tx.receiver_count() == 0 || local.heard_at.elapsed() < idle {
                 continue;
             }
-            let recent = lock(&local.tail)
-                .fetched_at
-                .is_some_and(|t| t.elapsed() < idle);
-            if !recent {
-                local.tx.send_modify(|g| g.checks += 1);
-            }
+            local.heard_at = Instant::now();
+            local.tx.send_modify(|g| g.checks += 1);
         }
     }
 
@@ -262,36 +220,12 @@ impl Notifier {
         sessions.map.insert(Arc::from(keys.key.as_str()), local);
         out
     }
-
-    /// The current generation, the tail and the keys of a session with local subscribers.
-    pub(super) fn local(
-        &self,
-        key: &SessionKey,
-    ) -> Option<(Generation, Arc<Mutex<Tail>>, Arc<Keys>)> {
-        let sessions = lock(&self.sessions);
-        let local = sessions
-            .map
-            .get(key.as_str())
-            .filter(|l| l.tx.receiver_count() > 0)?;
-        let generation = *local.tx.borrow();
-        Some((generation, local.tail.clone(), local.keys.clone()))
-    }
 }
 
-impl Generation {
-    /// A generation no notification produces, so that a tail marked with it is refreshed.
-    pub(super) fn stale() -> Self {
-        Self {
-            events: u64::MAX,
-            status: u64::MAX,
-            checks: u64::MAX,
-        }
-    }
-}
-
-/// The [`Subscription`] of a [`RedisStore`]: woken by the process's pub/sub connection, and by
-/// the process's periodic check of the sessions not read from Redis within the last second, so
-/// that a dead producer is noticed even when nothing is announced. It has no timer of its own.
+/// The [`Subscription`] of a [`RedisStore`](super::RedisStore): woken by the process's pub/sub
+/// connection, and by the process's periodic check of the sessions that announced nothing
+/// within the check interval (one second), so that a dead producer is noticed even when nothing
+/// is announced. It has no timer of its own.
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 #[derive(Debug)]
 pub struct RedisSubscription {

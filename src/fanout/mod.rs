@@ -1,0 +1,453 @@
+//! The fan-out: one store subscription and one store read per change, per session and process,
+//! whatever the number of readers in the process.
+//!
+//! For a networked store ([`Store::SHARED_TAIL`]), the readers of a session in this process do
+//! not each subscribe and read: the first one makes an entry for the session, which subscribes
+//! once and runs a task (the *driver*) that reads every change into a [`Tail`] of the session's
+//! newest events ([`TAIL_CAPACITY_EVENTS`](crate::limits::TAIL_CAPACITY_EVENTS)), then wakes the
+//! readers. A reader at a position the tail holds is served from it; one older than the tail (a
+//! replay) reads the store, page by page, until it reaches the tail. A store that is already in
+//! the process (the [`MemoryStore`](crate::MemoryStore)) opts out, and its readers read and
+//! subscribe directly.
+//!
+//! Everything here relies on the store contract only: a read returns the truth at the time of the
+//! read, and a subscription misses no change made after it was made.
+//!
+//! Where each reader is ([`Subscription::reached`]) is kept here, and the entry's one
+//! subscription is told the oldest position of them all, before a new reader behind it is served
+//! and after every change, so that a store keeps what the readers of this process still need.
+
+mod tail;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+use self::tail::{Next, Serve, Tail};
+use crate::session::{Epoch, SessionKey};
+use crate::store::pins::{Pin, Pins};
+use crate::store::{EventBlock, ReadBatch, Store, StoreError, Subscription};
+
+/// Events one read of the driver asks for.
+const TAIL_PAGE: usize = crate::limits::TAIL_PAGE_EVENTS;
+
+/// The sessions that have readers in this process (one registry per layer).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Fanout(Arc<Mutex<Registry>>);
+
+#[derive(Debug, Default)]
+struct Registry {
+    map: HashMap<(SessionKey, Epoch), Weak<Entry>>,
+    /// The size at which the entries of sessions nobody reads any more are forgotten.
+    sweep_at: usize,
+}
+
+/// A session's shared part: its readers hold it; the last one to go stops the driver.
+#[derive(Debug)]
+struct Entry {
+    state: Arc<State>,
+    driver: tokio::task::AbortHandle,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// What the driver and the readers of a session share.
+#[derive(Debug)]
+struct State {
+    tail: Mutex<Tail>,
+    /// Counts the driver's reads: a reader that found nothing to send waits for the next one.
+    moved: watch::Sender<u64>,
+    epoch: Epoch,
+    /// Where each reader is.
+    pins: Pins,
+    /// The oldest position the store was told about (0 once nothing can be evicted any more:
+    /// the session finished or is gone). Locked while a reader joins and while the driver tells
+    /// the store, so that a reader joining behind either is counted or sees the new value.
+    told: Mutex<u64>,
+    /// Readers behind `told` ask the driver to tell the store, and wait until it did.
+    asked: AtomicU64,
+    ask: Notify,
+    answered: watch::Sender<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Fanout {
+    /// A follower of `key`'s session `epoch` for a reader that has every event up to `after`:
+    /// shared with the other readers of this process for a networked store, its own
+    /// subscription otherwise.
+    pub(crate) async fn follow<S: Store>(
+        &self,
+        store: &S,
+        key: &SessionKey,
+        epoch: Epoch,
+        after: u64,
+    ) -> Result<Follower<S>, StoreError> {
+        if !S::SHARED_TAIL {
+            let mut sub = store.subscribe(key, epoch).await?;
+            sub.reached(after);
+            return Ok(Follower::Direct(sub));
+        }
+        let entry = match self.entry(key, epoch) {
+            Some(entry) => entry,
+            None => {
+                // Subscribed before the entry exists, and before its first read: no change is
+                // missed.
+                let sub = store.subscribe(key, epoch).await?;
+                match self.make(store, key, epoch, after, sub) {
+                    Ok(shared) => return Ok(Follower::Shared(shared)),
+                    // Another reader made it meanwhile.
+                    Err(entry) => entry,
+                }
+            }
+        };
+        Ok(Follower::Shared(Shared::join(entry, after).await))
+    }
+
+    /// Makes the entry of a session, with its first reader at `after`, and starts its driver;
+    /// or returns the entry another reader made meanwhile.
+    fn make<S: Store>(
+        &self,
+        store: &S,
+        key: &SessionKey,
+        epoch: Epoch,
+        after: u64,
+        mut sub: S::Subscription,
+    ) -> Result<Shared, Arc<Entry>> {
+        let mut registry = lock(&self.0);
+        if let Some(entry) = registry.map.get(&(key.clone(), epoch)).and_then(Weak::upgrade) {
+            return Err(entry);
+        }
+        let state = Arc::new(State {
+            tail: Mutex::new(Tail::starting_at(after)),
+            moved: watch::Sender::new(0),
+            epoch,
+            pins: Pins::default(),
+            told: Mutex::new(after),
+            asked: AtomicU64::new(0),
+            ask: Notify::new(),
+            answered: watch::Sender::new(0),
+        });
+        let pin = state.pin_at(after);
+        sub.reached(after);
+        let driver = tokio::spawn(drive(
+            store.clone(),
+            key.clone(),
+            epoch,
+            sub,
+            state.clone(),
+        ))
+        .abort_handle();
+        let entry = Arc::new(Entry {
+            state: state.clone(),
+            driver,
+        });
+        if registry.map.len() >= registry.sweep_at {
+            // Forget the sessions nobody reads any more, once their number doubled since the
+            // last time (so that this costs O(1) per entry on average).
+            registry.map.retain(|_, e| e.strong_count() > 0);
+            registry.sweep_at = (registry.map.len() * 2).max(64);
+        }
+        registry
+            .map
+            .insert((key.clone(), epoch), Arc::downgrade(&entry));
+        Ok(Shared {
+            rx: state.moved.subscribe(),
+            entry,
+            pin,
+        })
+    }
+
+    fn entry(&self, key: &SessionKey, epoch: Epoch) -> Option<Arc<Entry>> {
+        lock(&self.0)
+            .map
+            .get(&(key.clone(), epoch))
+            .and_then(Weak::upgrade)
+    }
+
+    /// The sessions with an entry (for tests).
+    #[cfg(test)]
+    fn entries(&self) -> usize {
+        lock(&self.0)
+            .map
+            .values()
+            .filter(|e| e.strong_count() > 0)
+            .count()
+    }
+}
+
+/// A page for a reader: what it sends next, and what it does after.
+#[derive(Debug)]
+pub(crate) struct Page {
+    /// Events after the reader's position, in order and consecutive; when the position was
+    /// evicted, they start at the oldest retained event (the reader sees the gap).
+    pub(crate) blocks: Vec<EventBlock>,
+    /// The oldest retained sequence number, when known (the gap check of an empty page).
+    pub(crate) first_seq: u64,
+    /// The page reaches the newest event of a finished session: nothing follows.
+    pub(crate) end: bool,
+    /// The page reaches the newest event known: wait for a change before the next read.
+    pub(crate) caught_up: bool,
+}
+
+impl Page {
+    fn from_read(batch: ReadBatch, after: u64) -> Self {
+        let end = batch.reaches_end(after);
+        let upto = batch.blocks.last().map_or(after, EventBlock::last_seq);
+        Self {
+            end,
+            caught_up: !end && upto >= batch.last_seq,
+            first_seq: batch.first_seq,
+            blocks: batch.blocks,
+        }
+    }
+}
+
+/// How one reader learns of a session's changes and reads it.
+pub(crate) enum Follower<S: Store> {
+    /// Its own subscription, and reads of its own.
+    Direct(S::Subscription),
+    /// The session's entry in this process.
+    Shared(Shared),
+}
+
+impl<S: Store> std::fmt::Debug for Follower<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Follower::Direct(_) => "Follower::Direct",
+            Follower::Shared(_) => "Follower::Shared",
+        })
+    }
+}
+
+/// A reader's part of a session's entry.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    entry: Arc<Entry>,
+    rx: watch::Receiver<u64>,
+    pin: Pin,
+}
+
+impl Shared {
+    /// Joins an entry at `after`; returns once the store was told to keep what this reader
+    /// needs.
+    async fn join(entry: Arc<Entry>, after: u64) -> Self {
+        let state = &entry.state;
+        let behind = {
+            let told = lock(&state.told);
+            let pin = state.pin_at(after);
+            (after < *told, pin)
+        };
+        let (behind, pin) = behind;
+        if behind {
+            let ticket = state.asked.fetch_add(1, Ordering::AcqRel) + 1;
+            let mut answered = state.answered.subscribe();
+            state.ask.notify_one();
+            // Answered by the driver, or never needed (it stopped: nothing is evicted).
+            let _ = answered.wait_for(|&a| a >= ticket).await;
+        }
+        Self {
+            rx: state.moved.subscribe(),
+            entry,
+            pin,
+        }
+    }
+}
+
+impl<S: Store> Follower<S> {
+    /// The next page after `after`, at most `max` events; `None` when the session is gone.
+    pub(crate) async fn read(
+        &mut self,
+        store: &S,
+        key: &SessionKey,
+        epoch: Epoch,
+        after: u64,
+        max: usize,
+    ) -> Result<Option<Page>, StoreError> {
+        if let Follower::Shared(shared) = self {
+            // Marked as seen before the tail is looked at: a read after this wakes `changed`.
+            shared.rx.borrow_and_update();
+            let serve = lock(&shared.entry.state.tail).serve(after, max);
+            let page = match serve {
+                Serve::Events {
+                    blocks,
+                    end,
+                    caught_up,
+                } => Page {
+                    first_seq: blocks.first().map_or(after + 1, EventBlock::first_seq),
+                    blocks,
+                    end,
+                    caught_up,
+                },
+                Serve::End => Page {
+                    blocks: Vec::new(),
+                    first_seq: after + 1,
+                    end: true,
+                    caught_up: false,
+                },
+                Serve::Wait => Page {
+                    blocks: Vec::new(),
+                    first_seq: after + 1,
+                    end: false,
+                    caught_up: true,
+                },
+                Serve::Gone => return Ok(None),
+                Serve::Direct => {
+                    let batch = Box::pin(store.read(key, epoch, after, max)).await?;
+                    return Ok(batch.map(|b| Page::from_read(b, after)));
+                }
+            };
+            return Ok(Some(page));
+        }
+        // Boxed: a reader keeps its read future for its whole life, but a call's state only
+        // while the call is in flight.
+        let batch = Box::pin(store.read(key, epoch, after, max)).await?;
+        Ok(batch.map(|b| Page::from_read(b, after)))
+    }
+
+    /// Waits until the session may have changed since the previous read.
+    pub(crate) async fn changed(&mut self) {
+        match self {
+            Follower::Direct(sub) => sub.changed().await,
+            Follower::Shared(shared) => {
+                if shared.rx.changed().await.is_err() {
+                    // The driver is gone (it cannot be while this entry lives); do not spin.
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+
+    /// The reader has every event up to `seq`.
+    pub(crate) fn reached(&mut self, seq: u64) {
+        match self {
+            Follower::Direct(sub) => sub.reached(seq),
+            Follower::Shared(shared) => shared.pin.reached(seq),
+        }
+    }
+}
+
+/// Backoff after the driver's `n`th failed read in a row.
+fn backoff(n: u32) -> Duration {
+    Duration::from_millis(100u64 << n.min(4))
+}
+
+/// The driver of a session's entry: reads every change into the tail, then wakes the readers;
+/// tells the store where the oldest reader is. Runs until the session cannot change any more,
+/// or the last reader goes (the entry aborts it).
+async fn drive<S: Store>(
+    store: S,
+    key: SessionKey,
+    epoch: Epoch,
+    mut sub: S::Subscription,
+    state: Arc<State>,
+) {
+    let mut failures = 0u32;
+    loop {
+        let from = lock(&state.tail).last_seq;
+        let read = state.telling(&mut sub, store.read(&key, epoch, from, TAIL_PAGE));
+        let next = match read.await {
+            Ok(batch) => {
+                failures = 0;
+                lock(&state.tail).apply(batch)
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::debug!(error = %e, "shared read of a session failed; its readers read the store");
+                lock(&state.tail).fail();
+                state.moved.send_modify(|n| *n += 1);
+                state.tell(&mut sub);
+                // Read again after a change or the backoff, whichever comes first.
+                let sleep = tokio::time::sleep(backoff(failures));
+                let mut sleep = std::pin::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = &mut sleep => break,
+                        _ = sub.changed() => break,
+                        _ = state.ask.notified() => state.tell(&mut sub),
+                    }
+                }
+                continue;
+            }
+        };
+        state.moved.send_modify(|n| *n += 1);
+        state.tell(&mut sub);
+        match next {
+            Next::Read => {}
+            Next::Wait => state.until_changed(&mut sub).await,
+            Next::Done => {
+                // Nothing can be appended or evicted any more: readers joining behind need not
+                // wait for the store to be told.
+                *lock(&state.told) = 0;
+                state.answered.send_replace(u64::MAX);
+                return;
+            }
+        }
+    }
+}
+
+impl State {
+    /// A reader's pin, at `seq`.
+    fn pin_at(&self, seq: u64) -> Pin {
+        let pin = self.pins.pin(self.epoch);
+        pin.reached(seq);
+        pin
+    }
+
+    /// Tells the store where the oldest reader of this process is, and answers the readers
+    /// that asked.
+    fn tell<Sub: Subscription>(&self, sub: &mut Sub) {
+        let asked = self.asked.load(Ordering::Acquire);
+        {
+            let mut told = lock(&self.told);
+            if let Some(oldest) = self.pins.min(self.epoch) {
+                sub.reached(oldest);
+                *told = oldest;
+            }
+        }
+        self.answered.send_if_modified(|a| {
+            let moved = *a < asked;
+            *a = (*a).max(asked);
+            moved
+        });
+    }
+
+    /// Waits for `fut`, telling the store about readers that join behind meanwhile.
+    async fn telling<Sub: Subscription, F: Future>(&self, sub: &mut Sub, fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return out,
+                _ = self.ask.notified() => self.tell(sub),
+            }
+        }
+    }
+
+    /// Waits for the store to signal a change, telling it about readers that join behind
+    /// meanwhile.
+    async fn until_changed<Sub: Subscription>(&self, sub: &mut Sub) {
+        loop {
+            let asked = tokio::select! {
+                _ = sub.changed() => false,
+                _ = self.ask.notified() => true,
+            };
+            if !asked {
+                return;
+            }
+            self.tell(sub);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

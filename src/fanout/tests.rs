@@ -1,0 +1,328 @@
+//! The fan-out over a real [`MemoryStore`], served through a shared tail as a networked store's
+//! would be (the wrapper below only counts, and fails a read when asked).
+
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::session::Outcome;
+use crate::store::memory::tests::running;
+use crate::store::test_blocks::block;
+use crate::store::{Appended, Claim, ResponseHead, SessionInfo};
+use crate::MemoryStore;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct Counts {
+    reads: AtomicUsize,
+    subscribes: AtomicUsize,
+    live_subscriptions: AtomicUsize,
+    fail_reads: AtomicUsize,
+}
+
+/// A [`MemoryStore`] read through the shared tail, counting its reads and subscriptions.
+#[derive(Clone)]
+struct Shared {
+    store: MemoryStore,
+    counts: Arc<Counts>,
+}
+
+struct CountedSub {
+    inner: <MemoryStore as Store>::Subscription,
+    counts: Arc<Counts>,
+}
+
+impl Drop for CountedSub {
+    fn drop(&mut self) {
+        self.counts.live_subscriptions.fetch_sub(1, SeqCst);
+    }
+}
+
+impl Subscription for CountedSub {
+    async fn changed(&mut self) {
+        self.inner.changed().await;
+    }
+    fn reached(&mut self, seq: u64) {
+        self.inner.reached(seq);
+    }
+}
+
+impl Store for Shared {
+    type Subscription = CountedSub;
+    const SHARED_TAIL: bool = true;
+
+    async fn claim(&self, key: &SessionKey, lifetime: Duration) -> Result<Claim, StoreError> {
+        self.store.claim(key, lifetime).await
+    }
+    async fn start(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+        head: ResponseHead,
+    ) -> Result<bool, StoreError> {
+        self.store.start(key, epoch, head).await
+    }
+    async fn release(&self, key: &SessionKey, epoch: Epoch) -> Result<(), StoreError> {
+        self.store.release(key, epoch).await
+    }
+    async fn append(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+        blocks: &[EventBlock],
+    ) -> Result<Appended, StoreError> {
+        self.store.append(key, epoch, blocks).await
+    }
+    async fn finish(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+        outcome: Outcome,
+    ) -> Result<(), StoreError> {
+        self.store.finish(key, epoch, outcome).await
+    }
+    async fn lookup(&self, key: &SessionKey) -> Result<Option<SessionInfo>, StoreError> {
+        self.store.lookup(key).await
+    }
+    async fn read(
+        &self,
+        key: &SessionKey,
+        epoch: Epoch,
+        after: u64,
+        max: usize,
+    ) -> Result<Option<ReadBatch>, StoreError> {
+        self.counts.reads.fetch_add(1, SeqCst);
+        let fail = self
+            .counts
+            .fail_reads
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Err(StoreError::unavailable("read failed on purpose"));
+        }
+        self.store.read(key, epoch, after, max).await
+    }
+    async fn subscribe(&self, key: &SessionKey, epoch: Epoch) -> Result<CountedSub, StoreError> {
+        self.counts.subscribes.fetch_add(1, SeqCst);
+        let inner = self.store.subscribe(key, epoch).await?;
+        self.counts.live_subscriptions.fetch_add(1, SeqCst);
+        Ok(CountedSub {
+            inner,
+            counts: self.counts.clone(),
+        })
+    }
+    async fn cancelled(&self, key: &SessionKey, epoch: Epoch) -> Result<(), StoreError> {
+        self.store.cancelled(key, epoch).await
+    }
+    async fn cancel(&self, key: &SessionKey) -> Result<bool, StoreError> {
+        self.store.cancel(key).await
+    }
+}
+
+fn shared(store: MemoryStore) -> Shared {
+    Shared {
+        store,
+        counts: Arc::default(),
+    }
+}
+
+/// Reads through `f` until it has every event up to `upto`, or the end; returns the position
+/// reached and whether the end was seen. Waits for changes as a reader does.
+async fn read_to(
+    f: &mut Follower<Shared>,
+    store: &Shared,
+    key: &SessionKey,
+    epoch: Epoch,
+    mut at: u64,
+    upto: u64,
+) -> (u64, bool) {
+    let run = async {
+        loop {
+            let page = f
+                .read(store, key, epoch, at, crate::limits::READ_PAGE_EVENTS)
+                .await
+                .expect("read")
+                .expect("the session exists");
+            if let Some(first) = page.blocks.first() {
+                assert_eq!(first.first_seq(), at + 1, "a gap after {at}");
+            }
+            for b in &page.blocks {
+                at = b.last_seq();
+            }
+            f.reached(at);
+            if page.end {
+                return (at, true);
+            }
+            if at >= upto {
+                return (at, false);
+            }
+            if page.blocks.is_empty() || page.caught_up {
+                f.changed().await;
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, run)
+        .await
+        .expect("the reader hung")
+}
+
+#[tokio::test]
+async fn one_subscription_and_one_read_per_change_serve_every_reader_of_a_process() {
+    const READERS: usize = 50;
+    const CHANGES: u64 = 20;
+    let store = shared(MemoryStore::new());
+    let (key, epoch) = running(&store.store).await;
+    let fanout = Fanout::default();
+    let mut followers = Vec::new();
+    for _ in 0..READERS {
+        followers.push(fanout.follow(&store, &key, epoch, 0).await.unwrap());
+    }
+    assert_eq!(fanout.entries(), 1);
+    for n in 1..=CHANGES {
+        store.append(&key, epoch, &[block(n, &[8])]).await.unwrap();
+        for f in &mut followers {
+            assert_eq!(read_to(f, &store, &key, epoch, n - 1, n).await, (n, false));
+        }
+    }
+    store
+        .finish(&key, epoch, Outcome::Completed)
+        .await
+        .unwrap();
+    for f in &mut followers {
+        assert_eq!(
+            read_to(f, &store, &key, epoch, CHANGES, u64::MAX).await,
+            (CHANGES, true)
+        );
+    }
+    assert_eq!(store.counts.subscribes.load(SeqCst), 1, "one subscription");
+    let reads = store.counts.reads.load(SeqCst) as u64;
+    // One read per change, plus the first and the finish; 50 readers without the tail would
+    // have made more than a thousand.
+    assert!(reads <= CHANGES + 3, "{reads} reads for {CHANGES} changes");
+}
+
+#[tokio::test]
+async fn the_entry_and_its_subscription_go_when_the_last_reader_goes() {
+    let store = shared(MemoryStore::new());
+    let (key, epoch) = running(&store.store).await;
+    let fanout = Fanout::default();
+    let one = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+    let two = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+    assert_eq!(store.counts.live_subscriptions.load(SeqCst), 1);
+    drop(one);
+    assert_eq!(fanout.entries(), 1);
+    drop(two);
+    assert_eq!(fanout.entries(), 0);
+    tokio::time::timeout(DEADLINE, async {
+        while store.counts.live_subscriptions.load(SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the driver (and its subscription) outlived the last reader");
+    // A new reader makes a new entry.
+    let _three = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+    assert_eq!(store.counts.subscribes.load(SeqCst), 2);
+}
+
+#[tokio::test]
+async fn readers_end_at_the_end_of_a_finished_session_at_every_tail_size() {
+    let page = crate::limits::TAIL_PAGE_EVENTS as u64;
+    let cap = crate::limits::TAIL_CAPACITY_EVENTS as u64;
+    let mut sizes = Vec::new();
+    for n in [page, cap] {
+        sizes.extend([0, 1, n - 1, n, n + 1, 2 * n]);
+    }
+    for events in sizes {
+        let store = shared(MemoryStore::new());
+        let (key, epoch) = running(&store.store).await;
+        let fanout = Fanout::default();
+        // One reader from the start, following live; one joining at the end of what is stored.
+        let mut live = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+        let mut next = 1;
+        while next <= events {
+            let len = (events - next + 1).min(100);
+            let b = block(next, &vec![4; len as usize]);
+            store.append(&key, epoch, &[b]).await.unwrap();
+            next += len;
+        }
+        store
+            .finish(&key, epoch, Outcome::Completed)
+            .await
+            .unwrap();
+        assert_eq!(
+            read_to(&mut live, &store, &key, epoch, 0, u64::MAX).await,
+            (events, true),
+            "{events} events, read live"
+        );
+        for from in [0, events / 2, events] {
+            let mut late = fanout.follow(&store, &key, epoch, from).await.unwrap();
+            assert_eq!(
+                read_to(&mut late, &store, &key, epoch, from, u64::MAX).await,
+                (events, true),
+                "{events} events, read from {from}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reader_joining_behind_keeps_what_it_needs_past_the_soft_limit() {
+    let cap = crate::limits::TAIL_CAPACITY_EVENTS as u64;
+    let limit = (cap + 1000) as usize;
+    let store = shared(MemoryStore::builder().max_events_per_session(limit).build());
+    let (key, epoch) = running(&store.store).await;
+    let fanout = Fanout::default();
+    let mut ahead = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+    let mut next = 1;
+    let mut append = |n: u64| {
+        let blocks: Vec<_> = (0..n)
+            .map(|i| block(next + i, &[4]))
+            .collect::<Vec<_>>();
+        next += n;
+        blocks
+    };
+    // More than the tail holds, read by the first reader to the end.
+    let first = append(cap + 500);
+    store.append(&key, epoch, &first).await.unwrap();
+    assert_eq!(
+        read_to(&mut ahead, &store, &key, epoch, 0, cap + 500).await.0,
+        cap + 500
+    );
+    // One more change, so that the store is told where that reader is.
+    let one = append(1);
+    store.append(&key, epoch, &one).await.unwrap();
+    read_to(&mut ahead, &store, &key, epoch, cap + 500, cap + 501).await;
+    // A reader joins at the start, older than the tail; then the session grows past its soft
+    // limit. The store keeps what the late reader needs.
+    let mut behind = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+    let more = append(2 * cap);
+    store.append(&key, epoch, &more).await.unwrap();
+    let total = next - 1;
+    let (at, _) = read_to(&mut behind, &store, &key, epoch, 0, total).await;
+    assert_eq!(at, total, "the late reader read every event, with no gap");
+}
+
+#[tokio::test]
+async fn a_failed_shared_read_sends_readers_to_the_store() {
+    let store = shared(MemoryStore::new());
+    let (key, epoch) = running(&store.store).await;
+    let fanout = Fanout::default();
+    let mut f = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+    store.append(&key, epoch, &[block(1, &[4])]).await.unwrap();
+    assert_eq!(read_to(&mut f, &store, &key, epoch, 0, 1).await, (1, false));
+    // The driver's next read fails; the reader is woken and reads the store itself.
+    store.counts.fail_reads.store(1, SeqCst);
+    store.append(&key, epoch, &[block(2, &[4])]).await.unwrap();
+    assert_eq!(read_to(&mut f, &store, &key, epoch, 1, 2).await, (2, false));
+    store
+        .finish(&key, epoch, Outcome::Completed)
+        .await
+        .unwrap();
+    assert_eq!(
+        read_to(&mut f, &store, &key, epoch, 2, u64::MAX).await,
+        (2, true)
+    );
+}
