@@ -359,7 +359,14 @@ async fn drive<S: Store>(
         let next = match read.await {
             Ok(batch) => {
                 failures = 0;
-                lock(&state.tail).apply(batch)
+                let mut tail = lock(&state.tail);
+                match tail.apply(batch) {
+                    // A read that says more follows but brings nothing new (a store that
+                    // breaks its contract): wait for a change rather than read again at once,
+                    // which would spin.
+                    Next::Read if tail.last_seq == from => Next::Wait,
+                    next => next,
+                }
             }
             Err(e) => {
                 failures += 1;

@@ -20,6 +20,9 @@ struct Counts {
     subscribes: AtomicUsize,
     live_subscriptions: AtomicUsize,
     fail_reads: AtomicUsize,
+    /// A sequence number from which every read leaves the events out, while reporting them
+    /// (0: none), as a store that breaks its contract would.
+    lose: std::sync::atomic::AtomicU64,
 }
 
 /// A [`MemoryStore`] read through the shared tail, counting its reads and subscriptions.
@@ -102,7 +105,15 @@ impl Store for Shared {
         if fail {
             return Err(StoreError::unavailable("read failed on purpose"));
         }
-        self.store.read(key, epoch, after, max).await
+        let lose = self.counts.lose.load(SeqCst);
+        let mut batch = self.store.read(key, epoch, after, max).await?;
+        if let Some(batch) = batch.as_mut().filter(|_| lose > 0) {
+            batch.blocks = std::mem::take(&mut batch.blocks)
+                .into_iter()
+                .filter_map(|b| b.slice(..lose))
+                .collect();
+        }
+        Ok(batch)
     }
     async fn subscribe(&self, key: &SessionKey, epoch: Epoch) -> Result<CountedSub, StoreError> {
         self.counts.subscribes.fetch_add(1, SeqCst);
@@ -325,4 +336,39 @@ async fn a_failed_shared_read_sends_readers_to_the_store() {
         read_to(&mut f, &store, &key, epoch, 2, u64::MAX).await,
         (2, true)
     );
+}
+
+#[test]
+fn a_store_that_loses_an_event_it_reports_does_not_make_the_fan_out_spin() {
+    // On a runtime of one thread, a driver that read again at once, forever, would starve
+    // every other task, timers included: the test's own deadline is therefore a thread's.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = shared(MemoryStore::new());
+            store.counts.lose.store(3, SeqCst);
+            let (key, epoch) = running(&store.store).await;
+            let fanout = Fanout::default();
+            let mut f = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+            store
+                .append(&key, epoch, &[block(1, &[4; 5])])
+                .await
+                .unwrap();
+            // The reader gets what continues its position, then waits (a timer can fire).
+            let page = f.read(&store, &key, epoch, 0, 100).await.unwrap().unwrap();
+            let _ = tokio::time::timeout(Duration::from_millis(200), f.changed()).await;
+            let reads = store.counts.reads.load(SeqCst);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let later = store.counts.reads.load(SeqCst);
+            let _ = done.send((page.blocks.len(), reads, later));
+        });
+    });
+    let (_, reads, later) = finished
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the runtime was starved");
+    assert!(later - reads <= 1, "{} reads in 200 ms of quiet", later - reads);
 }

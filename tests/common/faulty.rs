@@ -130,6 +130,8 @@ impl<S: Store> FaultyStore<S> {
 
 impl<S: Store> Store for FaultyStore<S> {
     type Subscription = S::Subscription;
+    // Transparent: read as the store it wraps is read.
+    const SHARED_TAIL: bool = S::SHARED_TAIL;
 
     async fn claim(&self, key: &SessionKey, lifetime: Duration) -> Result<Claim, StoreError> {
         self.around("claim", key, self.inner.claim(key, lifetime))
