@@ -17,9 +17,7 @@
 //!   the server accepts connections it prints one line on stdout, `listening on http://ADDR`,
 //!   with the address it is bound to.
 //! - `--bare`: the same routes without the layer, for side-by-side measurement (and to see a
-//!   reconnect start the answer over). Bare mode alone also answers `/chat?..&broadcast=1` (see
-//!   below): one generator per session shared by all its connections, the plain way to fan one
-//!   stream out to many viewers.
+//!   reconnect start the answer over).
 //! - `--redis URL`: keep sessions in Redis (build with `--features redis`), so that several
 //!   instances can share them: start two on two ports with the same URL and a reconnect may land
 //!   on either. `--lease-ms MS` sets the producer lease (default 5000): how soon the other
@@ -34,7 +32,7 @@
 //! | route | answer |
 //! |---|---|
 //! | `GET /` | the page; `/?session=ID&prompt=TEXT` is a session's own address (reloading it or opening it in another tab replays the answer, then follows it live), and `&interval_ms=MS` sets the pace of its answers |
-//! | `GET /chat?session_id=ID&tokens=N&interval_ms=MS` | `N` message events whose data are `token 0` .. `token N-1`, `MS` milliseconds apart (default 0: no sleep at all), then the end; no other event or field. With `&stamp=1` each data also carries the wall-clock time the event was made, in microseconds since the Unix epoch: `token 5 @1732480000123456` (for latency measurements). With `&broadcast=1`, in bare mode, every connection of the session shares one generator (see below); the layer modes ignore `broadcast` |
+//! | `GET /chat?session_id=ID&tokens=N&interval_ms=MS` | `N` message events whose data are `token 0` .. `token N-1`, `MS` milliseconds apart (default 0: no sleep at all), then the end; no other event or field |
 //! | `GET /chat?session_id=ID&prompt=TEXT&interval_ms=MS` | the fake answer to `TEXT`: one message event per word (the data of every word but the first starts with its space), `MS` milliseconds apart (default 50); the first event also carries `retry: 500`; a last event `event: done` with data `[DONE]` marks a normal end |
 //! | `GET /answer?prompt=TEXT` | the whole answer to `TEXT` as `text/plain`: what the message events of `/chat?prompt=TEXT` add up to |
 //! | `POST /drop?session_id=ID&client=C` | ends the open `/chat` responses of session `ID` that were opened with `&client=C` (every one of the session's without `client`); their clients reconnect by themselves. `200` with `{"dropped": n}` |
@@ -49,24 +47,6 @@
 //! custom key extractor. `POST /api/chat` only remembers the prompt under a new random id (for
 //! ten minutes); the generation starts with the first `GET` of its stream. Both kinds of sessions
 //! live in one store, so `/cancel` and `/session` take either kind of id.
-//!
-//! # Broadcast (`broadcast=1`, bare mode)
-//!
-//! Without the layer, each `/chat?tokens=N` connection runs its own generator. With
-//! `&broadcast=1` (and a `session_id`; without one the answer is `400`), the first request for a
-//! `session_id` starts one generator, with its `tokens`, `interval_ms` and `stamp`, and later
-//! requests with the same `session_id` join it (their own `tokens`, `interval_ms` and `stamp` are
-//! not used): a joining connection gets the events made from then on, `token K` .. `token N-1`
-//! for some `K`, not the earlier ones, since nothing is kept. Each event is encoded once into an
-//! SSE frame, and that frame's bytes are written to every connection (the headers are those of
-//! axum's `Sse`). The generator stops when it has made its `N` events, or when no connection is
-//! left; the session is then forgotten, and the next request starts a new generator.
-//!
-//! The frames wait in a `tokio::sync::broadcast` channel of up to 65,536 frames (the whole
-//! answer when it is shorter: such a stream loses nothing however slow a reader is). A
-//! connection that falls further behind than that is aborted: its chunked body stops without
-//! its last chunk, so a client sees an error, never a stream that skipped events, and a line is
-//! logged on stderr.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -92,8 +72,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use resumable_sse::store::{Status, Store};
 use resumable_sse::{BoxError, MemoryStore, ResumableSseLayer, SessionKey};
 use serde_json::{json, Value};
-use tokio::sync::broadcast::error::{RecvError, SendError};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::oneshot;
 
 const USAGE: &str =
     "usage: chat [--listen ADDR] [--bare] [--redis URL [--lease-ms MS]] [--max-events N]";
@@ -104,8 +83,6 @@ const RECONNECT_DELAY: Duration = Duration::from_millis(500);
 /// How long `POST /api/chat` remembers a prompt, and how many it remembers at most.
 const PROMPT_TTL: Duration = Duration::from_secs(600);
 const MAX_PROMPTS: usize = 10_000;
-/// The most frames a `broadcast=1` session keeps for its slowest connection.
-const BROADCAST_CAPACITY: usize = 65_536;
 
 struct Options {
     listen: String,
@@ -247,11 +224,7 @@ fn app<S: Store>(store: S, bare: bool, metrics: PrometheusHandle) -> Router {
         prompts: Prompts::default(),
         metrics,
     };
-    // `broadcast=1` exists in bare mode only: the layer modes ignore the parameter.
-    let broadcasts = bare.then(Broadcasts::default);
-    let chat = Router::new()
-        .route("/chat", get(chat))
-        .with_state(broadcasts);
+    let chat = Router::new().route("/chat", get(chat));
     let api_stream = Router::new()
         .route("/api/chat/{id}/stream", get(api_stream::<S>))
         .with_state(state.clone());
@@ -319,26 +292,16 @@ fn interval_param(q: &HashMap<String, String>, default: Duration) -> Result<Dura
     }
 }
 
-/// `GET /chat`: a plain SSE handler, unaware of sessions and reconnects. `broadcasts` is set in
-/// bare mode only.
-async fn chat(State(broadcasts): State<Option<Broadcasts>>, Query(q): Params) -> Response {
+/// `GET /chat`: a plain SSE handler, unaware of sessions and reconnects.
+async fn chat(Query(q): Params) -> Response {
     if let Some(n) = q.get("tokens") {
         let Ok(n) = n.parse::<u64>() else {
             return bad_request("tokens must be a whole number");
         };
-        let stamp = q.get("stamp").is_some_and(|v| v == "1");
-        let interval = match interval_param(&q, Duration::ZERO) {
-            Ok(interval) => interval,
-            Err(message) => return bad_request(message),
+        return match interval_param(&q, Duration::ZERO) {
+            Ok(interval) => Sse::new(token_events(n, interval)).into_response(),
+            Err(message) => bad_request(message),
         };
-        let broadcasts = broadcasts.filter(|_| q.get("broadcast").is_some_and(|v| v == "1"));
-        if let Some(broadcasts) = broadcasts {
-            let Some(session) = q.get("session_id").filter(|s| !s.is_empty()) else {
-                return bad_request("broadcast=1 needs a session_id");
-            };
-            return broadcast_response(broadcasts.subscribe(session, n, interval, stamp));
-        }
-        return Sse::new(token_events(n, interval, stamp)).into_response();
     }
     let prompt = q.get("prompt").map_or("", String::as_str);
     match interval_param(&q, ANSWER_INTERVAL) {
@@ -347,131 +310,14 @@ async fn chat(State(broadcasts): State<Option<Broadcasts>>, Query(q): Params) ->
     }
 }
 
-/// `token 0` .. `token n-1` as message events, `interval` apart; with `stamp`, each followed by
-/// ` @<unix micros>`.
-fn token_events(
-    n: u64,
-    interval: Duration,
-    stamp: bool,
-) -> impl Stream<Item = Result<Event, Infallible>> {
-    token_data(n, interval, stamp).map(|data| Ok(Event::default().data(data)))
-}
-
-/// The data of [`token_events`]: `token 0` .. `token n-1`, `interval` apart; with `stamp`, each
-/// followed by ` @<unix micros>` of the moment it was made.
-fn token_data(n: u64, interval: Duration, stamp: bool) -> impl Stream<Item = String> {
+/// `token 0` .. `token n-1` as message events, `interval` apart.
+fn token_events(n: u64, interval: Duration) -> impl Stream<Item = Result<Event, Infallible>> {
     stream::iter(0..n).then(move |i| async move {
         if i > 0 && !interval.is_zero() {
             tokio::time::sleep(interval).await;
         }
-        if stamp {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_micros();
-            return format!("token {i} @{now}");
-        }
-        format!("token {i}")
+        Ok(Event::default().data(format!("token {i}")))
     })
-}
-
-/// The token generators of `broadcast=1` sessions (bare mode), by session id: each sends the
-/// encoded frames of its events to every connection of its session.
-#[derive(Clone, Default)]
-struct Broadcasts(Arc<Mutex<HashMap<String, broadcast::Sender<Bytes>>>>);
-
-impl Broadcasts {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, broadcast::Sender<Bytes>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// A receiver of the frames of `session` from now on; the first request of a session starts
-    /// its generator (with these parameters), later ones join it.
-    fn subscribe(
-        &self,
-        session: &str,
-        n: u64,
-        interval: Duration,
-        stamp: bool,
-    ) -> broadcast::Receiver<Bytes> {
-        let mut map = self.lock();
-        if let Some(tx) = map.get(session) {
-            return tx.subscribe();
-        }
-        // Room for the whole answer when it is short enough: nobody can lag behind then.
-        let capacity = usize::try_from(n)
-            .unwrap_or(usize::MAX)
-            .clamp(1, BROADCAST_CAPACITY);
-        // The first receiver exists before the generator starts: it gets `token 0`.
-        let (tx, rx) = broadcast::channel(capacity);
-        map.insert(session.to_owned(), tx.clone());
-        drop(map);
-        let tokens = token_data(n, interval, stamp);
-        tokio::spawn(self.clone().generate(session.to_owned(), tx, tokens));
-        rx
-    }
-
-    /// Encodes each of `tokens` once into a frame and sends it to the session's connections,
-    /// until the end of `tokens` or until no connection is left.
-    async fn generate(
-        self,
-        session: String,
-        tx: broadcast::Sender<Bytes>,
-        tokens: impl Stream<Item = String>,
-    ) {
-        let mut tokens = std::pin::pin!(tokens);
-        while let Some(data) = tokens.next().await {
-            let mut frame = Bytes::from(format!("data: {data}\n\n"));
-            // Sending fails when there is no receiver; a request may be joining right now, so
-            // the count is checked again under the lock that `subscribe` takes.
-            while let Err(SendError(back)) = tx.send(frame) {
-                let mut map = self.lock();
-                if tx.receiver_count() == 0 {
-                    Self::forget(&mut map, &session, &tx);
-                    return;
-                }
-                frame = back;
-            }
-        }
-        Self::forget(&mut self.lock(), &session, &tx);
-        // Dropping `tx` closes the channel: each connection ends once it has read every frame.
-    }
-
-    fn forget(
-        map: &mut HashMap<String, broadcast::Sender<Bytes>>,
-        session: &str,
-        tx: &broadcast::Sender<Bytes>,
-    ) {
-        if map.get(session).is_some_and(|t| t.same_channel(tx)) {
-            map.remove(session);
-        }
-    }
-}
-
-/// A `broadcast=1` response: the frames of `rx` as they come, with the headers of axum's `Sse`.
-/// (`Sse` takes `Event`s, and an `Event` cannot be made from an encoded frame: the frame would be
-/// encoded, or copied, once per connection.) A connection that lags behind by more than the
-/// channel holds is aborted: the body ends in an error, not with its last chunk.
-fn broadcast_response(rx: broadcast::Receiver<Bytes>) -> Response {
-    let frames = stream::unfold(Some(rx), |rx| async move {
-        let mut rx = rx?;
-        match rx.recv().await {
-            Ok(frame) => Some((Ok(frame), Some(rx))),
-            Err(RecvError::Closed) => None,
-            Err(RecvError::Lagged(skipped)) => {
-                tracing::warn!(skipped, "a broadcast=1 connection fell behind; aborting it");
-                Some((Err(RecvError::Lagged(skipped)), None))
-            }
-        }
-    });
-    (
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(frames),
-    )
-        .into_response()
 }
 
 /// The fake answer, one word per event, then `event: done`.

@@ -216,7 +216,13 @@ pub(crate) struct Reader<St: Store> {
 }
 
 impl<St: Store> Reader<St> {
-    pub(crate) fn new(store: St, fanout: Fanout, key: SessionKey, epoch: Epoch, after: u64) -> Self {
+    pub(crate) fn new(
+        store: St,
+        fanout: Fanout,
+        key: SessionKey,
+        epoch: Epoch,
+        after: u64,
+    ) -> Self {
         Self {
             store,
             fanout,
@@ -268,9 +274,9 @@ impl<St: Store> Reader<St> {
                 Some(f) => f,
                 None => {
                     // Subscribe before the first read, so nothing appended in between is missed.
-                    let follow = self
-                        .fanout
-                        .follow(&self.store, &self.key, self.epoch, self.cursor);
+                    let follow =
+                        self.fanout
+                            .follow(&self.store, &self.key, self.epoch, self.cursor);
                     match follow.await {
                         Ok(f) => self.follower.insert(f),
                         Err(e) => return Some(Err(self.failed(e))),

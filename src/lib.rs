@@ -116,9 +116,11 @@
 //!   `the_drain_deadline_ends_running_sessions_as_failed`; `redis_instances.rs`:
 //!   `after_a_drain_other_instances_keep_serving_the_sessions`).
 //!
-//! The tests named `suite` live in `tests/suite/` and run against every store: memory, Redis and
-//! Redis Cluster. With Redis, the guarantees hold across instances
-//! (`redis_instances.rs`: `a_client_moving_between_instances_gets_every_event_once`,
+//! The tests named `suite` are the behaviour suite of `resumable_sse::testing` (feature
+//! `test-util`, `src/testing/`) and run against every store: memory, Redis, Redis Cluster and a
+//! store written outside the crate; a store of your own runs them too. With Redis, the
+//! guarantees hold across instances (`redis_instances.rs`:
+//! `a_client_moving_between_instances_gets_every_event_once`,
 //! `concurrent_first_requests_on_several_instances_produce_once`,
 //! `a_dead_producer_is_detected_within_the_lease_and_marked_failed`).
 //!
@@ -195,6 +197,9 @@ mod service;
 mod session;
 pub mod sse;
 pub mod store;
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod testing;
 
 pub use body::ResumableBody;
 pub use config::OnStoreError;

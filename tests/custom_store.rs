@@ -1,9 +1,10 @@
 //! A complete store written outside the crate, against the public `Store` and `Subscription`
-//! traits only, serving the layer over real TCP.
+//! traits only, serving the layer over real TCP; and the behaviour suite run on it as a store's
+//! own tests run it, with the three lines below.
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -15,19 +16,25 @@ use resumable_sse::store::{
 use resumable_sse::{Epoch, EventId, Outcome, SessionKey};
 use tokio::sync::watch;
 
+resumable_sse::testing::store_suite!(|opts| async move {
+    MapStore::new(opts.retention, opts.max_events_per_session)
+});
+
 /// Sessions in a map behind one mutex; a `watch` channel per session says "something changed",
-/// another one says "cancelled". No per-session limits.
+/// another one says "cancelled". The only per-session limit is a count of events, when set.
 #[derive(Clone)]
 struct MapStore {
     sessions: Arc<Mutex<HashMap<SessionKey, Entry>>>,
     retention: Duration,
+    max_events: Option<usize>,
 }
 
 struct Entry {
     epoch: Epoch,
     status: Status,
     head: Option<Arc<ResponseHead>>,
-    blocks: Vec<EventBlock>,
+    /// The events kept, in order.
+    blocks: VecDeque<EventBlock>,
     last_seq: u64,
     expires_at: Instant,
     changed: watch::Sender<()>,
@@ -42,7 +49,7 @@ impl Entry {
             head: self.head.clone(),
             first_seq: self
                 .blocks
-                .first()
+                .front()
                 .map_or(self.last_seq + 1, EventBlock::first_seq),
             last_seq: self.last_seq,
         }
@@ -73,10 +80,13 @@ impl Subscription for MapSubscription {
 }
 
 impl MapStore {
-    fn new(retention: Duration) -> Self {
+    /// Keeps finished sessions for `retention` (a minute by default) and at most `max_events`
+    /// events per session (no limit by default).
+    fn new(retention: Option<Duration>, max_events: Option<usize>) -> Self {
         Self {
             sessions: Arc::default(),
-            retention,
+            retention: retention.unwrap_or(Duration::from_secs(60)),
+            max_events,
         }
     }
 
@@ -128,7 +138,7 @@ impl Store for MapStore {
                 epoch,
                 status: Status::Starting,
                 head: None,
-                blocks: Vec::new(),
+                blocks: VecDeque::new(),
                 last_seq: 0,
                 expires_at: Instant::now() + lifetime,
                 changed: watch::Sender::new(()),
@@ -187,7 +197,11 @@ impl Store for MapStore {
                     "consecutive sequence numbers"
                 );
                 e.last_seq = block.last_seq();
-                e.blocks.push(block);
+                e.blocks.push_back(block);
+            }
+            if let Some(max) = self.max_events {
+                let kept = e.last_seq + 1 - e.info().first_seq;
+                EventBlock::drop_oldest(&mut e.blocks, (kept as usize).saturating_sub(max));
             }
             e.changed.send_replace(());
             Appended::Stored
@@ -220,19 +234,11 @@ impl Store for MapStore {
         after: u64,
         max: usize,
     ) -> Result<Option<ReadBatch>, StoreError> {
-        Ok(self.with(key, Some(epoch), |e| {
-            let info = e.info();
-            let last = after.saturating_add(max as u64);
-            ReadBatch {
-                blocks: e
-                    .blocks
-                    .iter()
-                    .filter_map(|b| b.slice(after + 1..=last))
-                    .collect(),
-                status: e.status,
-                first_seq: info.first_seq,
-                last_seq: e.last_seq,
-            }
+        Ok(self.with(key, Some(epoch), |e| ReadBatch {
+            blocks: EventBlock::page(after, max, &e.blocks),
+            status: e.status,
+            first_seq: e.info().first_seq,
+            last_seq: e.last_seq,
         }))
     }
 
@@ -270,10 +276,7 @@ impl Store for MapStore {
 }
 
 async fn serve_map_store() -> App<MapStore> {
-    serve_with(MapStore::new(Duration::from_secs(60)), |layer| {
-        layer.keep_alive(None)
-    })
-    .await
+    serve_with(MapStore::new(None, None), |layer| layer.keep_alive(None)).await
 }
 
 fn seq(ev: &Ev) -> u64 {

@@ -1,39 +1,23 @@
-//! The behaviour suite on [`MemoryStore`], and what only the in-memory store does.
+//! The behaviour suite (`resumable_sse::testing`) on [`MemoryStore`], and what only the in-memory
+//! store does.
 
 mod common;
-mod suite;
 
 use std::time::Duration;
 
 use common::*;
 use resumable_sse::MemoryStore;
-use suite::{Backend, Opts};
 
-struct Memory;
-
-impl Backend for Memory {
-    type Store = MemoryStore;
-
-    fn available(&self) -> bool {
-        true
+resumable_sse::testing::store_suite!(|opts| async move {
+    let mut b = MemoryStore::builder();
+    if let Some(r) = opts.retention {
+        b = b.retention(r);
     }
-
-    async fn store(&self, opts: Opts) -> MemoryStore {
-        let mut b = MemoryStore::builder();
-        if let Some(r) = opts.retention {
-            b = b.retention(r);
-        }
-        if let Some(n) = opts.max_events {
-            b = b.max_events_per_session(n);
-        }
-        if let Some(n) = opts.max_bytes {
-            b = b.max_bytes_per_session(n);
-        }
-        b.build()
+    if let Some(n) = opts.max_events_per_session {
+        b = b.max_events_per_session(n);
     }
-}
-
-store_suite!(Memory);
+    b.build()
+});
 
 #[tokio::test]
 async fn the_session_limit_refuses_new_sessions_only() {

@@ -1,12 +1,12 @@
-//! The behaviour suite on [`RedisStore`] against a local three-master Redis Cluster.
+//! The behaviour suite (`resumable_sse::testing`) on [`RedisStore`] against a local
+//! three-master Redis Cluster, and how sessions spread over it.
 #![cfg(feature = "redis")]
 
 mod common;
-mod suite;
 
 use common::redis::*;
+use resumable_sse::testing::{store_suite, Backend, Opts};
 use resumable_sse::RedisStore;
-use suite::{Backend, Opts};
 
 struct Cluster;
 
@@ -23,11 +23,8 @@ impl Backend for Cluster {
         if let Some(r) = opts.retention {
             b = b.retention(r);
         }
-        if let Some(n) = opts.max_events {
+        if let Some(n) = opts.max_events_per_session {
             b = b.max_events_per_session(n);
-        }
-        if let Some(n) = opts.max_bytes {
-            b = b.max_bytes_per_session(n);
         }
         b.connect().await.expect("connect to the cluster")
     }

@@ -131,7 +131,11 @@ async fn a_redis_session_still_running_past_the_lifetime_of_its_claim_ends_as_fa
     assert!(store.start(&key, epoch, head).await.unwrap());
     // Renewed for the lifetime: still running after several leases.
     tokio::time::sleep(lifetime - LEASE / 2).await;
-    let info = store.lookup(&key).await.unwrap().expect("the session exists");
+    let info = store
+        .lookup(&key)
+        .await
+        .unwrap()
+        .expect("the session exists");
     assert_eq!(info.status, Status::Running, "renewed within its lifetime");
     // Past it, the lease is let go and the session is failed once the lease expires.
     eventually_async("the session outliving its claim is failed", || async {

@@ -1,13 +1,12 @@
-//! The behaviour suite on [`RedisStore`] against a real `redis-server`, and what only the Redis
-//! store does: several instances, producer crashes, connection counts.
+//! The behaviour suite (`resumable_sse::testing`) on [`RedisStore`] against a real
+//! `redis-server`.
 #![cfg(feature = "redis")]
 
 mod common;
-mod suite;
 
 use common::redis::*;
+use resumable_sse::testing::{store_suite, Backend, Opts};
 use resumable_sse::RedisStore;
-use suite::{Backend, Opts};
 
 struct Redis;
 
@@ -25,11 +24,8 @@ impl Backend for Redis {
         if let Some(r) = opts.retention {
             b = b.retention(r);
         }
-        if let Some(n) = opts.max_events {
+        if let Some(n) = opts.max_events_per_session {
             b = b.max_events_per_session(n);
-        }
-        if let Some(n) = opts.max_bytes {
-            b = b.max_bytes_per_session(n);
         }
         b.connect().await.expect("connect to redis")
     }

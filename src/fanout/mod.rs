@@ -125,7 +125,11 @@ impl Fanout {
         mut sub: S::Subscription,
     ) -> Result<Shared, Arc<Entry>> {
         let mut registry = lock(&self.0);
-        if let Some(entry) = registry.map.get(&(key.clone(), epoch)).and_then(Weak::upgrade) {
+        if let Some(entry) = registry
+            .map
+            .get(&(key.clone(), epoch))
+            .and_then(Weak::upgrade)
+        {
             return Err(entry);
         }
         let state = Arc::new(State {
@@ -140,14 +144,8 @@ impl Fanout {
         });
         let pin = state.pin_at(after);
         sub.reached(after);
-        let driver = tokio::spawn(drive(
-            store.clone(),
-            key.clone(),
-            epoch,
-            sub,
-            state.clone(),
-        ))
-        .abort_handle();
+        let driver = tokio::spawn(drive(store.clone(), key.clone(), epoch, sub, state.clone()))
+            .abort_handle();
         let entry = Arc::new(Entry {
             state: state.clone(),
             driver,

@@ -227,7 +227,10 @@ mod tests {
         assert_eq!(served, [(5000, 5000), (5001, 5004)]);
         assert!(!end && !caught_up);
         assert!(matches!(t.serve(5009, 5), Serve::Wait));
-        assert!(matches!(t.serve(100, 5), Serve::Direct), "older than the tail");
+        assert!(
+            matches!(t.serve(100, 5), Serve::Direct),
+            "older than the tail"
+        );
         let (served, _, caught_up) = events(t.serve(1000, usize::MAX));
         assert_eq!(served.iter().map(|(a, b)| b - a + 1).sum::<u64>(), 4009);
         assert!(caught_up);
@@ -341,7 +344,10 @@ mod tests {
     #[test]
     fn a_failed_read_sends_readers_to_the_store_until_one_succeeds() {
         let mut t = Tail::starting_at(0);
-        assert!(matches!(t.serve(0, 1), Serve::Wait), "before the first read");
+        assert!(
+            matches!(t.serve(0, 1), Serve::Wait),
+            "before the first read"
+        );
         t.fail();
         assert!(matches!(t.serve(0, 1), Serve::Direct));
         t.apply(Some(page(vec![block(1, &[1; 3])], Status::Running, 1, 3)));

@@ -197,10 +197,7 @@ async fn one_subscription_and_one_read_per_change_serve_every_reader_of_a_proces
             assert_eq!(read_to(f, &store, &key, epoch, n - 1, n).await, (n, false));
         }
     }
-    store
-        .finish(&key, epoch, Outcome::Completed)
-        .await
-        .unwrap();
+    store.finish(&key, epoch, Outcome::Completed).await.unwrap();
     for f in &mut followers {
         assert_eq!(
             read_to(f, &store, &key, epoch, CHANGES, u64::MAX).await,
@@ -259,10 +256,7 @@ async fn readers_end_at_the_end_of_a_finished_session_at_every_tail_size() {
             store.append(&key, epoch, &[b]).await.unwrap();
             next += len;
         }
-        store
-            .finish(&key, epoch, Outcome::Completed)
-            .await
-            .unwrap();
+        store.finish(&key, epoch, Outcome::Completed).await.unwrap();
         assert_eq!(
             read_to(&mut live, &store, &key, epoch, 0, u64::MAX).await,
             (events, true),
@@ -289,9 +283,7 @@ async fn a_reader_joining_behind_keeps_what_it_needs_past_the_soft_limit() {
     let mut ahead = fanout.follow(&store, &key, epoch, 0).await.unwrap();
     let mut next = 1;
     let mut append = |n: u64| {
-        let blocks: Vec<_> = (0..n)
-            .map(|i| block(next + i, &[4]))
-            .collect::<Vec<_>>();
+        let blocks: Vec<_> = (0..n).map(|i| block(next + i, &[4])).collect::<Vec<_>>();
         next += n;
         blocks
     };
@@ -299,7 +291,9 @@ async fn a_reader_joining_behind_keeps_what_it_needs_past_the_soft_limit() {
     let first = append(cap + 500);
     store.append(&key, epoch, &first).await.unwrap();
     assert_eq!(
-        read_to(&mut ahead, &store, &key, epoch, 0, cap + 500).await.0,
+        read_to(&mut ahead, &store, &key, epoch, 0, cap + 500)
+            .await
+            .0,
         cap + 500
     );
     // One more change, so that the store is told where that reader is.
@@ -328,10 +322,7 @@ async fn a_failed_shared_read_sends_readers_to_the_store() {
     store.counts.fail_reads.store(1, SeqCst);
     store.append(&key, epoch, &[block(2, &[4])]).await.unwrap();
     assert_eq!(read_to(&mut f, &store, &key, epoch, 1, 2).await, (2, false));
-    store
-        .finish(&key, epoch, Outcome::Completed)
-        .await
-        .unwrap();
+    store.finish(&key, epoch, Outcome::Completed).await.unwrap();
     assert_eq!(
         read_to(&mut f, &store, &key, epoch, 2, u64::MAX).await,
         (2, true)
@@ -370,5 +361,9 @@ fn a_store_that_loses_an_event_it_reports_does_not_make_the_fan_out_spin() {
     let (_, reads, later) = finished
         .recv_timeout(Duration::from_secs(20))
         .expect("the runtime was starved");
-    assert!(later - reads <= 1, "{} reads in 200 ms of quiet", later - reads);
+    assert!(
+        later - reads <= 1,
+        "{} reads in 200 ms of quiet",
+        later - reads
+    );
 }

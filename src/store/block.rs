@@ -206,6 +206,53 @@ impl EventBlock {
         })
     }
 
+    /// The page a [`ReadBatch`](super::ReadBatch) holds: at most `max` consecutive events after
+    /// `after`, from `blocks` in order, sliced where the page starts and ends and sharing their
+    /// buffers. Where `after + 1` is no longer in `blocks` (evicted), the page starts at the
+    /// oldest event they hold; it ends early at a gap between two blocks.
+    ///
+    /// With [`drop_oldest`](Self::drop_oldest), what a store that keeps a session's blocks in
+    /// order needs for [`Store::read`](super::Store::read) and its per-session limits:
+    ///
+    /// ```
+    /// use std::collections::VecDeque;
+    /// use bytes::Bytes;
+    /// use resumable_sse::store::EventBlock;
+    ///
+    /// // A session's log: events 1 and 2 in one block, 3 in another.
+    /// let mut log = VecDeque::from([
+    ///     EventBlock::new(1, Bytes::from_static(b"id: a-1\n\nid: a-2\n\n"), vec![9, 18])?,
+    ///     EventBlock::new(3, Bytes::from_static(b"id: a-3\n\n"), vec![9])?,
+    /// ]);
+    /// // A reader that has event 1 asks for two events: 2 and 3, a slice of each block.
+    /// let page = EventBlock::page(1, 2, &log);
+    /// let seqs: Vec<_> = page.iter().map(|b| (b.first_seq(), b.last_seq())).collect();
+    /// assert_eq!(seqs, [(2, 2), (3, 3)]);
+    /// assert_eq!(page[0].bytes(), &b"id: a-2\n\n"[..]);
+    ///
+    /// // A limit of two events per session: the oldest goes (9 bytes).
+    /// assert_eq!(EventBlock::drop_oldest(&mut log, 1), 9);
+    /// assert_eq!(log[0].first_seq(), 2);
+    /// // A reader whose position was evicted gets the oldest events kept; it sees the gap.
+    /// let page = EventBlock::page(0, 100, &log);
+    /// assert_eq!((page[0].first_seq(), page[1].last_seq()), (2, 3));
+    /// # Ok::<(), resumable_sse::store::InvalidBlock>(())
+    /// ```
+    pub fn page<'a>(
+        after: u64,
+        max: usize,
+        blocks: impl IntoIterator<Item = &'a EventBlock>,
+    ) -> Vec<EventBlock> {
+        Page::collect(after, max, blocks)
+    }
+
+    /// Forgets the oldest `n` events of `blocks` (all of them if they hold fewer), slicing the
+    /// oldest block kept where needed, and returns the bytes forgotten: the eviction of a store
+    /// that keeps a session's blocks in order. See [`page`](Self::page) for an example.
+    pub fn drop_oldest(blocks: &mut VecDeque<EventBlock>, n: usize) -> usize {
+        drop_oldest(blocks, n)
+    }
+
     /// Where `bytes` starts in the original block.
     fn base(&self) -> u32 {
         if self.start == 0 {

@@ -53,11 +53,11 @@ pub use block::{EventBlock, EventBlockBuilder, InvalidBlock};
 pub(crate) mod block;
 pub mod memory;
 pub(crate) mod pins;
-#[cfg(test)]
-pub(crate) mod test_blocks;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
+#[cfg(test)]
+pub(crate) mod test_blocks;
 
 /// The status and headers of the response that created a session, replayed to every reconnect.
 #[derive(Clone, Debug)]

@@ -208,8 +208,8 @@ fn decode_head(raw: &[u8]) -> Option<ResponseHead> {
 
 #[cfg(test)]
 mod tests {
-    use crate::store::test_blocks::{block, seqs};
     use super::*;
+    use crate::store::test_blocks::{block, seqs};
 
     fn entry(chunk: &EventBlock) -> Value {
         let mut ends = Vec::new();

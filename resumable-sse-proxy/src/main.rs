@@ -2,7 +2,7 @@
 //! language.
 //!
 //! ```text
-//! cargo build --release --features proxy,redis --bin resumable-sse-proxy
+//! cargo build --release -p resumable-sse-proxy --features redis
 //! target/release/resumable-sse-proxy --upstream http://127.0.0.1:8000 --route '/v1/chat/*'
 //! ```
 //!
@@ -93,7 +93,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         #[cfg(not(feature = "redis"))]
         Some(_) => fail(
             2,
-            "--redis needs a build with Redis support: cargo build --features proxy,redis",
+            "--redis needs a build with Redis support: cargo build -p resumable-sse-proxy --features redis",
         ),
         None => {
             let mut store = MemoryStore::builder().retention(args.retention);

@@ -1,98 +1,18 @@
-//! The behaviour suite every store must pass, over real TCP. Each store's test binary
-//! instantiates it with `store_suite!`, so the stores can never drift apart.
+//! The behaviour suite: what every store must let the layer do, over real TCP.
 //!
-//! `store_suite!` lists every test of the suite once, and each store's binary instantiates that
-//! list. A `pub async fn` added here (or in `edges.rs`) and not listed is never used, and
-//! `dead_code` is denied: the suite does not compile until every store runs it.
+//! Every test here is listed once in `store_suite!` (in `mod.rs`), which instantiates the list
+//! for a backend. A test added here and not listed is never used, and `dead_code` is denied:
+//! the crate does not compile until the list names it.
 #![deny(dead_code)]
 
 use std::collections::HashSet;
-use std::future::Future;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-mod edges;
-
-pub use edges::*;
-
-use crate::common::*;
-use resumable_sse::store::{Status, Store};
-use resumable_sse::{EventId, Outcome, SessionKey};
-
-/// Store options a test needs; `None` keeps the backend's default.
-#[derive(Clone, Debug, Default)]
-pub struct Opts {
-    pub retention: Option<Duration>,
-    pub max_events: Option<usize>,
-    /// `max_bytes_per_session`.
-    pub max_bytes: Option<usize>,
-}
-
-/// Makes a fresh, isolated store for one test.
-pub trait Backend: Sync {
-    type Store: Store;
-    /// Whether the backend can run here (a test returns at once when not).
-    fn available(&self) -> bool;
-    fn store(&self, opts: Opts) -> impl Future<Output = Self::Store> + Send;
-}
-
-/// Instantiates every test of the suite for one backend expression: the one list of the suite's
-/// tests, one per line.
-#[macro_export]
-macro_rules! store_suite {
-    ($backend:expr) => {
-        $crate::store_suite!(@current_thread $backend;
-            reconnects_get_every_event_exactly_once,
-            reconnect_after_completion_gets_204,
-            a_second_client_replays_from_the_start_then_follows_live,
-            events_appended_during_a_replay_are_neither_lost_nor_repeated,
-            a_replay_goes_out_in_a_few_large_writes_not_one_per_event,
-            generation_continues_after_the_client_disconnects,
-            a_slow_client_does_not_slow_the_producer_or_others,
-            concurrent_first_requests_call_the_inner_service_once,
-            last_event_id_query_parameter_is_a_fallback_for_the_header,
-            inner_body_error_fails_the_session,
-            cancel_stops_the_generator_and_reconnects_get_204,
-            keep_alive_comments_reach_live_and_replayed_connections,
-            keep_alive_can_be_turned_off,
-            finished_sessions_expire_after_retention,
-            a_session_past_its_lifetime_is_stopped_as_failed,
-            an_oversized_event_fails_the_session_and_keeps_earlier_events,
-            evicted_positions_are_reported_not_skipped,
-            draining_refuses_new_sessions_and_lets_running_ones_finish,
-            the_drain_deadline_ends_running_sessions_as_failed,
-        );
-        // The edge matrix: many concurrent cases each, so on a runtime with a worker per core.
-        $crate::store_suite!(@multi_thread $backend;
-            a_session_without_events_ends_its_first_response_empty_then_answers_204_with_its_outcome,
-            every_count_around_every_page_chunk_and_batch_size_ends_exactly_once,
-            every_count_around_every_block_and_chunk_byte_size_ends_exactly_once,
-            sessions_around_the_default_byte_limit_end_exactly_once_or_report_eviction,
-        );
-    };
-    (@multi_thread $backend:expr; $($name:ident,)*) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let backend = $backend;
-                if $crate::suite::Backend::available(&backend) {
-                    $crate::suite::$name(&backend).await;
-                }
-            }
-        )*
-    };
-    (@current_thread $backend:expr; $($name:ident,)*) => {
-        $(
-            #[tokio::test]
-            async fn $name() {
-                let backend = $backend;
-                if $crate::suite::Backend::available(&backend) {
-                    $crate::suite::$name(&backend).await;
-                }
-            }
-        )*
-    };
-}
+use super::client::*;
+use super::harness::*;
+use super::{Backend, Opts};
+use crate::store::{Status, Store};
+use crate::{EventId, Outcome, SessionKey};
 
 // --- Resuming ---
 
@@ -106,7 +26,7 @@ fn seqs(evs: &[Ev]) -> Vec<u64> {
         .collect()
 }
 
-pub async fn reconnects_get_every_event_exactly_once<B: Backend>(b: &B) {
+pub(crate) async fn reconnects_get_every_event_exactly_once<B: Backend>(b: &B) {
     let app = serve_with(b.store(Opts::default()).await, |l| l).await;
     let path = "/tokens?session_id=s1&n=300&interval_ms=1";
     let mut got: Vec<Ev> = Vec::new();
@@ -140,7 +60,7 @@ pub async fn reconnects_get_every_event_exactly_once<B: Backend>(b: &B) {
     assert_eq!(app.inner.calls(), 1);
 }
 
-pub async fn reconnect_after_completion_gets_204<B: Backend>(b: &B) {
+pub(crate) async fn reconnect_after_completion_gets_204<B: Backend>(b: &B) {
     let app = serve_with(b.store(Opts::default()).await, |l| l).await;
     let path = "/tokens?session_id=done&n=5";
     let evs = get(app.addr, path, None).await.collect().await;
@@ -152,7 +72,7 @@ pub async fn reconnect_after_completion_gets_204<B: Backend>(b: &B) {
     assert_eq!(app.inner.calls(), 1);
 }
 
-pub async fn a_second_client_replays_from_the_start_then_follows_live<B: Backend>(b: &B) {
+pub(crate) async fn a_second_client_replays_from_the_start_then_follows_live<B: Backend>(b: &B) {
     let app = serve_with(b.store(Opts::default()).await, |l| l).await;
     app.inner.gate("two");
     let path = "/gated?session_id=two";
@@ -170,7 +90,9 @@ pub async fn a_second_client_replays_from_the_start_then_follows_live<B: Backend
     assert_eq!(app.inner.calls(), 1);
 }
 
-pub async fn events_appended_during_a_replay_are_neither_lost_nor_repeated<B: Backend>(b: &B) {
+pub(crate) async fn events_appended_during_a_replay_are_neither_lost_nor_repeated<B: Backend>(
+    b: &B,
+) {
     let app = serve_with(b.store(Opts::default()).await, |l| l).await;
     // A fast producer and many reconnects racing it: each reconnect replays while new events
     // keep arriving.
@@ -193,7 +115,7 @@ pub async fn events_appended_during_a_replay_are_neither_lost_nor_repeated<B: Ba
     assert_eq!(datas(&got), expected_tokens(0..3000));
 }
 
-pub async fn a_replay_goes_out_in_a_few_large_writes_not_one_per_event<B: Backend>(b: &B) {
+pub(crate) async fn a_replay_goes_out_in_a_few_large_writes_not_one_per_event<B: Backend>(b: &B) {
     const N: usize = 2_000;
     let app = serve_with(b.store(Opts::default()).await, |l| l).await;
     let path = format!("/tokens?session_id=burst&n={N}");
@@ -213,7 +135,7 @@ pub async fn a_replay_goes_out_in_a_few_large_writes_not_one_per_event<B: Backen
     assert_eq!(app.inner.calls(), 1);
 }
 
-pub async fn generation_continues_after_the_client_disconnects<B: Backend>(b: &B) {
+pub(crate) async fn generation_continues_after_the_client_disconnects<B: Backend>(b: &B) {
     let app = serve_with(b.store(Opts::default()).await, |l| l).await;
     app.inner.gate("bg");
     let path = "/gated?session_id=bg";
@@ -240,7 +162,7 @@ pub async fn generation_continues_after_the_client_disconnects<B: Backend>(b: &B
     assert_eq!(app.inner.calls(), 1);
 }
 
-pub async fn a_slow_client_does_not_slow_the_producer_or_others<B: Backend>(b: &B) {
+pub(crate) async fn a_slow_client_does_not_slow_the_producer_or_others<B: Backend>(b: &B) {
     let app = serve_with(b.store(Opts::default()).await, |l| l).await;
     let path = "/tokens?session_id=slow&n=5000&interval_ms=0";
     let mut slow = get(app.addr, path, None).await;
@@ -257,7 +179,7 @@ pub async fn a_slow_client_does_not_slow_the_producer_or_others<B: Backend>(b: &
     assert_eq!(datas(&rest), expected_tokens(1..5000));
 }
 
-pub async fn concurrent_first_requests_call_the_inner_service_once<B: Backend>(b: &B) {
+pub(crate) async fn concurrent_first_requests_call_the_inner_service_once<B: Backend>(b: &B) {
     let app = serve_with(b.store(Opts::default()).await, |l| l).await;
     let path = "/tokens?session_id=crowd&n=100&interval_ms=1";
     let clients = (0..16).map(|_| {
@@ -277,7 +199,7 @@ pub async fn concurrent_first_requests_call_the_inner_service_once<B: Backend>(b
     assert_eq!(app.inner.calls(), 1);
 }
 
-pub async fn last_event_id_query_parameter_is_a_fallback_for_the_header<B: Backend>(b: &B) {
+pub(crate) async fn last_event_id_query_parameter_is_a_fallback_for_the_header<B: Backend>(b: &B) {
     let app = serve_with(b.store(Opts::default()).await, |l| l).await;
     let evs = get(app.addr, "/tokens?session_id=q&n=10", None)
         .await
@@ -305,29 +227,10 @@ async fn wait_status<St: Store>(store: &St, key: &str, want: Status) {
     .await;
 }
 
-/// Collects what `tracing` writes, to check that failures are recorded.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-pub async fn inner_body_error_fails_the_session<B: Backend>(b: &B) {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
+pub(crate) async fn inner_body_error_fails_the_session<B: Backend>(b: &B) {
+    let logs = Logs::default();
     // The test runtime is single-threaded: the producer task logs on this thread.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = tracing::subscriber::set_default(logs.clone());
 
     let app = serve_with(b.store(Opts::default()).await, |l| l).await;
     app.inner.gate("boom");
@@ -351,12 +254,12 @@ pub async fn inner_body_error_fails_the_session<B: Backend>(b: &B) {
         datas(&get(app.addr, path, Some(&first)).await.collect().await),
         ["two"]
     );
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let text = logs.text();
     assert!(text.contains("inner SSE body failed"), "logged: {text}");
     assert_eq!(app.inner.calls(), 1);
 }
 
-pub async fn cancel_stops_the_generator_and_reconnects_get_204<B: Backend>(b: &B) {
+pub(crate) async fn cancel_stops_the_generator_and_reconnects_get_204<B: Backend>(b: &B) {
     let app = serve_with(b.store(Opts::default()).await, |l| l).await;
     app.inner.gate("stop");
     let path = "/gated?session_id=stop";
@@ -379,7 +282,7 @@ pub async fn cancel_stops_the_generator_and_reconnects_get_204<B: Backend>(b: &B
     assert_eq!(app.inner.calls(), 1);
 }
 
-pub async fn keep_alive_comments_reach_live_and_replayed_connections<B: Backend>(b: &B) {
+pub(crate) async fn keep_alive_comments_reach_live_and_replayed_connections<B: Backend>(b: &B) {
     let app = serve_with(b.store(Opts::default()).await, |l| {
         l.keep_alive(Some(Duration::from_millis(30)))
     })
@@ -420,7 +323,7 @@ pub async fn keep_alive_comments_reach_live_and_replayed_connections<B: Backend>
     assert!(events.iter().all(|(_, e)| !e.starts_with(b":")));
 }
 
-pub async fn keep_alive_can_be_turned_off<B: Backend>(b: &B) {
+pub(crate) async fn keep_alive_can_be_turned_off<B: Backend>(b: &B) {
     // Turned off after a short interval was set: a layer that ignored `None` would keep
     // sending comments every `INTERVAL`.
     const INTERVAL: Duration = Duration::from_millis(20);
@@ -450,7 +353,7 @@ pub async fn keep_alive_can_be_turned_off<B: Backend>(b: &B) {
     );
 }
 
-pub async fn finished_sessions_expire_after_retention<B: Backend>(b: &B) {
+pub(crate) async fn finished_sessions_expire_after_retention<B: Backend>(b: &B) {
     let store = b
         .store(Opts {
             retention: Some(Duration::from_millis(100)),
@@ -483,7 +386,7 @@ pub async fn finished_sessions_expire_after_retention<B: Backend>(b: &B) {
     assert_ne!(old_epoch, new_epoch);
 }
 
-pub async fn a_session_past_its_lifetime_is_stopped_as_failed<B: Backend>(b: &B) {
+pub(crate) async fn a_session_past_its_lifetime_is_stopped_as_failed<B: Backend>(b: &B) {
     let app = serve_with(b.store(Opts::default()).await, |l| {
         l.max_lifetime(Duration::from_millis(150))
     })
@@ -500,7 +403,9 @@ pub async fn a_session_past_its_lifetime_is_stopped_as_failed<B: Backend>(b: &B)
     .await;
 }
 
-pub async fn an_oversized_event_fails_the_session_and_keeps_earlier_events<B: Backend>(b: &B) {
+pub(crate) async fn an_oversized_event_fails_the_session_and_keeps_earlier_events<B: Backend>(
+    b: &B,
+) {
     let app = serve_with(b.store(Opts::default()).await, |l| l.max_event_size(1024)).await;
     app.inner.gate("big");
     let path = "/gated?session_id=big";
@@ -516,10 +421,10 @@ pub async fn an_oversized_event_fails_the_session_and_keeps_earlier_events<B: Ba
     );
 }
 
-pub async fn evicted_positions_are_reported_not_skipped<B: Backend>(b: &B) {
+pub(crate) async fn evicted_positions_are_reported_not_skipped<B: Backend>(b: &B) {
     let store = b
         .store(Opts {
-            max_events: Some(10),
+            max_events_per_session: Some(10),
             ..Opts::default()
         })
         .await;
@@ -573,7 +478,7 @@ pub async fn evicted_positions_are_reported_not_skipped<B: Backend>(b: &B) {
 
 // --- Draining ---
 
-pub async fn draining_refuses_new_sessions_and_lets_running_ones_finish<B: Backend>(b: &B) {
+pub(crate) async fn draining_refuses_new_sessions_and_lets_running_ones_finish<B: Backend>(b: &B) {
     let mut drain = None;
     let app = serve_with(b.store(Opts::default()).await, |l| {
         drain = Some(l.drain_handle());
@@ -613,7 +518,7 @@ pub async fn draining_refuses_new_sessions_and_lets_running_ones_finish<B: Backe
     assert_eq!(app.inner.calls(), 1);
 }
 
-pub async fn the_drain_deadline_ends_running_sessions_as_failed<B: Backend>(b: &B) {
+pub(crate) async fn the_drain_deadline_ends_running_sessions_as_failed<B: Backend>(b: &B) {
     let mut drain = None;
     let app = serve_with(b.store(Opts::default()).await, |l| {
         drain = Some(l.drain_handle());

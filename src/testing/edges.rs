@@ -15,19 +15,21 @@
 //! depend on the store's state, the expected answer is computed from the store's `first_seq`,
 //! read just before and just after the request. Every failing case is reported, not only the
 //! first.
+#![deny(dead_code)]
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use futures_util::{stream, FutureExt, StreamExt};
-use resumable_sse::limits;
-use resumable_sse::sse::{encode_event, EventRef};
-use resumable_sse::store::{Status, Store};
-use resumable_sse::{EventId, Outcome, SessionKey};
 
+use super::client::*;
+use super::harness::*;
 use super::{Backend, Opts};
-use crate::common::*;
+use crate::limits;
+use crate::sse::{encode_event, EventRef};
+use crate::store::{SessionInfo, Status, Store};
+use crate::{Epoch, EventId, Outcome, SessionKey};
 
 /// Cases in flight at once (each is a session, a server and a client or two).
 const CONCURRENCY: usize = 4;
@@ -76,7 +78,7 @@ impl Events {
             Events::Tokens => (0..n)
                 .map(|i| {
                     let id = EventId {
-                        epoch: resumable_sse::Epoch::from_raw(1),
+                        epoch: Epoch::from_raw(1),
                         seq: i as u64 + 1,
                     }
                     .to_string();
@@ -378,10 +380,7 @@ fn check_status(
     Ok(())
 }
 
-async fn lookup<St: Store>(
-    store: &St,
-    key: &SessionKey,
-) -> Result<resumable_sse::store::SessionInfo, String> {
+async fn lookup<St: Store>(store: &St, key: &SessionKey) -> Result<SessionInfo, String> {
     store
         .lookup(key)
         .await
@@ -390,10 +389,7 @@ async fn lookup<St: Store>(
 }
 
 /// Waits (within [`STALL`]) until the session is finished.
-async fn finished<St: Store>(
-    store: &St,
-    key: &SessionKey,
-) -> Result<resumable_sse::store::SessionInfo, String> {
+async fn finished<St: Store>(store: &St, key: &SessionKey) -> Result<SessionInfo, String> {
     let deadline = tokio::time::Instant::now() + STALL;
     loop {
         let info = lookup(store, key).await?;
@@ -408,7 +404,7 @@ async fn finished<St: Store>(
 }
 
 /// The final state every finished case must reach: completed, with every event numbered.
-fn check_final(info: &resumable_sse::store::SessionInfo, case: &Case) -> Result<(), String> {
+fn check_final(info: &SessionInfo, case: &Case) -> Result<(), String> {
     if info.status != Status::Finished(Outcome::Completed) || info.last_seq != case.count as u64 {
         return Err(format!(
             "final state {:?} with last_seq {}, expected completed with {}",
@@ -433,7 +429,7 @@ async fn check_resume<St: Store>(
     app: &App<St>,
     case: &Case,
     key: &SessionKey,
-    epoch: resumable_sse::Epoch,
+    epoch: Epoch,
     after: Option<u64>,
 ) -> Result<(), String> {
     let path = case.events.path(&case.key(), case.count);
@@ -589,8 +585,10 @@ async fn run_session<St: Store>(
 // --- The tests ---
 
 /// 0, 1, and around every size counted in events: the read page, the producer's ready batch and
-/// pending bound, the Redis chunk, tail page and tail capacity.
-pub async fn every_count_around_every_page_chunk_and_batch_size_ends_exactly_once<B: Backend>(
+/// pending bound, the Redis chunk, and the shared tail's page and capacity.
+pub(crate) async fn every_count_around_every_page_chunk_and_batch_size_ends_exactly_once<
+    B: Backend,
+>(
     b: &B,
 ) {
     let counts = around(
@@ -609,7 +607,9 @@ pub async fn every_count_around_every_page_chunk_and_batch_size_ends_exactly_onc
 
 /// 1, and around every size counted in bytes (the producer's block and append, the Redis chunk
 /// and read), with events of a fixed encoded size.
-pub async fn every_count_around_every_block_and_chunk_byte_size_ends_exactly_once<B: Backend>(
+pub(crate) async fn every_count_around_every_block_and_chunk_byte_size_ends_exactly_once<
+    B: Backend,
+>(
     b: &B,
 ) {
     let per = |bytes: usize| {
@@ -636,7 +636,7 @@ pub async fn every_count_around_every_block_and_chunk_byte_size_ends_exactly_onc
 /// is evicted; beyond it the first client still gets every event (the events a connected reader
 /// needs are kept), and later requests get the rest or `410 evicted`, as the store's oldest
 /// retained event says.
-pub async fn sessions_around_the_default_byte_limit_end_exactly_once_or_report_eviction<
+pub(crate) async fn sessions_around_the_default_byte_limit_end_exactly_once_or_report_eviction<
     B: Backend,
 >(
     b: &B,
@@ -656,7 +656,7 @@ pub async fn sessions_around_the_default_byte_limit_end_exactly_once_or_report_e
 /// (and one that joined while it ran) gets `200` and an empty body that ends; every later
 /// request, without `Last-Event-ID` or with `<epoch>-0`, gets `204` with the outcome; the inner
 /// service is called once. The same for a stream that ends at once, at full speed.
-pub async fn a_session_without_events_ends_its_first_response_empty_then_answers_204_with_its_outcome<
+pub(crate) async fn a_session_without_events_ends_its_first_response_empty_then_answers_204_with_its_outcome<
     B: Backend,
 >(
     b: &B,

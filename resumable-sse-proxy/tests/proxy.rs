@@ -4,8 +4,9 @@
 //! The Python packages are installed once into a virtual environment under the system's temp
 //! folder, reused by later runs. Without `python3` (or when pip fails) the tests print a SKIP
 //! line, and fail under `CI=true`.
-#![cfg(feature = "proxy")]
 
+// The repository's shared test helpers (SSE reader, `TIMEOUT`, `free_port`, private Redis).
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::convert::Infallible;
@@ -870,7 +871,7 @@ fn redis_needs_the_redis_feature() {
         &[],
     );
     assert_eq!(code, Some(2));
-    assert!(out.contains("--features proxy,redis"), "{out}");
+    assert!(out.contains("--features redis"), "{out}");
 }
 
 #[cfg(feature = "redis")]
@@ -901,7 +902,7 @@ fn max_sessions_is_for_the_memory_store_only() {
 /// CPU time the proxy and the upstream spend per event (from `/proc`).
 ///
 /// ```text
-/// cargo test --release --features proxy --test proxy -- --ignored --nocapture events_per_second
+/// cargo test --release -p resumable-sse-proxy --test proxy -- --ignored --nocapture events_per_second
 /// ```
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement; run it in release mode"]
