@@ -13,7 +13,7 @@ use tokio::time::{Instant, Sleep};
 use crate::fanout::{Fanout, Follower};
 use crate::metrics;
 use crate::session::{Epoch, SessionKey};
-use crate::sse::{EVICTED_COMMENT, KEEP_ALIVE};
+use crate::sse::EVICTED_COMMENT;
 use crate::store::{EventBlock, Store};
 use crate::BoxError;
 
@@ -112,15 +112,17 @@ where
 /// A session's events for one connection, with keep-alive comments while it is idle.
 pub(crate) struct SessionEvents {
     stream: Pin<Box<dyn Stream<Item = Result<Bytes, BoxError>> + Send>>,
-    keep_alive: Option<KeepAlive>,
+    keep_alive: Option<Ticker>,
     /// Whether the first frame was sent, and whether to be pending once now (see `poll_frame`).
     started: bool,
     yield_next: bool,
     done: bool,
 }
 
-struct KeepAlive {
+/// The keep-alive timer of one connection.
+struct Ticker {
     interval: Duration,
+    comment: Bytes,
     sleep: Pin<Box<Sleep>>,
     /// Whether an event went out since the timer was last armed. Events only set the flag, so
     /// the clock is read once per interval, not once per event.
@@ -128,15 +130,16 @@ struct KeepAlive {
 }
 
 impl SessionEvents {
-    pub(crate) fn new<St: Store>(reader: Reader<St>, keep_alive: Option<Duration>) -> Self {
+    pub(crate) fn new<St: Store>(reader: Reader<St>, keep_alive: &crate::KeepAlive) -> Self {
         let stream = futures_util::stream::unfold(reader, |mut reader| async move {
             let item = reader.next().await?;
             Some((item, reader))
         });
         Self {
             stream: Box::pin(stream),
-            keep_alive: keep_alive.map(|interval| KeepAlive {
+            keep_alive: keep_alive.get_interval().map(|interval| Ticker {
                 interval,
+                comment: keep_alive.comment().clone(),
                 sleep: Box::pin(tokio::time::sleep(interval)),
                 active: false,
             }),
@@ -189,7 +192,7 @@ impl SessionEvents {
             // A comment goes out after a whole interval without events: between one and two
             // intervals after the last event.
             if !std::mem::take(&mut ka.active) {
-                return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(KEEP_ALIVE)))));
+                return Poll::Ready(Some(Ok(Frame::data(ka.comment.clone()))));
             }
         }
     }
@@ -409,7 +412,8 @@ mod tests {
         let store = MemoryStore::new();
         let (key, epoch) = running(&store).await;
         let reader = Reader::new(store.clone(), Fanout::default(), key.clone(), epoch, 0);
-        let mut events = SessionEvents::new(reader, Some(INTERVAL));
+        let keep_alive = crate::KeepAlive::new().interval(INTERVAL);
+        let mut events = SessionEvents::new(reader, &keep_alive);
         // An event every 60 ms for a second: no comment among them.
         let producer = tokio::spawn(async move {
             for seq in 1..=17u64 {
@@ -434,12 +438,12 @@ mod tests {
         }
         producer.await.unwrap();
         let (bytes, at) = next(&mut events).await;
-        assert_eq!(bytes, KEEP_ALIVE);
+        assert_eq!(bytes, crate::sse::KEEP_ALIVE);
         let idle = at - last_event;
         assert!(idle >= INTERVAL && idle <= 2 * INTERVAL, "{idle:?}");
         // Then one per interval while idle.
         let (bytes, again) = next(&mut events).await;
-        assert_eq!(bytes, KEEP_ALIVE);
+        assert_eq!(bytes, crate::sse::KEEP_ALIVE);
         assert_eq!(again - at, INTERVAL);
     }
 }

@@ -23,7 +23,7 @@ pub enum OnStoreError {
 /// What a layer, the services it makes and their producers share.
 #[derive(Clone, Debug)]
 pub(crate) struct Config {
-    pub(crate) keep_alive: Option<Duration>,
+    pub(crate) keep_alive: crate::KeepAlive,
     pub(crate) max_lifetime: Duration,
     pub(crate) max_event_size: usize,
     pub(crate) on_store_error: OnStoreError,
@@ -37,7 +37,7 @@ impl Default for Config {
     /// [`limits`](crate::limits).
     fn default() -> Self {
         Self {
-            keep_alive: Some(crate::limits::DEFAULT_KEEP_ALIVE),
+            keep_alive: crate::KeepAlive::new(),
             max_lifetime: crate::limits::DEFAULT_MAX_LIFETIME,
             max_event_size: crate::limits::DEFAULT_MAX_EVENT_SIZE,
             on_store_error: OnStoreError::default(),

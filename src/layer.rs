@@ -21,7 +21,7 @@ const _: () = assert!(7 * MAX_EVENT_SIZE_LIMIT + (64 << 10) < u32::MAX as usize)
 /// ```
 /// use std::time::Duration;
 /// use axum::{routing::get, Router};
-/// use resumable_sse::{MemoryStore, ResumableSseLayer};
+/// use resumable_sse::{KeepAlive, MemoryStore, ResumableSseLayer};
 ///
 /// # async fn chat() -> &'static str { "" }
 /// let store = MemoryStore::new();
@@ -29,7 +29,7 @@ const _: () = assert!(7 * MAX_EVENT_SIZE_LIMIT + (64 << 10) < u32::MAX as usize)
 ///     .route("/chat", get(chat))
 ///     .layer(
 ///         ResumableSseLayer::new(store)
-///             .keep_alive(Some(Duration::from_secs(10)))
+///             .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
 ///             .max_lifetime(Duration::from_secs(600)),
 ///     );
 /// ```
@@ -64,12 +64,10 @@ impl<St, K> ResumableSseLayer<St, K> {
         }
     }
 
-    /// Sends a `:` comment on every connection the layer serves after this long without an event
-    /// (default 15 s); `None` turns keep-alives off. The timer is checked once per interval rather
-    /// than re-armed on every event, so a comment goes out between one and two intervals after
-    /// the last event.
-    pub fn keep_alive(mut self, interval: Option<Duration>) -> Self {
-        Arc::make_mut(&mut self.config).keep_alive = interval.filter(|d| !d.is_zero());
+    /// Sets the comments sent on every connection the layer serves while it is idle (default
+    /// an empty comment after 15 s without an event); see [`KeepAlive`](crate::KeepAlive).
+    pub fn keep_alive(mut self, keep_alive: crate::KeepAlive) -> Self {
+        Arc::make_mut(&mut self.config).keep_alive = keep_alive;
         self
     }
 

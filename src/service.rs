@@ -285,7 +285,7 @@ impl<St: Store> Session<St> {
                 let reader = Reader::following(self.store, fanout, self.key, epoch, 0, follower);
                 Ok(Response::from_parts(
                     parts,
-                    ResumableBody::session(SessionEvents::new(reader, self.config.keep_alive)),
+                    ResumableBody::session(SessionEvents::new(reader, &self.config.keep_alive)),
                 ))
             }
             Ok(Started::Unresumable(body)) => Ok(Response::from_parts(
@@ -350,7 +350,7 @@ impl<St: Store> Session<St> {
         let reader = Reader::new(self.store, fanout, self.key, info.epoch, after);
         let mut res = Response::new(ResumableBody::session(SessionEvents::new(
             reader,
-            self.config.keep_alive,
+            &self.config.keep_alive,
         )));
         *res.status_mut() = head.status;
         *res.headers_mut() = head.headers.clone();

@@ -276,7 +276,10 @@ impl Store for MapStore {
 }
 
 async fn serve_map_store() -> App<MapStore> {
-    serve_with(MapStore::new(None, None), |layer| layer.keep_alive(None)).await
+    serve_with(MapStore::new(None, None), |layer| {
+        layer.keep_alive(resumable_sse::KeepAlive::disabled())
+    })
+    .await
 }
 
 fn seq(ev: &Ev) -> u64 {

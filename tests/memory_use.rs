@@ -146,7 +146,13 @@ async fn five_thousand_subscribers_share_one_history_instead_of_copying_it() {
             stream::iter(parts).chain(live)
         }
     };
-    let (addr, calls) = serve_raw(store.clone(), Some(8 << 10), |l| l.keep_alive(None), body).await;
+    let (addr, calls) = serve_raw(
+        store.clone(),
+        Some(8 << 10),
+        |l| l.keep_alive(resumable_sse::KeepAlive::disabled()),
+        body,
+    )
+    .await;
     let path = "/raw?session_id=big";
     // The session runs with its whole history stored before anyone subscribes.
     let first = get(addr, path, None).await;

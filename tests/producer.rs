@@ -78,7 +78,9 @@ fn app(
             }
         })
     };
-    let layer = layer(ResumableSseLayer::new(store.clone()).keep_alive(None));
+    let layer = layer(
+        ResumableSseLayer::new(store.clone()).keep_alive(resumable_sse::KeepAlive::disabled()),
+    );
     let drain = layer.drain_handle();
     App {
         svc: layer.layer(BoxCloneService::new(routes)),

@@ -962,7 +962,10 @@ async fn a_client_behind_the_hard_byte_limit_gets_a_prefix_then_the_evicted_comm
         .connect()
         .await
         .expect("connect");
-    let app = serve_with(store, |l| l.keep_alive(None)).await;
+    let app = serve_with(store, |l| {
+        l.keep_alive(resumable_sse::KeepAlive::disabled())
+    })
+    .await;
     let path = "/gated?session_id=behind";
     let key = SessionKey::new("behind").unwrap();
     let run = async {
@@ -1038,7 +1041,10 @@ async fn a_client_on_the_producing_instance_keeps_what_it_needs_past_the_soft_by
         .connect()
         .await
         .expect("connect");
-    let app = serve_with(store, |l| l.keep_alive(None)).await;
+    let app = serve_with(store, |l| {
+        l.keep_alive(resumable_sse::KeepAlive::disabled())
+    })
+    .await;
     let path = "/gated?session_id=held";
     let run = async {
         app.inner.gate("held");
@@ -1216,7 +1222,7 @@ async fn a_shared_tail_overtaken_by_trimming_restarts_so_that_no_subscriber_stal
             .connect()
             .await
             .expect("connect"),
-        |l| l.keep_alive(None),
+        |l| l.keep_alive(resumable_sse::KeepAlive::disabled()),
     )
     .await;
     let mut rc = inspector(&url).await;

@@ -100,7 +100,9 @@ type Sender = mpsc::UnboundedSender<Result<Frame<Bytes>, BoxError>>;
 
 fn layered(store: CountingStore) -> (Svc, Handle) {
     let (inner, handle) = mock::pair();
-    let svc = ResumableSseLayer::new(store).keep_alive(None).layer(inner);
+    let svc = ResumableSseLayer::new(store)
+        .keep_alive(resumable_sse::KeepAlive::disabled())
+        .layer(inner);
     (svc, handle)
 }
 

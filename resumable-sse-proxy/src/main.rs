@@ -114,7 +114,10 @@ async fn serve<St: Store>(
     let forwarder = Forwarder::new(args.upstream.clone(), args.upstream_timeout);
     let layer = ResumableSseLayer::new(store)
         .session_key(args.session_key.clone())
-        .keep_alive(args.keep_alive.0)
+        .keep_alive(match args.keep_alive.0 {
+            Some(interval) => resumable_sse::KeepAlive::new().interval(interval),
+            None => resumable_sse::KeepAlive::disabled(),
+        })
         .max_lifetime(args.max_lifetime)
         .max_event_size(args.max_event_size);
     let drain = layer.drain_handle();

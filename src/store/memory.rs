@@ -245,9 +245,9 @@ impl MemoryStore {
     }
 
     fn sweep_due(sessions: &Sessions, now: Instant) -> bool {
-        !sessions
+        sessions
             .last_sweep
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
     }
 
     fn sweep_if_due(&self, sessions: &mut Sessions, now: Instant) {

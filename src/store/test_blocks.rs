@@ -9,7 +9,7 @@ pub(crate) fn block(first_seq: u64, sizes: &[usize]) -> EventBlock {
     let mut bytes = Vec::new();
     let mut ends = Vec::new();
     for (i, &size) in sizes.iter().enumerate() {
-        bytes.extend(std::iter::repeat(b'a' + (i % 26) as u8).take(size));
+        bytes.extend(std::iter::repeat_n(b'a' + (i % 26) as u8, size));
         ends.push(bytes.len() as u32);
     }
     EventBlock::new(first_seq, Bytes::from(bytes), ends).unwrap()

@@ -284,7 +284,7 @@ pub(crate) async fn cancel_stops_the_generator_and_reconnects_get_204<B: Backend
 
 pub(crate) async fn keep_alive_comments_reach_live_and_replayed_connections<B: Backend>(b: &B) {
     let app = serve_with(b.store(Opts::default()).await, |l| {
-        l.keep_alive(Some(Duration::from_millis(30)))
+        l.keep_alive(crate::KeepAlive::new().interval(Duration::from_millis(30)))
     })
     .await;
     app.inner.gate("idle");
@@ -328,7 +328,8 @@ pub(crate) async fn keep_alive_can_be_turned_off<B: Backend>(b: &B) {
     // sending comments every `INTERVAL`.
     const INTERVAL: Duration = Duration::from_millis(20);
     let quiet = serve_with(b.store(Opts::default()).await, |l| {
-        l.keep_alive(Some(INTERVAL)).keep_alive(None)
+        l.keep_alive(crate::KeepAlive::new().interval(INTERVAL))
+            .keep_alive(crate::KeepAlive::disabled())
     })
     .await;
     quiet.inner.gate("quiet");
@@ -337,7 +338,7 @@ pub(crate) async fn keep_alive_can_be_turned_off<B: Backend>(b: &B) {
     // Once it has had two comments, the quiet connection has been idle for longer than two
     // intervals.
     let loud = serve_with(b.store(Opts::default()).await, |l| {
-        l.keep_alive(Some(INTERVAL))
+        l.keep_alive(crate::KeepAlive::new().interval(INTERVAL))
     })
     .await;
     loud.inner.gate("loud");
