@@ -10,9 +10,12 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-use crate::fanout::{Fanout, Follower};
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::fanout::Follower;
 use crate::metrics;
-use crate::session::{Epoch, SessionKey};
+use crate::session::{Epoch, EventId, Outcome, SessionKey};
 use crate::sse::EVICTED_COMMENT;
 use crate::store::{EventBlock, Store};
 use crate::BoxError;
@@ -95,7 +98,7 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Passthrough { inner } => inner.is_end_stream(),
-            Kind::Session { events } => events.done,
+            Kind::Session { events } => events.done && events.error.is_none(),
             Kind::Empty => true,
         }
     }
@@ -117,6 +120,9 @@ pub(crate) struct SessionEvents {
     started: bool,
     yield_next: bool,
     done: bool,
+    /// An error that ends the stream, held for one poll: the server writes out what it holds
+    /// first (the last events, the end event), then aborts.
+    error: Option<BoxError>,
 }
 
 /// The keep-alive timer of one connection.
@@ -131,9 +137,14 @@ struct Ticker {
 
 impl SessionEvents {
     pub(crate) fn new<St: Store>(reader: Reader<St>, keep_alive: &crate::KeepAlive) -> Self {
-        let stream = futures_util::stream::unfold(reader, |mut reader| async move {
-            let item = reader.next().await?;
-            Some((item, reader))
+        // In the request's span: its lines name the session.
+        let span = tracing::Span::current();
+        let stream = futures_util::stream::unfold(reader, move |mut reader| {
+            let span = span.clone();
+            async move {
+                let item = tracing::Instrument::instrument(reader.next(), span).await?;
+                Some((item, reader))
+            }
         });
         Self {
             stream: Box::pin(stream),
@@ -146,10 +157,15 @@ impl SessionEvents {
             started: false,
             yield_next: false,
             done: false,
+            error: None,
         }
     }
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(e) = self.error.take() {
+            self.done = true;
+            return Poll::Ready(Some(Err(e)));
+        }
         if self.done {
             return Poll::Ready(None);
         }
@@ -173,8 +189,11 @@ impl SessionEvents {
                 return Poll::Ready(Some(Ok(Frame::data(bytes))));
             }
             Poll::Ready(Some(Err(e))) => {
-                self.done = true;
-                return Poll::Ready(Some(Err(e)));
+                // Pending once, having asked to be polled again: a server flushes what it
+                // buffered when its body is pending, and may drop it when the body fails.
+                self.error = Some(e);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
             }
             Poll::Ready(None) => {
                 self.done = true;
@@ -198,6 +217,16 @@ impl SessionEvents {
     }
 }
 
+/// The event that tells a client how its session ended: named `name`, with the id of the last
+/// event the client has (`seq`), and the outcome's reason as its data.
+fn end_event(name: &str, epoch: Epoch, seq: u64, outcome: Outcome) -> Bytes {
+    let id = EventId { epoch, seq };
+    Bytes::from(format!(
+        "event: {name}\nid: {id}\ndata: {}\n\n",
+        outcome.reason().as_str()
+    ))
+}
+
 /// How many events one store read fetches at most.
 const READ_BATCH: usize = crate::limits::READ_PAGE_EVENTS;
 
@@ -206,13 +235,18 @@ const READ_BATCH: usize = crate::limits::READ_PAGE_EVENTS;
 /// waits through its [`Follower`]: the store itself, or the session's shared tail in this process.
 pub(crate) struct Reader<St: Store> {
     store: St,
-    fanout: Fanout,
+    config: Arc<Config>,
     key: SessionKey,
     epoch: Epoch,
     cursor: u64,
     follower: Option<Follower<St>>,
     buffered: VecDeque<EventBlock>,
     finished: bool,
+    /// How the session ended, once the reader has its last event: what is left to send about
+    /// it (the end event, the abort).
+    ending: Option<Outcome>,
+    /// The end event went out; the abort follows.
+    abort: bool,
     /// The last read returned everything up to the newest event.
     caught_up: bool,
     _connected: metrics::ConnectedClient,
@@ -221,20 +255,22 @@ pub(crate) struct Reader<St: Store> {
 impl<St: Store> Reader<St> {
     pub(crate) fn new(
         store: St,
-        fanout: Fanout,
+        config: Arc<Config>,
         key: SessionKey,
         epoch: Epoch,
         after: u64,
     ) -> Self {
         Self {
             store,
-            fanout,
+            config,
             key,
             epoch,
             cursor: after,
             follower: None,
             buffered: VecDeque::new(),
             finished: false,
+            ending: None,
+            abort: false,
             caught_up: false,
             _connected: metrics::ConnectedClient::new(),
         }
@@ -244,13 +280,13 @@ impl<St: Store> Reader<St> {
     /// starts, so that its position holds the session's events from the first one).
     pub(crate) fn following(
         store: St,
-        fanout: Fanout,
+        config: Arc<Config>,
         key: SessionKey,
         epoch: Epoch,
         after: u64,
         follower: Option<Follower<St>>,
     ) -> Self {
-        let mut reader = Self::new(store, fanout, key, epoch, after);
+        let mut reader = Self::new(store, config, key, epoch, after);
         reader.follower = follower;
         reader
     }
@@ -264,7 +300,7 @@ impl<St: Store> Reader<St> {
                 return Some(Ok(block.into_bytes()));
             }
             if self.finished {
-                return None;
+                return self.end();
             }
             if std::mem::take(&mut self.caught_up) {
                 // The last read reached the newest event: nothing can be new until the store
@@ -278,7 +314,8 @@ impl<St: Store> Reader<St> {
                 None => {
                     // Subscribe before the first read, so nothing appended in between is missed.
                     let follow =
-                        self.fanout
+                        self.config
+                            .fanout
                             .follow(&self.store, &self.key, self.epoch, self.cursor);
                     match follow.await {
                         Ok(f) => self.follower.insert(f),
@@ -310,9 +347,13 @@ impl<St: Store> Reader<St> {
                 self.finished = true;
                 return Some(Ok(Bytes::from_static(EVICTED_COMMENT)));
             }
+            if batch.end {
+                self.ending = batch.outcome;
+            }
             if batch.blocks.is_empty() {
                 if batch.end {
-                    return None;
+                    self.finished = true;
+                    return self.end();
                 }
                 follower.changed().await;
                 continue;
@@ -326,6 +367,23 @@ impl<St: Store> Reader<St> {
                 follower.reached(last.last_seq());
             }
             self.buffered.extend(batch.blocks);
+        }
+    }
+
+    /// What goes out after the last event: the end event and the abort, as configured.
+    fn end(&mut self) -> Option<Result<Bytes, BoxError>> {
+        if std::mem::take(&mut self.abort) {
+            return Some(Err("the session failed".into()));
+        }
+        let outcome = self.ending.take()?;
+        tracing::debug!(
+            outcome = outcome.reason().as_str(),
+            "stream reached the end of its session"
+        );
+        self.abort = outcome == Outcome::Failed && self.config.abort_on_failure;
+        match &self.config.end_event {
+            Some(name) => Some(Ok(end_event(name, self.epoch, self.cursor, outcome))),
+            None => self.end(),
         }
     }
 
@@ -371,7 +429,7 @@ mod tests {
             .finish(&key, epoch, crate::Outcome::Completed)
             .await
             .unwrap();
-        let mut reader = Reader::new(store, Fanout::default(), key, epoch, after);
+        let mut reader = Reader::new(store, Arc::default(), key, epoch, after);
         let mut seqs = Vec::new();
         let read_all = async {
             while let Some(frame) = reader.next().await {
@@ -411,7 +469,7 @@ mod tests {
         const INTERVAL: Duration = Duration::from_millis(100);
         let store = MemoryStore::new();
         let (key, epoch) = running(&store).await;
-        let reader = Reader::new(store.clone(), Fanout::default(), key.clone(), epoch, 0);
+        let reader = Reader::new(store.clone(), Arc::default(), key.clone(), epoch, 0);
         let keep_alive = crate::KeepAlive::new().interval(INTERVAL);
         let mut events = SessionEvents::new(reader, &keep_alive);
         // An event every 60 ms for a second: no comment among them.

@@ -3,8 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::Method;
+
 use crate::drain::DrainState;
 use crate::fanout::Fanout;
+use crate::key::KeyScope;
 
 /// What the layer does when its store fails (for instance Redis is down) while a request with a
 /// session key arrives.
@@ -27,6 +30,13 @@ pub(crate) struct Config {
     pub(crate) max_lifetime: Duration,
     pub(crate) max_event_size: usize,
     pub(crate) on_store_error: OnStoreError,
+    /// The methods the layer makes resumable; others pass through untouched.
+    pub(crate) methods: Vec<Method>,
+    pub(crate) scope: KeyScope,
+    /// The name of the event that tells a client how its session ended, if one is sent.
+    pub(crate) end_event: Option<Arc<str>>,
+    /// Whether a connection to a session that failed ends with an error (aborted).
+    pub(crate) abort_on_failure: bool,
     pub(crate) drain: Arc<DrainState>,
     /// The sessions read in this process, shared by the readers of each.
     pub(crate) fanout: Fanout,
@@ -41,6 +51,10 @@ impl Default for Config {
             max_lifetime: crate::limits::DEFAULT_MAX_LIFETIME,
             max_event_size: crate::limits::DEFAULT_MAX_EVENT_SIZE,
             on_store_error: OnStoreError::default(),
+            methods: vec![Method::GET, Method::HEAD],
+            scope: KeyScope::default(),
+            end_event: None,
+            abort_on_failure: true,
             drain: Arc::default(),
             fanout: Fanout::default(),
         }

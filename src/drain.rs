@@ -1,5 +1,6 @@
 //! Graceful drain for rolling deploys.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,6 +104,59 @@ impl Drain {
     /// Whether a drain has begun.
     pub fn is_draining(&self) -> bool {
         self.state.is_draining()
+    }
+
+    /// The shutdown future for a server: waits for `signal`, [drains](Self::drain) within
+    /// `deadline`, then resolves. Give it to the server's graceful shutdown
+    /// (`axum::serve(..).with_graceful_shutdown(..)`, or hyper-util's `GracefulShutdown`).
+    ///
+    /// The order matters, and this is it: the server keeps accepting while the sessions drain,
+    /// so a new session is answered `503` with `resumable-sse-reason: draining` (a load balancer
+    /// retries it elsewhere) instead of a refused connection, and a reconnect is still served.
+    /// Once the drain returns every session this process produced has ended, so their streams
+    /// end too, and the server's own wait for open connections is short. (Calling `drain` after
+    /// the server's shutdown instead leaves the server waiting for streams that run up to their
+    /// lifetime, and refuses new clients meanwhile.) A stream that follows a session another
+    /// instance produces (a shared store) is not ended by this drain; the server waits for it
+    /// like for any open response.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use axum::{routing::get, Router};
+    /// use resumable_sse::{MemoryStore, ResumableSseLayer};
+    ///
+    /// # async fn chat() -> &'static str { "" }
+    /// # #[tokio::main]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let layer = ResumableSseLayer::new(MemoryStore::new());
+    /// let shutdown = layer
+    ///     .drain_handle()
+    ///     .on_signal(async { let _ = tokio::signal::ctrl_c().await; }, Duration::from_secs(30));
+    /// let app = Router::new().route("/chat", get(chat)).layer(layer);
+    /// let listener = tokio::net::TcpListener::bind("0.0.0.0:3000").await?;
+    /// let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    /// server.await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn on_signal<F>(&self, signal: F, deadline: Duration) -> impl Future<Output = ()> + Send
+    where
+        F: Future + Send + 'static,
+    {
+        let drain = self.clone();
+        async move {
+            signal.await;
+            tracing::info!(
+                running = drain.running(),
+                ?deadline,
+                "shutting down: draining sessions"
+            );
+            let report = drain.drain(deadline).await;
+            tracing::info!(
+                running_at_start = report.running_at_start,
+                ended_at_deadline = report.ended_at_deadline,
+                "sessions drained; the server closes"
+            );
+        }
     }
 
     /// Stops taking new sessions, waits up to `deadline` for the running producers to finish,

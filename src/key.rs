@@ -16,23 +16,28 @@ use crate::session::{EventId, InvalidSessionKey, SessionKey};
 ///
 /// Implemented by [`FromQuery`] (the default, `?session_id=`), [`FromHeader`], [`FromPath`],
 /// their combination with [`or`](ExtractSessionKey::or), and any
-/// `Fn(&http::request::Parts) -> Option<String>` closure, which is how an application binds the key
-/// to the authenticated user:
+/// `Fn(&Parts) -> Option<String>` closure (`axum::http::request::Parts` in an axum
+/// application), which is how an application binds the key to the authenticated user:
 ///
 /// ```
-/// use resumable_sse::{MemoryStore, ResumableSseLayer};
+/// use axum::http::request::Parts;
+/// use resumable_sse::{ExtractSessionKey, FromPath, MemoryStore, ResumableSseLayer};
 ///
 /// #[derive(Clone)]
 /// struct User(String); // set as a request extension by an authentication layer
 ///
-/// let layer = ResumableSseLayer::new(MemoryStore::new()).session_key(|parts: &http::request::Parts| {
+/// // `/chat/{id}`: the id decoded as `FromPath` (and axum's `Path`) decode it.
+/// let layer = ResumableSseLayer::new(MemoryStore::new()).session_key(|parts: &Parts| {
 ///     let user = parts.extensions.get::<User>()?;
-///     let chat = parts.uri.path().strip_prefix("/chat/")?;
+///     let chat = FromPath::segment(1).extract(parts).ok()??;
 ///     // One user can never name another user's session.
-///     Some(format!("{}/{}", user.0, chat))
+///     Some(format!("{}/{}", user.0, chat.as_str()))
 /// });
 /// # let _ = layer;
 /// ```
+///
+/// An application that needs a session's key itself (to cancel it, or to show its status)
+/// asks the layer's [`Sessions`](crate::Sessions) handle, which derives it the same way.
 pub trait ExtractSessionKey: Clone + Send + Sync + 'static {
     /// Returns the request's session key, if it has one.
     fn extract(&self, parts: &Parts) -> Result<Option<SessionKey>, InvalidSessionKey>;
@@ -183,6 +188,67 @@ impl ExtractSessionKey for FromPath {
                 .map(Some),
         }
     }
+}
+
+/// Which sessions a key names: the key space of a layer.
+///
+/// By default each request path is a key space of its own: `GET /chat?session_id=1` and
+/// `GET /summary?session_id=1` are two sessions, and a route that does not stream never meets a
+/// session of another route. [`Shared`](KeyScope::Shared) makes one key space of every route under
+/// the layer, for an application that serves one session under several paths on purpose.
+///
+/// ```
+/// use resumable_sse::{KeyScope, MemoryStore, ResumableSseLayer};
+///
+/// // `/v1/chat` and `/v2/chat` resume each other's sessions.
+/// let layer = ResumableSseLayer::new(MemoryStore::new()).key_scope(KeyScope::Shared);
+/// # let _ = layer;
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyScope {
+    /// Each request path is a key space of its own (the default). The path is taken as the
+    /// request has it (still percent-encoded), so a reconnect to the same URL finds its session;
+    /// a path longer than [`MAX_SCOPE_LEN`](crate::limits::MAX_SCOPE_LEN) is an invalid key.
+    #[default]
+    Path,
+    /// One key space for every route under the layer: the extracted key alone names the
+    /// session.
+    Shared,
+}
+
+/// The session key of a request as the layer derives it: the extractor's key, within `scope`.
+pub(crate) fn derive<K: ExtractSessionKey>(
+    extract: &K,
+    scope: KeyScope,
+    parts: &Parts,
+) -> Result<Option<SessionKey>, InvalidSessionKey> {
+    let Some(key) = extract.extract(parts)? else {
+        return Ok(None);
+    };
+    match scope {
+        KeyScope::Path => SessionKey::scoped(parts.uri.path(), &key).map(Some),
+        KeyScope::Shared => Ok(Some(key)),
+    }
+}
+
+/// Whether a request's `Accept` header lets it receive an event stream: absent, or naming
+/// `text/event-stream`, `text/*` or `*/*` (parameters and weights aside). A request that only
+/// accepts something else is never answered with a replay.
+pub(crate) fn accepts_event_stream(headers: &http::HeaderMap) -> bool {
+    let mut values = headers.get_all(http::header::ACCEPT).iter().peekable();
+    if values.peek().is_none() {
+        return true;
+    }
+    values.any(|v| {
+        v.as_bytes().split(|&b| b == b',').any(|range| {
+            let essence = range.split(|&b| b == b';').next().unwrap_or_default();
+            let essence = essence.trim_ascii();
+            [&b"text/event-stream"[..], b"text/*", b"*/*"]
+                .iter()
+                .any(|m| essence.eq_ignore_ascii_case(m))
+        })
+    })
 }
 
 /// The raw value of the first query parameter called `name`, without allocating.

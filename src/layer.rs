@@ -5,7 +5,7 @@ use tower_layer::Layer;
 
 use crate::config::{Config, OnStoreError};
 use crate::drain::Drain;
-use crate::key::{ExtractSessionKey, FromQuery};
+use crate::key::{ExtractSessionKey, FromQuery, KeyScope};
 use crate::service::ResumableSse;
 
 /// The ceiling of [`ResumableSseLayer::max_event_size`]: an event, once encoded with `data: `
@@ -55,6 +55,75 @@ impl<St> ResumableSseLayer<St> {
 }
 
 impl<St, K> ResumableSseLayer<St, K> {
+    /// The request methods the layer makes resumable (default `GET` and `HEAD`); a request with
+    /// any other method goes to the inner service untouched, whatever keys it carries. A `HEAD`
+    /// request is answered from an existing session (its head, or the answer a `GET` would
+    /// get, without a body) and never starts one: it goes to the inner service when the session
+    /// does not exist. Add `POST` for applications whose streams start with a `POST`, as MCP's
+    /// Streamable HTTP does:
+    ///
+    /// ```
+    /// use http::Method;
+    /// use resumable_sse::{MemoryStore, ResumableSseLayer};
+    ///
+    /// let layer = ResumableSseLayer::new(MemoryStore::new())
+    ///     .methods([Method::GET, Method::HEAD, Method::POST]);
+    /// # let _ = layer;
+    /// ```
+    pub fn methods(mut self, methods: impl IntoIterator<Item = http::Method>) -> Self {
+        Arc::make_mut(&mut self.config).methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Sets the key space the layer's keys name (default [`KeyScope::Path`]: each request path
+    /// is its own); see [`KeyScope`].
+    pub fn key_scope(mut self, scope: KeyScope) -> Self {
+        Arc::make_mut(&mut self.config).scope = scope;
+        self
+    }
+
+    /// Ends every stream of a session with an event named `name` whose data is how the session
+    /// ended: `completed`, `failed` or `cancelled` (the [`Reason`](crate::Reason) tokens):
+    ///
+    /// ```text
+    /// event: end
+    /// id: 5f3a9c0b12de-42
+    /// data: completed
+    /// ```
+    ///
+    /// Off by default: a client that does not expect it would take it for a message. Every
+    /// connection that reaches the end of the session gets it, a reconnect's replay as well as
+    /// the live stream, after the last event; its id is the last event's, so a reconnect with it
+    /// is told `204` with the same outcome in its reason. It is made by the layer as each
+    /// connection reaches the end, not stored: that is how a cancelled session, or one whose
+    /// producer died, has it too (neither has a producer left to append it).
+    ///
+    /// # Panics
+    ///
+    /// If `name` is empty or holds a line break.
+    pub fn end_event(mut self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        assert!(
+            !name.is_empty() && !name.contains(['\r', '\n']),
+            "an end event name must be one non-empty line"
+        );
+        Arc::make_mut(&mut self.config).end_event = Some(Arc::from(name));
+        self
+    }
+
+    /// Whether a connection to a session that failed ends with an error (default `true`): the
+    /// connection is aborted, as a plain handler's would be when its body fails (HTTP/1.1 closes
+    /// without the final chunk; HTTP/2 resets the stream), after the last event and the
+    /// [end event](Self::end_event), if any. A `fetch`-based client then reports an error instead
+    /// of taking a crash for a complete answer, and an `EventSource` reconnects, to be told
+    /// `204` with `failed`. With `false`, the stream of a failed session ends cleanly, like one
+    /// that completed. A cancelled session's streams always end cleanly: the cancel was asked
+    /// for.
+    pub fn abort_on_failure(mut self, abort: bool) -> Self {
+        Arc::make_mut(&mut self.config).abort_on_failure = abort;
+        self
+    }
+
     /// Sets where the session key comes from; see [`ExtractSessionKey`].
     pub fn session_key<K2: ExtractSessionKey>(self, key: K2) -> ResumableSseLayer<St, K2> {
         ResumableSseLayer {
@@ -102,6 +171,16 @@ impl<St, K> ResumableSseLayer<St, K> {
     /// The store, for instance to [cancel](crate::store::Store::cancel) a session.
     pub fn store(&self) -> &St {
         &self.store
+    }
+
+    /// The application's handle on this layer's sessions: names them as the layer does and
+    /// cancels them; see [`Sessions`](crate::Sessions).
+    pub fn sessions(&self) -> crate::Sessions<St, K>
+    where
+        St: crate::store::Store,
+        K: ExtractSessionKey,
+    {
+        crate::Sessions::new(self.store.clone(), self.key.clone(), self.config.scope)
     }
 }
 

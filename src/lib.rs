@@ -196,6 +196,7 @@ mod producer;
 mod reason;
 mod service;
 mod session;
+mod sessions;
 pub mod sse;
 pub mod store;
 #[cfg(feature = "test-util")]
@@ -207,11 +208,14 @@ pub use config::OnStoreError;
 pub use drain::{Drain, DrainReport};
 pub use future::ResponseFuture;
 pub use keep_alive::KeepAlive;
-pub use key::{ExtractSessionKey, FromHeader, FromPath, FromQuery, Or};
+pub use key::{ExtractSessionKey, FromHeader, FromPath, FromQuery, KeyScope, Or};
 pub use layer::ResumableSseLayer;
 pub use reason::Reason;
 pub use service::{ResumableSse, REASON_HEADER};
-pub use session::{Epoch, EventId, InvalidSessionKey, Outcome, SessionKey, MAX_SESSION_KEY_LEN};
+pub use session::{
+    Epoch, EventId, InvalidSessionKey, KeyDigest, Outcome, SessionKey, MAX_SESSION_KEY_LEN,
+};
+pub use sessions::{Sessions, SessionsError};
 pub use store::memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -12,6 +12,10 @@ use std::time::Duration;
 /// (a replay of more goes out in several reads).
 pub const READ_PAGE_EVENTS: usize = 1024;
 
+/// The longest request path that scopes a session key ([`KeyScope::Path`](crate::KeyScope::Path),
+/// the default), in bytes; a longer one is answered `400` with `invalid-session-key`.
+pub const MAX_SCOPE_LEN: usize = 1024;
+
 /// The events one read of a session's shared tail asks for (stores with
 /// [`Store::SHARED_TAIL`](crate::store::Store::SHARED_TAIL)): one read per change while the
 /// tail keeps up, several in a row when it is further behind.

@@ -53,7 +53,7 @@ pub(crate) fn spawn<St, B>(
     B::Error: Into<BoxError>,
 {
     metrics::session_started();
-    tokio::spawn(async move {
+    let task = async move {
         let _running = running;
         let run = AssertUnwindSafe(produce(&store, &key, epoch, body, &config)).catch_unwind();
         let outcome = match run.await {
@@ -61,6 +61,7 @@ pub(crate) fn spawn<St, B>(
             Ok(None) => {
                 // Cancelled, or the session vanished: it already has its final state.
                 metrics::session_ended(Outcome::Cancelled);
+                tracing::debug!("session cancelled (or gone); its producer stopped");
                 return;
             }
             Err(_) => {
@@ -69,8 +70,14 @@ pub(crate) fn spawn<St, B>(
             }
         };
         metrics::session_ended(outcome);
+        match outcome {
+            Outcome::Failed => tracing::warn!("session failed"),
+            _ => tracing::debug!(outcome = outcome.reason().as_str(), "session ended"),
+        }
         finish(&store, &key, epoch, outcome, &config).await;
-    });
+    };
+    // In the request's span: its lines name the session.
+    tokio::spawn(tracing::Instrument::in_current_span(task));
 }
 
 /// Records the end of a session, retrying a failed call (a finish is idempotent and the store

@@ -13,7 +13,7 @@ use tower_service::Service;
 use crate::body::{Reader, ResumableBody, SessionEvents};
 use crate::config::{Config, OnStoreError};
 use crate::future::ResponseFuture;
-use crate::key::{last_event_id, ExtractSessionKey, FromQuery, LastEventId};
+use crate::key::{self, last_event_id, ExtractSessionKey, FromQuery, LastEventId};
 use crate::metrics;
 use crate::reason::Reason;
 use crate::session::{Epoch, SessionKey};
@@ -82,8 +82,14 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        // Only the methods the layer resumes, and only requests that can take an event stream:
+        // everything else is the inner service's, whatever keys it carries.
+        if !self.config.methods.contains(req.method()) || !key::accepts_event_stream(req.headers())
+        {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
         let (parts, body) = req.into_parts();
-        let key = match self.key.extract(&parts) {
+        let key = match key::derive(&self.key, self.config.scope, &parts) {
             Ok(Some(key)) => key,
             Ok(None) => {
                 return ResponseFuture::passthrough(
@@ -97,6 +103,7 @@ where
             }
         };
         let last = last_event_id(&parts);
+        let probe = parts.method == http::Method::HEAD;
         // The future owns the service that was driven to readiness; leave a clone in its place.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
@@ -105,11 +112,15 @@ where
             config: self.config.clone(),
             key,
         };
-        ResponseFuture::session(Box::pin(session.handle(
-            inner,
-            Request::from_parts(parts, body),
-            last,
-        )))
+        // Every line logged for this session (here, by its producer and by its readers) names it
+        // by the digest of its key, and by its epoch once known.
+        let span = tracing::debug_span!(
+            "session",
+            key = %session.key.digest(),
+            epoch = tracing::field::Empty
+        );
+        let handle = session.handle(inner, Request::from_parts(parts, body), last, probe);
+        ResponseFuture::session(Box::pin(tracing::Instrument::instrument(handle, span)))
     }
 }
 
@@ -125,6 +136,7 @@ impl<St: Store> Session<St> {
         inner: S,
         req: Request<ReqBody>,
         last: LastEventId,
+        probe: bool,
     ) -> Result<Response<ResumableBody<ResBody>>, S::Error>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send,
@@ -132,6 +144,11 @@ impl<St: Store> Session<St> {
         ResBody: Body<Data = Bytes> + Send + 'static,
         ResBody::Error: Into<BoxError>,
     {
+        if probe {
+            // `HEAD`: the answer a `GET` would get, without its body; never a new session.
+            let res = self.probe(inner, req, last).await?;
+            return Ok(res.map(|_| ResumableBody::empty()));
+        }
         let last = match last {
             LastEventId::Malformed => {
                 return Ok(reject(
@@ -204,6 +221,7 @@ impl<St: Store> Session<St> {
         ResBody: Body<Data = Bytes> + Send + 'static,
         ResBody::Error: Into<BoxError>,
     {
+        record_epoch(epoch);
         let mut claim = ClaimGuard {
             store: Some(self.store.clone()),
             key: self.key.clone(),
@@ -240,7 +258,8 @@ impl<St: Store> Session<St> {
         claim.disarm();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (store, key, config) = (self.store.clone(), self.key.clone(), self.config.clone());
-        tokio::spawn(async move {
+        // In the request's span (the session's), though it outlives the request.
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             // A store that panics must not leave the claim behind (nor this request waiting).
             let start = AssertUnwindSafe(start_session(&store, &key, epoch, head)).catch_unwind();
             let started = match start.await.unwrap_or_else(|_| {
@@ -254,6 +273,7 @@ impl<St: Store> Session<St> {
                     // reader is subscribed at its first read).
                     let follower = config.fanout.follow(&store, &key, epoch, 0).await.ok();
                     producer::spawn(store, key, epoch, body, config, running);
+                    tracing::debug!("session started");
                     Started::Running(follower)
                 }
                 Ok(false) => {
@@ -278,11 +298,11 @@ impl<St: Store> Session<St> {
                 }
             };
             let _ = tx.send(started);
-        });
+        }));
         match rx.await {
             Ok(Started::Running(follower)) => {
-                let fanout = self.config.fanout.clone();
-                let reader = Reader::following(self.store, fanout, self.key, epoch, 0, follower);
+                let config = self.config.clone();
+                let reader = Reader::following(self.store, config, self.key, epoch, 0, follower);
                 Ok(Response::from_parts(
                     parts,
                     ResumableBody::session(SessionEvents::new(reader, &self.config.keep_alive)),
@@ -305,6 +325,41 @@ impl<St: Store> Session<St> {
                     "the runtime stopped while starting a session",
                 )),
             ),
+        }
+    }
+
+    /// A `HEAD` request: looks the session up and answers as a `GET` would (the caller drops the
+    /// body); without a session, the inner service answers.
+    async fn probe<S, ReqBody, ResBody>(
+        self,
+        mut inner: S,
+        req: Request<ReqBody>,
+        last: LastEventId,
+    ) -> Result<Response<ResumableBody<ResBody>>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send,
+        S::Future: Send,
+        ResBody: Body<Data = Bytes> + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        let last = match last {
+            LastEventId::Malformed => {
+                return Ok(reject(
+                    StatusCode::BAD_REQUEST,
+                    Reason::MalformedLastEventId,
+                ))
+            }
+            LastEventId::Id(id) => Some(id),
+            LastEventId::None => None,
+        };
+        match self.store.lookup(&self.key).await {
+            Ok(Some(info)) if info.status == Status::Starting => {
+                Ok(unavailable(Reason::SessionStarting))
+            }
+            Ok(Some(info)) => Ok(self.resume(info, last)),
+            Ok(None) if last.is_some() => Ok(reject(StatusCode::GONE, Reason::UnknownSession)),
+            Ok(None) => Ok(inner.call(req).await?.map(ResumableBody::passthrough)),
+            Err(e) => self.store_failed(e, inner, req).await,
         }
     }
 
@@ -345,9 +400,11 @@ impl<St: Store> Session<St> {
             // A running or finished session always has its head; be safe anyway.
             return reject(StatusCode::GONE, Reason::UnknownSession);
         };
+        record_epoch(info.epoch);
+        tracing::debug!(after, status = ?info.status, "serving a session");
         metrics::replay_served();
-        let fanout = self.config.fanout.clone();
-        let reader = Reader::new(self.store, fanout, self.key, info.epoch, after);
+        let config = self.config.clone();
+        let reader = Reader::new(self.store, config, self.key, info.epoch, after);
         let mut res = Response::new(ResumableBody::session(SessionEvents::new(
             reader,
             &self.config.keep_alive,
@@ -490,6 +547,14 @@ fn unavailable<B>(reason: Reason) -> Response<ResumableBody<B>> {
     res.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     res
+}
+
+/// Names the session's epoch in the current span (the request's).
+fn record_epoch(epoch: Epoch) {
+    tracing::Span::current().record(
+        "epoch",
+        tracing::field::display(format_args!("{:012x}", epoch.raw())),
+    );
 }
 
 /// An answer the layer gives itself, with the reason in [`REASON_HEADER`].

@@ -32,9 +32,46 @@ impl SessionKey {
         Ok(Self(Arc::from(key)))
     }
 
+    /// The key of `key` within the key space of the request path `path`
+    /// ([`KeyScope::Path`](crate::KeyScope::Path)): `"<path> <key>"`. A path holds no space, so
+    /// two paths never share a key.
+    pub(crate) fn scoped(path: &str, key: &SessionKey) -> Result<Self, InvalidSessionKey> {
+        if path.len() > crate::limits::MAX_SCOPE_LEN {
+            return Err(InvalidSessionKey::PathTooLong(path.len()));
+        }
+        let mut s = String::with_capacity(path.len() + 1 + key.0.len());
+        s.push_str(path);
+        s.push(' ');
+        s.push_str(&key.0);
+        Ok(Self(Arc::from(s)))
+    }
+
     /// The key as a string.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// A digest of the key for logs: 16 hex digits, the same in every process and version (a
+    /// 64-bit FNV-1a hash), so that the lines of one session can be found across instances. A
+    /// key is a capability and never appears in the layer's logs; its digest does not reveal it
+    /// (keys must be unguessable anyway).
+    pub fn digest(&self) -> KeyDigest {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.0.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        KeyDigest(h)
+    }
+}
+
+/// A [`SessionKey`]'s digest, as its logs name it; see [`SessionKey::digest`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct KeyDigest(u64);
+
+impl fmt::Display for KeyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
     }
 }
 
@@ -62,6 +99,9 @@ pub enum InvalidSessionKey {
     TooLong(usize),
     /// The key is not valid UTF-8 once percent-decoded.
     NotUtf8,
+    /// The request path, which scopes the key ([`KeyScope::Path`](crate::KeyScope::Path)), is
+    /// longer than [`MAX_SCOPE_LEN`](crate::limits::MAX_SCOPE_LEN) bytes (the length is given).
+    PathTooLong(usize),
 }
 
 impl fmt::Display for InvalidSessionKey {
@@ -73,6 +113,11 @@ impl fmt::Display for InvalidSessionKey {
                 "session key is {n} bytes long, the limit is {MAX_SESSION_KEY_LEN}"
             ),
             Self::NotUtf8 => f.write_str("session key is not valid UTF-8"),
+            Self::PathTooLong(n) => write!(
+                f,
+                "the path that scopes the session key is {n} bytes long, the limit is {}",
+                crate::limits::MAX_SCOPE_LEN
+            ),
         }
     }
 }

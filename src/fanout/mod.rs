@@ -28,9 +28,9 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
 use self::tail::{Next, Serve, Tail};
-use crate::session::{Epoch, SessionKey};
+use crate::session::{Epoch, Outcome, SessionKey};
 use crate::store::pins::{Pin, Pins};
-use crate::store::{EventBlock, ReadBatch, Store, StoreError, Subscription};
+use crate::store::{EventBlock, ReadBatch, Status, Store, StoreError, Subscription};
 
 /// Events one read of the driver asks for.
 const TAIL_PAGE: usize = crate::limits::TAIL_PAGE_EVENTS;
@@ -194,6 +194,8 @@ pub(crate) struct Page {
     pub(crate) first_seq: u64,
     /// The page reaches the newest event of a finished session: nothing follows.
     pub(crate) end: bool,
+    /// How the session ended, when `end`.
+    pub(crate) outcome: Option<Outcome>,
     /// The page reaches the newest event known: wait for a change before the next read.
     pub(crate) caught_up: bool,
 }
@@ -204,10 +206,19 @@ impl Page {
         let upto = batch.blocks.last().map_or(after, EventBlock::last_seq);
         Self {
             end,
+            outcome: outcome(end, batch.status),
             caught_up: !end && upto >= batch.last_seq,
             first_seq: batch.first_seq,
             blocks: batch.blocks,
         }
+    }
+}
+
+/// The outcome of a session whose end a page reaches.
+fn outcome(end: bool, status: Status) -> Option<Outcome> {
+    match status {
+        Status::Finished(outcome) if end => Some(outcome),
+        _ => None,
     }
 }
 
@@ -281,22 +292,26 @@ impl<S: Store> Follower<S> {
                     blocks,
                     end,
                     caught_up,
+                    status,
                 } => Page {
                     first_seq: blocks.first().map_or(after + 1, EventBlock::first_seq),
                     blocks,
                     end,
+                    outcome: outcome(end, status),
                     caught_up,
                 },
-                Serve::End => Page {
+                Serve::End(status) => Page {
                     blocks: Vec::new(),
                     first_seq: after + 1,
                     end: true,
+                    outcome: outcome(true, status),
                     caught_up: false,
                 },
                 Serve::Wait => Page {
                     blocks: Vec::new(),
                     first_seq: after + 1,
                     end: false,
+                    outcome: None,
                     caught_up: true,
                 },
                 Serve::Gone => return Ok(None),

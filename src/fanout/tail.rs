@@ -49,9 +49,10 @@ pub(super) enum Serve {
         blocks: Vec<EventBlock>,
         end: bool,
         caught_up: bool,
+        status: Status,
     },
-    /// The reader has every event of the finished session.
-    End,
+    /// The reader has every event of the finished session (its final status).
+    End(Status),
     /// The session no longer exists.
     Gone,
     /// The reader has everything the tail holds: wait until the tail moves.
@@ -163,7 +164,7 @@ impl Tail {
         }
         if after >= self.last_seq {
             return if status.is_finished() && after >= self.head_seq {
-                Serve::End
+                Serve::End(status)
             } else {
                 // Ahead of the tail (a reader that read the store) or at its end: the tail
                 // moves when the store signals the next change.
@@ -177,6 +178,7 @@ impl Tail {
             end: status.is_finished() && upto >= self.head_seq,
             caught_up: upto >= self.last_seq,
             blocks,
+            status,
         }
     }
 }
@@ -202,6 +204,7 @@ mod tests {
                 blocks,
                 end,
                 caught_up,
+                ..
             } => (seqs(&blocks), end, caught_up),
             other => panic!("expected events, got {other:?}"),
         }
@@ -295,7 +298,7 @@ mod tests {
             5000,
         )));
         assert_eq!((t.last_seq, next), (5000, Next::Done));
-        assert!(matches!(t.serve(5000, 100), Serve::End));
+        assert!(matches!(t.serve(5000, 100), Serve::End(_)));
         let (_, end, _) = events(t.serve(4990, 1024));
         assert!(end);
         // A page after a gap that is not full: readers before the gap read the store.
@@ -307,7 +310,7 @@ mod tests {
         )));
         assert_eq!((t.oldest_cached(), t.last_seq), (9000, 9300));
         assert!(matches!(t.serve(5000, 100), Serve::Direct));
-        assert!(matches!(t.serve(9300, 100), Serve::End));
+        assert!(matches!(t.serve(9300, 100), Serve::End(_)));
     }
 
     #[test]

@@ -133,7 +133,7 @@ pub use self::notify::RedisSubscription;
 ///   connect within 2 s.
 ///
 /// ```no_run
-/// # async fn run() -> Result<(), redis::RedisError> {
+/// # async fn run() -> Result<(), resumable_sse::store::StoreError> {
 /// use std::time::Duration;
 /// use resumable_sse::{RedisStore, ResumableSseLayer};
 ///
@@ -349,8 +349,14 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Connects: one command connection and one pub/sub connection per process.
-    pub async fn connect(self) -> RedisResult<RedisStore> {
+    /// Connects: one command connection and one pub/sub connection per process. Fails with
+    /// [`Unavailable`](super::StoreErrorKind::Unavailable) (the Redis error as its source) when
+    /// the URL is not valid or no server answers.
+    pub async fn connect(self) -> Result<RedisStore, StoreError> {
+        self.try_connect().await.map_err(unavailable)
+    }
+
+    async fn try_connect(self) -> RedisResult<RedisStore> {
         let first = self.nodes.first().cloned().unwrap_or_default();
         let pubsub_client = redis::Client::open(first.as_str())?;
         let timeout = self.config.response_timeout;
