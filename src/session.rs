@@ -32,10 +32,18 @@ impl SessionKey {
         Ok(Self(Arc::from(key)))
     }
 
-    /// The key of `key` within the key space of the request path `path`
-    /// ([`KeyScope::Path`](crate::KeyScope::Path)): `"<path> <key>"`. A path holds no space, so
-    /// two paths never share a key.
-    pub(crate) fn scoped(path: &str, key: &SessionKey) -> Result<Self, InvalidSessionKey> {
+    /// The key the layer stores the session of `key` under for requests to `path`, with the
+    /// default [`KeyScope::Path`](crate::KeyScope::Path): `"<path> <key>"` (a path holds no
+    /// space, so two paths never share a key). For tools that look at a store directly; an
+    /// application asks its [`Sessions`](crate::Sessions) handle.
+    ///
+    /// ```
+    /// use resumable_sse::SessionKey;
+    ///
+    /// let id = SessionKey::new("abc").unwrap();
+    /// assert_eq!(SessionKey::scoped("/chat", &id).unwrap().as_str(), "/chat abc");
+    /// ```
+    pub fn scoped(path: &str, key: &SessionKey) -> Result<Self, InvalidSessionKey> {
         if path.len() > crate::limits::MAX_SCOPE_LEN {
             return Err(InvalidSessionKey::PathTooLong(path.len()));
         }

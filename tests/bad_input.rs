@@ -17,7 +17,7 @@ use http::StatusCode;
 use http_body_util::{BodyExt, Empty};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use resumable_sse::store::Store;
-use resumable_sse::{Epoch, EventId, MemoryStore, SessionKey};
+use resumable_sse::{Epoch, EventId, MemoryStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::*;
@@ -75,7 +75,7 @@ async fn assert_malformed_everywhere(ids: &[String]) {
     assert_eq!(app.inner.calls(), 1, "the inner service was called again");
     assert!(app
         .store
-        .lookup(&SessionKey::new("fresh").unwrap())
+        .lookup(&scoped("/tokens", "fresh"))
         .await
         .unwrap()
         .is_none());
@@ -293,7 +293,7 @@ async fn bad_percent_encoding_in_a_session_id_is_taken_literally() {
         .await;
     assert_eq!(datas(&evs), expected_tokens(0..3));
     // The key is the three characters `%zz`: `%25zz` names the same session.
-    let info = app.store.lookup(&SessionKey::new("%zz").unwrap()).await;
+    let info = app.store.lookup(&scoped("/tokens", "%zz")).await;
     assert_eq!(info.unwrap().unwrap().last_seq, 3);
     let r = answer(
         app.addr,
@@ -341,7 +341,7 @@ async fn assert_keys_are_ordinary<St: Store>(store: St, keys: &[&str]) {
         let last = evs.last().unwrap().id.clone();
         let r = answer(app.addr, &path(i, key), last.as_deref()).await;
         assert_eq!(r.reason.as_deref(), Some("completed"), "{key:?}");
-        let info = app.store.lookup(&SessionKey::new(key).unwrap()).await;
+        let info = app.store.lookup(&scoped("/tokens", key)).await;
         assert_eq!(info.unwrap().unwrap().last_seq, i as u64 + 1, "{key:?}");
     }
     assert_eq!(app.inner.calls(), keys.len());
@@ -451,7 +451,7 @@ async fn invalid_utf8_and_nul_bytes_in_data_pass_through_byte_for_byte() {
     let live = answer(addr, "/raw?session_id=bytes", None).await;
     assert_eq!(live.status, 200);
     let epoch = store
-        .lookup(&SessionKey::new("bytes").unwrap())
+        .lookup(&scoped("/raw", "bytes"))
         .await
         .unwrap()
         .unwrap()
@@ -485,7 +485,7 @@ async fn cr_only_line_ends_are_read_as_line_ends() {
     .await;
     let live = answer(addr, "/raw?session_id=cr", None).await;
     let epoch = store
-        .lookup(&SessionKey::new("cr").unwrap())
+        .lookup(&scoped("/raw", "cr"))
         .await
         .unwrap()
         .unwrap()

@@ -138,7 +138,7 @@ async fn run_clients_through_cuts<St: Store>(
             f.cut_short,
             f.reconnects
         );
-        let key = SessionKey::new(&f.key).unwrap();
+        let key = scoped("/tokens", &f.key);
         for store in stores {
             let info = store.lookup(&key).await.unwrap().expect("session retained");
             assert_eq!(info.status, Status::Finished(Outcome::Completed), "{ctx}");
@@ -243,7 +243,7 @@ async fn a_client_reading_one_event_per_second_delays_neither_the_producer_nor_f
         .layer(ResumableSseLayer::new(store.clone()));
     let addr = serve_router(app).await;
     let path = "/burst?session_id=burst";
-    let key = SessionKey::new("burst").unwrap();
+    let key = scoped("/burst", "burst");
     let started = Instant::now();
 
     // The slow client: one event, then one per second while the session runs, then the rest.

@@ -60,7 +60,7 @@ async fn a_reconnect_whose_remaining_count_is_a_multiple_of_the_read_page_ends()
     let got = first.take(7).await;
     drop(first);
     // Wait for the end of the session, then resume: exactly two pages remain.
-    session_finished(&app.store, "r").await;
+    session_finished(&app.store, &scoped("/tokens", "r")).await;
     let mut again = get(app.addr, &path, got.last().unwrap().id.as_deref()).await;
     let rest = again.collect().await;
     assert_eq!(datas(&rest), expected_tokens(7..n));

@@ -13,7 +13,7 @@ use axum::Router;
 use common::*;
 use resumable_sse::limits::{DEFAULT_MAX_EVENT_SIZE, DEFAULT_MAX_SESSIONS, MAX_SESSION_KEY_LEN};
 use resumable_sse::store::{Claim, Status, Store, StoreErrorKind};
-use resumable_sse::{MemoryStore, Outcome, ResumableSseLayer, SessionKey};
+use resumable_sse::{MemoryStore, Outcome, ResumableSseLayer};
 
 /// An inner service whose body is `body`, as it is, as an event stream.
 async fn serve_body(body: &'static [u8]) -> (std::net::SocketAddr, MemoryStore) {
@@ -50,7 +50,7 @@ async fn an_event_line_up_to_the_default_max_event_size_is_stored_and_a_larger_o
             .await
             .collect()
             .await;
-        let status = session_finished(&store, &key).await.status;
+        let status = session_finished(&store, &scoped("/raw", &key)).await.status;
         if line <= max {
             assert_eq!(datas(&evs), ["before", payload.as_str(), "after"], "{line}");
             assert_eq!(status, Status::Finished(Outcome::Completed), "{line}");
@@ -118,7 +118,7 @@ async fn the_default_store_takes_max_sessions_and_refuses_the_next_ones_only() {
     let lifetime = Duration::from_secs(600);
     // Up to the limit (its last two at max - 1 and max), every claim makes a session.
     for i in 0..max {
-        let key = SessionKey::new(format!("s{i}")).unwrap();
+        let key = scoped("/tokens", &format!("s{i}"));
         let claim = store.claim(&key, lifetime).await;
         assert!(
             matches!(claim, Ok(Claim::Claimed(_))),
@@ -129,7 +129,7 @@ async fn the_default_store_takes_max_sessions_and_refuses_the_next_ones_only() {
     assert_eq!(store.len(), max);
     // Beyond it (max + 1 up to 2 max), every new key is refused, and nothing is added.
     for i in max..2 * max {
-        let key = SessionKey::new(format!("s{i}")).unwrap();
+        let key = scoped("/tokens", &format!("s{i}"));
         let err = store.claim(&key, lifetime).await.expect_err("refused");
         assert_eq!(
             err.kind(),
@@ -146,7 +146,7 @@ async fn the_default_store_takes_max_sessions_and_refuses_the_next_ones_only() {
         (refused.status.as_u16(), refused.reason()),
         (503, Some("session-limit"))
     );
-    let existing = SessionKey::new("s0").unwrap();
+    let existing = scoped("/tokens", "s0");
     assert!(app.store.cancel(&existing).await.unwrap());
     let again = get(app.addr, "/tokens?session_id=s0&n=1", None).await;
     assert_eq!(

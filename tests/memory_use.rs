@@ -80,7 +80,7 @@ async fn a_100_mb_event_without_a_blank_line_fails_the_session_without_being_buf
     assert_eq!(conn.status, 200);
     let evs = conn.collect().await;
     assert_eq!(datas(&evs), ["one", "two"]);
-    session_when(&store, "flood", "failed", |i| {
+    session_when(&store, &scoped("/raw", "flood"), "failed", |i| {
         i.status == Status::Finished(Outcome::Failed)
     })
     .await;
@@ -156,7 +156,7 @@ async fn five_thousand_subscribers_share_one_history_instead_of_copying_it() {
     let path = "/raw?session_id=big";
     // The session runs with its whole history stored before anyone subscribes.
     let first = get(addr, path, None).await;
-    let epoch = session_when(&store, "big", "the history stored", |i| {
+    let epoch = session_when(&store, &scoped("/raw", "big"), "the history stored", |i| {
         i.last_seq == HISTORY as u64
     })
     .await

@@ -183,7 +183,7 @@ impl<St: Store> Model<St> {
     async fn new(store: St) -> Self {
         Self {
             app: serve_with(store, |l| l).await,
-            key: SessionKey::new(KEY).unwrap(),
+            key: scoped("/gated", KEY),
             session: None,
             old_epochs: Vec::new(),
             incarnations: 0,
@@ -276,7 +276,8 @@ impl<St: Store> Model<St> {
     }
 
     /// Reads `n` events (or, when `to_end`, up to the end) and checks they are
-    /// `from..from + n` of the current incarnation, and that the body then ends cleanly.
+    /// `from..from + n` of the current incarnation, and that the body then ends: aborted when
+    /// the session failed (the layer's default), cleanly otherwise.
     async fn expect_events(
         &mut self,
         what: &str,
@@ -288,6 +289,7 @@ impl<St: Store> Model<St> {
         self.stats.events += n;
         self.stats.ends += usize::from(to_end);
         let s = self.session.as_ref().expect("a session");
+        let aborted = s.outcome == Some(Outcome::Failed);
         for i in 0..n {
             let seq = from + i;
             let ev = match tokio::time::timeout(STALL, conn.next()).await {
@@ -323,10 +325,12 @@ impl<St: Store> Model<St> {
                 Ok(Some(ev)) => {
                     return Err(format!("{what}: an event after the last: {ev:?}"));
                 }
-                Ok(None) if conn.evicted || conn.errored => {
+                Ok(None) if conn.evicted || conn.errored != aborted => {
                     return Err(format!(
-                        "{what}: ended evicted {} / cut {} instead of cleanly",
-                        conn.evicted, conn.errored
+                        "{what}: ended evicted {} / cut {} instead of {}",
+                        conn.evicted,
+                        conn.errored,
+                        if aborted { "aborted" } else { "cleanly" }
                     ));
                 }
                 Ok(None) => {}

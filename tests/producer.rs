@@ -21,8 +21,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use resumable_sse::store::{Status, Store};
 use resumable_sse::{
-    Drain, EventId, Outcome, ResumableBody, ResumableSse, ResumableSseLayer, SessionKey,
-    REASON_HEADER,
+    Drain, EventId, Outcome, ResumableBody, ResumableSse, ResumableSseLayer, REASON_HEADER,
 };
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -32,7 +31,7 @@ use tower::{Layer, ServiceExt};
 
 // The waits of `common` measure the runtime's clock: paused time in most tests here.
 use common::faulty::FaultyStore;
-use common::{datas, eventually, within, Block, Ev, Inner, TIMEOUT};
+use common::{datas, eventually, scoped, within, Block, Ev, Inner, TIMEOUT};
 
 /// How soon the producer must react to a cancel or a deadline. Far below every backoff it could
 /// otherwise be sleeping through (the fourth failure waits 800 ms).
@@ -122,14 +121,16 @@ impl App {
         answer(self.call(path, last_event_id)).await
     }
 
-    async fn status(&self, key: &str) -> Option<Status> {
-        let key = SessionKey::new(key).unwrap();
+    /// The status of the session of `key` on `route`.
+    async fn status(&self, route: &str, key: &str) -> Option<Status> {
+        let key = scoped(route, key);
         let info = self.store.inner.lookup(&key).await.unwrap();
         info.map(|i| i.status)
     }
 
-    async fn cancel(&self, key: &str) {
-        let key = SessionKey::new(key).unwrap();
+    /// Cancels the session of `key` on `route`.
+    async fn cancel(&self, route: &str, key: &str) {
+        let key = scoped(route, key);
         assert!(
             self.store.inner.cancel(&key).await.unwrap(),
             "a session to cancel"
@@ -205,7 +206,7 @@ async fn cancel_still_stops_the_generation_after_one_failed_cancellation_check()
     eventually("the first event stored", || app.store.calls("append") >= 1).await;
     // The generator is idle: no append will see the cancel, only the watch can.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    app.cancel("watch").await;
+    app.cancel("/gated", "watch").await;
     within(
         Duration::from_secs(5),
         "the generator dropped after the cancel",
@@ -218,7 +219,7 @@ async fn cancel_still_stops_the_generation_after_one_failed_cancellation_check()
         "the watch was re-armed once"
     );
     assert_eq!(
-        app.status("watch").await,
+        app.status("/gated", "watch").await,
         Some(Status::Finished(Outcome::Cancelled))
     );
     assert_eq!(datas(&events(res).await), ["first"]);
@@ -240,7 +241,7 @@ async fn in_append_backoff(app: &App, key: &str) -> Res {
 async fn a_cancel_during_an_append_backoff_stops_the_producer_promptly() {
     let app = app(|l| l);
     let _res = in_append_backoff(&app, "cancel-backoff").await;
-    app.cancel("cancel-backoff").await;
+    app.cancel("/gated", "cancel-backoff").await;
     within(PROMPTLY, "the generator dropped after the cancel", || {
         app.inner.generators_dropped() == 1
     })
@@ -249,7 +250,7 @@ async fn a_cancel_during_an_append_backoff_stops_the_producer_promptly() {
     assert_eq!(app.store.calls("append"), 4, "no retry after the cancel");
     assert_eq!(app.store.calls("finish"), 0, "a cancel is not overwritten");
     assert_eq!(
-        app.status("cancel-backoff").await,
+        app.status("/gated", "cancel-backoff").await,
         Some(Status::Finished(Outcome::Cancelled))
     );
 }
@@ -266,7 +267,7 @@ async fn the_drain_deadline_during_an_append_backoff_ends_the_session_promptly()
     assert_eq!(report.ended_at_deadline, 1);
     assert_eq!(app.inner.generators_dropped(), 1);
     assert_eq!(
-        app.status("drain-backoff").await,
+        app.status("/gated", "drain-backoff").await,
         Some(Status::Finished(Outcome::Failed))
     );
 }
@@ -293,7 +294,7 @@ async fn the_max_lifetime_during_an_append_backoff_ends_the_session_promptly() {
     assert_eq!(app.store.calls("append"), 4);
     eventually("the producer ended", || app.drain.running() == 0).await;
     assert_eq!(
-        app.status("lifetime-backoff").await,
+        app.status("/gated", "lifetime-backoff").await,
         Some(Status::Finished(Outcome::Failed))
     );
 }
@@ -314,7 +315,7 @@ async fn events_are_still_generated_during_an_append_backoff_and_stored_in_order
         .collect();
     assert_eq!(datas(&evs), expected);
     assert_eq!(
-        app.status("keeps-reading").await,
+        app.status("/gated", "keeps-reading").await,
         Some(Status::Finished(Outcome::Completed))
     );
 }
@@ -331,7 +332,7 @@ async fn a_completed_session_whose_first_finish_calls_fail_is_recorded_completed
     assert_eq!(datas(&evs), common::expected_tokens(0..5));
     assert_eq!(app.store.calls("finish"), 4);
     assert_eq!(
-        app.status("fin").await,
+        app.status("/tokens", "fin").await,
         Some(Status::Finished(Outcome::Completed))
     );
     let end = app
@@ -351,7 +352,7 @@ async fn a_lost_finish_reply_is_retried_and_the_session_stays_completed() {
     eventually("the producer ended", || app.drain.running() == 0).await;
     assert_eq!(app.store.calls("finish"), 3);
     assert_eq!(
-        app.status("fin-reply").await,
+        app.status("/tokens", "fin-reply").await,
         Some(Status::Finished(Outcome::Completed))
     );
 }
@@ -369,7 +370,7 @@ async fn in_finish_backoff(app: &App, key: &str) -> Res {
 async fn a_cancel_during_finish_retries_is_kept_and_ends_the_retries() {
     let app = app(|l| l);
     let res = in_finish_backoff(&app, "fin-cancel").await;
-    app.cancel("fin-cancel").await;
+    app.cancel("/gated", "fin-cancel").await;
     let finishes = app.store.calls("finish");
     within(PROMPTLY, "the producer ended after the cancel", || {
         app.drain.running() == 0
@@ -381,7 +382,7 @@ async fn a_cancel_during_finish_retries_is_kept_and_ends_the_retries() {
         "no retry after the cancel"
     );
     assert_eq!(
-        app.status("fin-cancel").await,
+        app.status("/gated", "fin-cancel").await,
         Some(Status::Finished(Outcome::Cancelled))
     );
     assert_eq!(datas(&events(res).await), ["first"]);
@@ -434,7 +435,7 @@ async fn a_drain_that_begins_while_the_inner_service_answers_waits_for_that_sess
     assert_eq!(report.running_at_start, 1);
     assert_eq!(report.ended_at_deadline, 0);
     assert_eq!(
-        app.status("racing").await,
+        app.status("/tokens", "racing").await,
         Some(Status::Finished(Outcome::Completed))
     );
     assert_eq!(app.inner.calls(), 1);
@@ -461,7 +462,7 @@ async fn a_request_that_passed_the_drain_check_before_the_drain_began_is_refused
     assert_eq!(res.headers()["retry-after"], "1");
     assert_eq!(app.entered.load(Ordering::SeqCst), 0, "nothing generated");
     eventually("the claim released", || app.store.calls("release") == 1).await;
-    assert_eq!(app.status("late").await, None);
+    assert_eq!(app.status("/gated", "late").await, None);
     assert_eq!(app.drain.running(), 0);
     assert_eq!(app.store.calls("start"), 0);
     assert_eq!(app.store.calls("append"), 0);
@@ -504,7 +505,7 @@ async fn a_lost_start_reply_is_retried_and_the_session_is_produced_once() {
     assert_eq!(app.store.calls("start"), 2);
     eventually("the producer ended", || app.drain.running() == 0).await;
     assert_eq!(
-        app.status("lost-start").await,
+        app.status("/tokens", "lost-start").await,
         Some(Status::Finished(Outcome::Completed))
     );
     // A reconnect from the start gets the same events, once.
@@ -539,14 +540,18 @@ async fn a_start_failing_fewer_times_than_its_attempts_still_makes_a_session_and
             );
             eventually("the producer ended", || app.drain.running() == 0).await;
             assert_eq!(
-                app.status(&key).await,
+                app.status("/tokens", &key).await,
                 Some(Status::Finished(Outcome::Completed)),
                 "{failures} failures"
             );
         } else {
             assert_eq!(evs[0].id.as_deref(), Some("inner-0"), "{failures} failures");
             assert_eq!(app.store.calls("start"), n, "{failures} failures");
-            assert_eq!(app.status(&key).await, None, "{failures} failures");
+            assert_eq!(
+                app.status("/tokens", &key).await,
+                None,
+                "{failures} failures"
+            );
         }
     }
 }
@@ -565,7 +570,11 @@ async fn a_start_that_keeps_failing_serves_the_response_unresumable_and_releases
         "passed through, with the inner ids"
     );
     assert_eq!(app.store.calls("append"), 0);
-    assert_eq!(app.status("no-start").await, None, "the claim is released");
+    assert_eq!(
+        app.status("/tokens", "no-start").await,
+        None,
+        "the claim is released"
+    );
     assert_eq!(app.drain.running(), 0);
 }
 
@@ -590,7 +599,7 @@ async fn a_start_that_finds_its_claim_lost_drops_the_body_and_starts_no_producer
     assert_eq!(app.store.calls("finish"), 0);
     assert_eq!(app.inner.calls(), 1);
     assert_eq!(
-        app.status("lost-claim").await,
+        app.status("/gated", "lost-claim").await,
         Some(Status::Finished(Outcome::Cancelled))
     );
 }
@@ -615,7 +624,7 @@ async fn the_drain_deadline_while_the_inner_service_answers_refuses_that_request
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reason(&res), Some("draining"));
     assert_eq!(
-        app.status("slow-inner").await,
+        app.status("/tokens", "slow-inner").await,
         None,
         "the claim is released"
     );

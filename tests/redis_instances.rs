@@ -126,7 +126,7 @@ async fn a_dead_producer_is_detected_within_the_lease_and_marked_failed() {
     let lease = Duration::from_millis(600);
     let producer = store_on(&url, &prefix, lease).await;
     let other = serve_with(store_on(&url, &prefix, lease).await, |l| l).await;
-    let key = SessionKey::new("crash").unwrap();
+    let key = scoped("/gated", "crash");
     let Claim::Claimed(epoch) = producer.claim(&key, Duration::from_secs(60)).await.unwrap() else {
         panic!("fresh key must be claimable");
     };
@@ -579,7 +579,7 @@ async fn a_redis_restart_that_lost_data_is_reported_not_spliced() {
     assert_eq!(r.reason(), Some("unknown-session"));
     // The generator was not run again.
     assert_eq!(app.inner.calls(), 1);
-    let key = SessionKey::new("lost").unwrap();
+    let key = scoped("/gated", "lost");
     assert!(app.store.lookup(&key).await.unwrap().is_none());
 }
 
@@ -620,7 +620,7 @@ async fn a_claim_whose_process_died_before_answering_is_taken_over() {
     let prefix = unique_prefix();
     let lease = Duration::from_millis(300);
     let dead = store_on(&url, &prefix, lease).await;
-    let key = SessionKey::new("orphan").unwrap();
+    let key = scoped("/tokens", "orphan");
     assert!(matches!(
         dead.claim(&key, Duration::from_secs(60)).await.unwrap(),
         Claim::Claimed(_)
@@ -967,7 +967,7 @@ async fn a_client_behind_the_hard_byte_limit_gets_a_prefix_then_the_evicted_comm
     })
     .await;
     let path = "/gated?session_id=behind";
-    let key = SessionKey::new("behind").unwrap();
+    let key = scoped("/gated", "behind");
     let run = async {
         app.inner.gate("behind");
         let mut first = get(app.addr, path, None).await;
@@ -980,7 +980,7 @@ async fn a_client_behind_the_hard_byte_limit_gets_a_prefix_then_the_evicted_comm
             app.inner.send("behind", data(i));
         }
         app.inner.end("behind");
-        let info = session_finished(&app.store, "behind").await;
+        let info = session_finished(&app.store, &key).await;
         assert_eq!(info.status, Status::Finished(Outcome::Completed));
         assert!(info.first_seq > 1, "the oldest events were trimmed");
         // Then it reads: what the connection already held, then the evicted comment, then the end.
@@ -1056,7 +1056,7 @@ async fn a_client_on_the_producing_instance_keeps_what_it_needs_past_the_soft_by
             app.inner.send("held", data(i));
         }
         app.inner.end("held");
-        let info = session_finished(&app.store, "held").await;
+        let info = session_finished(&app.store, &scoped("/gated", "held")).await;
         assert_eq!(info.status, Status::Finished(Outcome::Completed));
         got.extend(first.collect().await);
         assert_eq!(got.len(), EVENTS);
@@ -1226,7 +1226,7 @@ async fn a_shared_tail_overtaken_by_trimming_restarts_so_that_no_subscriber_stal
     )
     .await;
     let mut rc = inspector(&url).await;
-    let key = SessionKey::new("overtaken").unwrap();
+    let key = scoped("/gated", "overtaken");
     let path = "/gated?session_id=overtaken";
     const SUBSCRIBERS: usize = 50;
     let run = async {
@@ -1488,7 +1488,7 @@ async fn a_producer_keeps_its_lease_while_it_retries_recording_the_end() {
         cutter.arm();
         producing.inner.end("ending");
         assert_eq!(follower.next().await, None, "the follower ends");
-        let key = SessionKey::new("ending").unwrap();
+        let key = scoped("/gated", "ending");
         let info = following.store.lookup(&key).await.unwrap().unwrap();
         assert_eq!(info.status, Status::Finished(Outcome::Completed));
         let again = get(following.addr, path, got[0].id.as_deref()).await;

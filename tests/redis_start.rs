@@ -45,7 +45,7 @@ async fn a_client_that_disconnects_while_redis_starts_the_session_loses_no_event
     let gone = tokio::time::timeout(Duration::from_millis(200), get(addr, path, None)).await;
     assert!(gone.is_err(), "the client gave up before the head came");
     // The generation was not lost with the client: it runs to its end, well past the lease.
-    let info = session_finished(&store, "gone").await;
+    let info = session_finished(&store, &scoped("/tokens", "gone")).await;
     assert_eq!(info.status, Status::Finished(Outcome::Completed));
     assert_eq!(info.last_seq, 50);
     let evs = get(addr, path, None).await.collect().await;
@@ -65,7 +65,7 @@ async fn a_lost_start_reply_on_redis_is_retried_and_the_session_is_produced_once
     assert_eq!(first.status, 200);
     assert_eq!(datas(&first.collect().await), expected_tokens(0..20));
     assert_eq!(store.calls("start"), 2, "one retry");
-    let info = session_finished(&store, "lost").await;
+    let info = session_finished(&store, &scoped("/tokens", "lost")).await;
     assert_eq!(info.status, Status::Finished(Outcome::Completed));
     // A reconnect holding the last event is told it is done; the inner service ran once.
     let last = EventId {
@@ -104,7 +104,7 @@ async fn a_start_that_finds_its_claim_cancelled_on_redis_drops_the_body_and_prod
     // happen takes a fixed wait: two leases, past any renewal or takeover.
     app.inner.send("cut", "late");
     tokio::time::sleep(2 * LEASE).await;
-    let info = session_finished(&store, "cut").await;
+    let info = session_finished(&store, &scoped("/gated", "cut")).await;
     assert_eq!(info.status, Status::Finished(Outcome::Cancelled));
     assert_eq!(info.last_seq, 0);
     assert_eq!(app.inner.calls(), 1);

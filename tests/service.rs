@@ -20,7 +20,7 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use resumable_sse::store::{SessionInfo, Status, Store};
 use resumable_sse::{
     BoxError, EventId, MemoryStore, Outcome, ResumableBody, ResumableSse, ResumableSseLayer,
-    SessionKey, REASON_HEADER,
+    REASON_HEADER,
 };
 use tokio::sync::mpsc;
 use tower::{Layer, Service, ServiceExt};
@@ -29,7 +29,7 @@ use tower_test::mock;
 mod common;
 
 use common::faulty::FaultyStore;
-use common::{datas, eventually, parse_events, session_when, TIMEOUT};
+use common::{datas, eventually, parse_events, scoped, session_when, TIMEOUT};
 
 // ---------------------------------------------------------------------------------------------
 // Allocation counting: only allocations made on the measuring thread, inside a window.
@@ -196,6 +196,22 @@ async fn frames(res: Response<ResumableBody<TestBody>>) -> Vec<Bytes> {
     out
 }
 
+/// The body's bytes up to its end, and the error it ended with, if it failed.
+async fn body_and_error(res: Response<ResumableBody<TestBody>>) -> (Bytes, Option<String>) {
+    let mut body = res.into_body();
+    let mut out = Vec::new();
+    while let Some(frame) = tokio::time::timeout(TIMEOUT, body.frame())
+        .await
+        .expect("a frame or the end in time")
+    {
+        match frame {
+            Ok(frame) => out.extend(frame.into_data().unwrap_or_default()),
+            Err(e) => return (out.into(), Some(e.to_string())),
+        }
+    }
+    (out.into(), None)
+}
+
 async fn body_bytes(res: Response<ResumableBody<TestBody>>) -> Bytes {
     frames(res).await.concat().into()
 }
@@ -235,11 +251,7 @@ fn reason(res: &Response<ResumableBody<TestBody>>) -> Option<&str> {
 }
 
 async fn lookup(store: &CountingStore, key: &str) -> Option<SessionInfo> {
-    store
-        .inner
-        .lookup(&SessionKey::new(key).unwrap())
-        .await
-        .unwrap()
+    store.inner.lookup(&scoped("/chat", key)).await.unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -535,7 +547,13 @@ async fn bad_positions_and_keys_are_answered_without_calling_the_inner_service()
     reply.send_response(sse(body));
     send(&tx, b"data: 1\n\ndata: 2\n\n");
     let live = answer(pending).await.unwrap();
-    session_when(&store.inner, "live", "2 events stored", |i| i.last_seq == 2).await;
+    session_when(
+        &store.inner,
+        &scoped("/chat", "live"),
+        "2 events stored",
+        |i| i.last_seq == 2,
+    )
+    .await;
     let epoch = lookup(&store, "live").await.unwrap().epoch;
     let id = |seq| EventId { epoch, seq }.to_string();
     let long_key = format!("/chat?session_id={}", "k".repeat(10 * 1024));
@@ -751,9 +769,11 @@ async fn an_inner_body_error_keeps_the_stored_events_fails_the_session_and_logs_
     send(&tx, b"data: kept\n\n");
     tx.send(Err("generator crashed".into())).unwrap();
     let res = answer(pending).await.unwrap();
-    // The client gets what was stored, then the end.
-    let received = body_bytes(res).await;
+    // The client gets what was stored, then the body fails (the connection is aborted), as a
+    // plain handler's would.
+    let (received, error) = body_and_error(res).await;
     assert_eq!(datas_in(&received), ["kept"]);
+    assert_eq!(error.as_deref(), Some("the session failed"));
     let info = lookup(&store, "broken").await.unwrap();
     assert_eq!(info.status, Status::Finished(Outcome::Failed));
 
@@ -845,7 +865,13 @@ async fn send_five_more(store: &CountingStore, tx: &Sender, key: &str) {
         tx,
         b"data: 2\n\ndata: 3\n\ndata: 4\n\ndata: 5\n\ndata: 6\n\n",
     );
-    session_when(&store.inner, key, "6 events stored", |i| i.last_seq == 6).await;
+    session_when(
+        &store.inner,
+        &scoped("/chat", key),
+        "6 events stored",
+        |i| i.last_seq == 6,
+    )
+    .await;
 }
 
 #[tokio::test]

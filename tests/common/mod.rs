@@ -300,18 +300,23 @@ where
     }
 }
 
+/// The key the layer stores the session of `id` under for requests to `path` (the default key
+/// scope).
+pub fn scoped(path: &str, id: &str) -> SessionKey {
+    SessionKey::scoped(path, &SessionKey::new(id).unwrap()).unwrap()
+}
+
 /// Waits until the session under `key` exists and satisfies `cond`, for at most [`TIMEOUT`],
 /// and returns its state; fails the test naming `what` and the last state seen.
 pub async fn session_when<St: Store>(
     store: &St,
-    key: &str,
+    key: &SessionKey,
     what: &str,
     cond: impl Fn(&SessionInfo) -> bool,
 ) -> SessionInfo {
-    let key = SessionKey::new(key).unwrap();
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
-        let info = store.lookup(&key).await.expect("lookup");
+        let info = store.lookup(key).await.expect("lookup");
         if let Some(info) = info.as_ref().filter(|i| cond(i)) {
             return info.clone();
         }
@@ -324,7 +329,7 @@ pub async fn session_when<St: Store>(
 }
 
 /// Waits until the session under `key` is finished, and returns its state.
-pub async fn session_finished<St: Store>(store: &St, key: &str) -> SessionInfo {
+pub async fn session_finished<St: Store>(store: &St, key: &SessionKey) -> SessionInfo {
     session_when(store, key, "finished", |i| i.status.is_finished()).await
 }
 
