@@ -36,17 +36,18 @@
 //! | `GET /chat?session_id=ID&prompt=TEXT&interval_ms=MS` | the fake answer to `TEXT`: one message event per word (the data of every word but the first starts with its space), `MS` milliseconds apart (default 50); the first event also carries `retry: 500`; a last event `event: done` with data `[DONE]` marks a normal end |
 //! | `GET /answer?prompt=TEXT` | the whole answer to `TEXT` as `text/plain`: what the message events of `/chat?prompt=TEXT` add up to |
 //! | `POST /drop?session_id=ID&client=C` | ends the open `/chat` responses of session `ID` that were opened with `&client=C` (every one of the session's without `client`); their clients reconnect by themselves. `200` with `{"dropped": n}` |
-//! | `POST /cancel?session_id=ID` | [`Store::cancel`]: `204` when a running session was cancelled, `404` when there was none |
-//! | `GET /session?session_id=ID` | [`Store::lookup`]: `{"status": S, "events": n}` with `S` one of `starting`, `running`, `completed`, `failed`, `cancelled`; `404` with `{"status": "unknown"}` |
+//! | `POST /cancel?session_id=ID` | [`Sessions::cancel`]: `204` when a running session was cancelled, `404` when there was none |
+//! | `GET /session?session_id=ID` | [`Sessions::status`]: `{"status": S, "events": n}` with `S` one of `starting`, `running`, `completed`, `failed`, `cancelled`; `404` with `{"status": "unknown"}` |
 //! | `GET /metrics` | the library's counters and gauges in the Prometheus text format |
 //! | `POST /api/chat` | starts a chat the way the Vercel AI SDK's resumable streams do: the body is the prompt (`text/plain`, or JSON with a `prompt` string or a `messages` array whose last user message is the prompt); answers `{"id": ID}` |
 //! | `GET /api/chat/{id}/stream` | the answer to that prompt, as on `/chat`: the first request starts it, later ones resume it (`Last-Event-ID`) |
 //!
 //! On `/chat` the session key is the `session_id` query parameter (without one, the answer is
-//! streamed unresumable); on `/api/chat/{id}/stream` it is the `{id}` path segment, taken by a
-//! custom key extractor. `POST /api/chat` only remembers the prompt under a new random id (for
-//! ten minutes); the generation starts with the first `GET` of its stream. Both kinds of sessions
-//! live in one store, so `/cancel` and `/session` take either kind of id.
+//! streamed unresumable); on `/api/chat/{id}/stream` it is the `{id}` path segment
+//! (`FromPath::segment(2)`). `POST /api/chat` only remembers the prompt under a new random id (for
+//! ten minutes); the generation starts with the first `GET` of its stream. Each route is a key
+//! space of its own; `/cancel` and `/session` take either kind of id and ask the layers'
+//! [`Sessions`] handles, which name sessions as the layers do.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -59,7 +60,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, request::Parts, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, Sse};
 use axum::response::{Html, IntoResponse, Response};
@@ -70,7 +71,7 @@ use futures_util::stream::{self, Stream, StreamExt};
 use http_body::Frame;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use resumable_sse::store::{Status, Store};
-use resumable_sse::{BoxError, MemoryStore, ResumableSseLayer, SessionKey};
+use resumable_sse::{BoxError, FromPath, MemoryStore, ResumableSseLayer, SessionKey, Sessions};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
@@ -211,15 +212,22 @@ async fn serve<S: Store>(
 /// What the handlers share.
 #[derive(Clone)]
 struct App<S> {
-    store: S,
+    /// The layers' handles, which name sessions as the layers do: `/chat`'s and the AI SDK
+    /// stream's.
+    chat: Sessions<S>,
+    api: Sessions<S, FromPath>,
     connections: Connections,
     prompts: Prompts,
     metrics: PrometheusHandle,
 }
 
 fn app<S: Store>(store: S, bare: bool, metrics: PrometheusHandle) -> Router {
+    let layer = ResumableSseLayer::new(store.clone());
+    // `/api/chat/{id}/stream`: the key is the `{id}` segment.
+    let api_layer = layer.clone().session_key(FromPath::segment(2));
     let state = App {
-        store: store.clone(),
+        chat: layer.sessions(),
+        api: api_layer.sessions(),
         connections: Connections::default(),
         prompts: Prompts::default(),
         metrics,
@@ -231,11 +239,7 @@ fn app<S: Store>(store: S, bare: bool, metrics: PrometheusHandle) -> Router {
     let (chat, api_stream) = if bare {
         (chat, api_stream)
     } else {
-        let layer = ResumableSseLayer::new(store);
-        (
-            chat.layer(layer.clone()),
-            api_stream.layer(layer.session_key(api_session_key)),
-        )
+        (chat.layer(layer), api_stream.layer(api_layer))
     };
     // Outside the layer: `/drop` can end a client's response while the session goes on.
     let chat = chat.layer(middleware::from_fn_with_state(
@@ -253,16 +257,6 @@ fn app<S: Store>(store: S, bare: bool, metrics: PrometheusHandle) -> Router {
         .with_state(state)
         .merge(chat)
         .merge(api_stream)
-}
-
-/// The session key of `/api/chat/{id}/stream`: the `{id}`.
-fn api_session_key(parts: &Parts) -> Option<String> {
-    let id = parts
-        .uri
-        .path()
-        .strip_prefix("/api/chat/")?
-        .strip_suffix("/stream")?;
-    (!id.is_empty() && !id.contains('/')).then(|| id.to_owned())
 }
 
 async fn page() -> impl IntoResponse {
@@ -372,9 +366,19 @@ async fn answer_text(Query(q): Params) -> String {
     answer(q.get("prompt").map_or("", String::as_str))
 }
 
-fn session_key(q: &HashMap<String, String>) -> Result<SessionKey, String> {
+/// The keys `session_id` may name: a `/chat` session's, or an AI SDK stream's. Each route is a
+/// key space of its own; the layers' handles name them.
+fn session_keys<S: Store>(
+    app: &App<S>,
+    q: &HashMap<String, String>,
+) -> Result<[SessionKey; 2], String> {
     let id = q.get("session_id").ok_or("session_id is missing")?;
-    SessionKey::new(id).map_err(|e| e.to_string())
+    let chat = app.chat.key_at("/chat", id).map_err(|e| e.to_string())?;
+    let api = app
+        .api
+        .key_at(&format!("/api/chat/{id}/stream"), id)
+        .map_err(|e| e.to_string())?;
+    Ok([chat, api])
 }
 
 async fn drop_connections<S>(State(app): State<App<S>>, Query(q): Params) -> Response {
@@ -388,11 +392,15 @@ async fn drop_connections<S>(State(app): State<App<S>>, Query(q): Params) -> Res
 }
 
 async fn cancel<S: Store>(State(app): State<App<S>>, Query(q): Params) -> Response {
-    let key = match session_key(&q) {
-        Ok(key) => key,
+    let [chat, api] = match session_keys(&app, &q) {
+        Ok(keys) => keys,
         Err(message) => return bad_request(message),
     };
-    match app.store.cancel(&key).await {
+    let cancelled = match app.chat.cancel(&chat).await {
+        Ok(false) => app.api.cancel(&api).await,
+        done => done,
+    };
+    match cancelled {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
         Ok(false) => (
             StatusCode::NOT_FOUND,
@@ -404,11 +412,15 @@ async fn cancel<S: Store>(State(app): State<App<S>>, Query(q): Params) -> Respon
 }
 
 async fn session_status<S: Store>(State(app): State<App<S>>, Query(q): Params) -> Response {
-    let key = match session_key(&q) {
-        Ok(key) => key,
+    let [chat, api] = match session_keys(&app, &q) {
+        Ok(keys) => keys,
         Err(message) => return bad_request(message),
     };
-    let info = match app.store.lookup(&key).await {
+    let found = match app.chat.status(&chat).await {
+        Ok(None) => app.api.status(&api).await,
+        found => found,
+    };
+    let info = match found {
         Ok(Some(info)) => info,
         Ok(None) => {
             return (StatusCode::NOT_FOUND, Json(json!({ "status": "unknown" }))).into_response()

@@ -168,7 +168,8 @@ impl<St, K> ResumableSseLayer<St, K> {
         }
     }
 
-    /// The store, for instance to [cancel](crate::store::Store::cancel) a session.
+    /// The store (an application names and cancels sessions through [`sessions`](Self::sessions)
+    /// instead: keys as the layer derives them, and no store trait to import).
     pub fn store(&self) -> &St {
         &self.store
     }

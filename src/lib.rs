@@ -31,9 +31,19 @@
 //!
 //! # How a request is answered
 //!
+//! 0. **Not the layer's**: a method it does not resume (by default anything but `GET` and
+//!    `HEAD`; see [`ResumableSseLayer::methods`]), or an `Accept` header that names neither
+//!    `text/event-stream`, `text/*` nor `*/*`: the request goes to the inner service untouched,
+//!    whatever keys it carries (`tests/app_api.rs`:
+//!    `other_methods_pass_through_untouched_whatever_keys_they_carry`,
+//!    `a_request_that_does_not_accept_an_event_stream_is_never_answered_with_a_replay`). A
+//!    `HEAD` gets the answer a `GET` would, without a body, and never starts a session
+//!    (`head_answers_from_an_existing_session_and_never_starts_one`).
 //! 1. **No session key** (by default the `session_id` query parameter; see
 //!    [`ResumableSseLayer::session_key`]): the request goes to the inner service untouched, with
-//!    no store access and no allocation.
+//!    no store access and no allocation. Each request path is a key space of its own by default
+//!    ([`KeyScope`]): the same key on two routes names two sessions
+//!    (`the_same_key_on_two_routes_is_two_sessions_by_default`).
 //! 2. **A key, no session yet**: the inner service is called once. A `200` response with
 //!    `content-type: text/event-stream` (any case, any parameters, no `content-encoding`) creates
 //!    the session; any other response passes through and creates none. The body is driven by a
@@ -137,11 +147,22 @@
 //! - The store's limits: retention of finished sessions, sessions per store, bytes (and, when
 //!   set, events) per session (see [`MemoryStore`]). Every size and default is in [`limits`].
 //!
-//! # Cancelling
+//! # Cancelling, and how a stream ends
 //!
-//! [`Store::cancel`](store::Store::cancel) stops a running session: its producer drops the inner
-//! body (which stops the generation), connected clients get what was stored and then the end,
-//! and reconnects get `204 cancelled`.
+//! [`Sessions::cancel`] (from [`ResumableSseLayer::sessions`], which names sessions as the layer
+//! does) stops a running session: its producer drops the inner body (which stops the
+//! generation), connected clients get what was stored and then the end, and reconnects get
+//! `204 cancelled` (`a_stop_button_on_the_streams_own_url_cancels_through_the_sessions_handle`).
+//!
+//! The streams of a **failed** session end with an error after its last stored event (the
+//! connection is aborted, as a plain handler's would be), unless
+//! [`abort_on_failure(false)`](ResumableSseLayer::abort_on_failure); completed and cancelled
+//! sessions end cleanly
+//! (`a_failed_session_aborts_its_connections_by_default_and_ends_them_cleanly_when_asked`).
+//! [`ResumableSseLayer::end_event`] adds a final event naming the outcome, for live and resumed
+//! clients alike (`the_end_event_names_the_outcome_for_live_and_resumed_clients`). Log lines name
+//! the session by [`SessionKey::digest`] and its epoch, never by its key
+//! (`log_lines_name_the_session_by_digest_and_epoch_never_by_its_key`).
 //!
 //! # Composing with tower-http
 //!

@@ -116,8 +116,9 @@ impl MapStore {
         Some(f(entry))
     }
 
-    fn info(&self, key: &str) -> Option<SessionInfo> {
-        self.with(&SessionKey::new(key).unwrap(), None, |e| e.info())
+    /// The session of `id` on `/gated`.
+    fn info(&self, id: &str) -> Option<SessionInfo> {
+        self.with(&scoped("/gated", id), None, |e| e.info())
     }
 }
 
@@ -362,7 +363,7 @@ async fn cancelling_through_a_custom_store_ends_the_stream_and_the_generation() 
     app.inner.send("stop", "a");
     let got = conn.take(1).await;
 
-    let key = SessionKey::new("stop").unwrap();
+    let key = scoped("/gated", "stop");
     assert!(app.store.cancel(&key).await.unwrap());
     // The connected client gets the end, and the generator is dropped.
     assert_eq!(conn.next().await, None);

@@ -56,6 +56,14 @@ enum Events {
 }
 
 impl Events {
+    /// The route of these events.
+    fn route(self) -> &'static str {
+        match self {
+            Events::Tokens => "/tokens",
+            Events::Sized(_) => "/sized",
+        }
+    }
+
     fn path(self, key: &str, n: usize) -> String {
         match self {
             Events::Tokens => format!("/tokens?session_id={key}&n={n}"),
@@ -475,7 +483,7 @@ async fn check_resume<St: Store>(
 
 async fn run_case<St: Store>(store: St, case: Case) -> Result<(), String> {
     let app = serve_with(store, |l| l).await;
-    let key = SessionKey::new(case.key()).unwrap();
+    let key = scoped(case.events.route(), &case.key());
     let Err(e) = run_session(&app, &key, &case).await else {
         return Ok(());
     };
@@ -653,7 +661,8 @@ pub(crate) async fn sessions_around_the_default_byte_limit_end_exactly_once_or_r
 }
 
 /// A session that ends without an event, as completed, failed or cancelled: its first request
-/// (and one that joined while it ran) gets `200` and an empty body that ends; every later
+/// (and one that joined while it ran) gets `200` and an empty body that ends (aborted when the
+/// session failed); every later
 /// request, without `Last-Event-ID` or with `<epoch>-0`, gets `204` with the outcome; the inner
 /// service is called once. The same for a stream that ends at once, at full speed.
 pub(crate) async fn a_session_without_events_ends_its_first_response_empty_then_answers_204_with_its_outcome<
@@ -666,7 +675,7 @@ pub(crate) async fn a_session_without_events_ends_its_first_response_empty_then_
     for outcome in [Outcome::Completed, Outcome::Failed, Outcome::Cancelled] {
         let name = format!("zero-{}", outcome.reason());
         let path = format!("/gated?session_id={name}");
-        let key = SessionKey::new(name.as_str()).unwrap();
+        let key = scoped("/gated", &name);
         app.inner.gate(&name);
         let mut first = get(app.addr, &path, None).await;
         check_status("first request", &first, 200, None).unwrap();
@@ -683,8 +692,13 @@ pub(crate) async fn a_session_without_events_ends_its_first_response_empty_then_
             ("first request", &mut first),
             ("request while running", &mut joined),
         ] {
+            // A failed session's connections are aborted (the layer's default), others end.
+            let end = match outcome {
+                Outcome::Failed => End::Cut,
+                _ => End::Clean,
+            };
             let got = read(conn, None).await;
-            check_events(what, &got, Events::Tokens, 1, 0, Some(End::Clean)).unwrap();
+            check_events(what, &got, Events::Tokens, 1, 0, Some(end)).unwrap();
         }
         let info = finished(&app.store, &key).await.unwrap();
         assert_eq!(info.status, Status::Finished(outcome));
@@ -720,7 +734,7 @@ pub(crate) async fn a_session_without_events_ends_its_first_response_empty_then_
         Some(End::Clean),
     )
     .unwrap();
-    let info = lookup(&app.store, &SessionKey::new("zero-fast").unwrap())
+    let info = lookup(&app.store, &scoped("/tokens", "zero-fast"))
         .await
         .unwrap();
     assert_eq!(info.status, Status::Finished(Outcome::Completed));

@@ -309,18 +309,23 @@ pub(crate) async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The key the layer stores the session of `id` under for requests to `route` (the default
+/// key scope).
+pub(crate) fn scoped(route: &str, id: &str) -> SessionKey {
+    SessionKey::scoped(route, &SessionKey::new(id).expect("a valid key")).expect("a valid path")
+}
+
 /// Waits until the session under `key` exists and satisfies `cond`, for at most [`TIMEOUT`],
 /// and returns its state; fails the test naming `what` and the last state seen.
 pub(crate) async fn session_when<St: Store>(
     store: &St,
-    key: &str,
+    key: &SessionKey,
     what: &str,
     cond: impl Fn(&SessionInfo) -> bool,
 ) -> SessionInfo {
-    let key = SessionKey::new(key).expect("a valid key");
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
-        let info = store.lookup(&key).await.expect("lookup");
+        let info = store.lookup(key).await.expect("lookup");
         if let Some(info) = info.as_ref().filter(|i| cond(i)) {
             return info.clone();
         }
@@ -333,7 +338,7 @@ pub(crate) async fn session_when<St: Store>(
 }
 
 /// Waits until the session under `key` is finished, and returns its state.
-pub(crate) async fn session_finished<St: Store>(store: &St, key: &str) -> SessionInfo {
+pub(crate) async fn session_finished<St: Store>(store: &St, key: &SessionKey) -> SessionInfo {
     session_when(store, key, "finished", |i| i.status.is_finished()).await
 }
 

@@ -12,7 +12,7 @@ use super::client::*;
 use super::harness::*;
 use super::{Backend, Opts};
 use crate::store::{Status, Store};
-use crate::{EventId, Outcome, SessionKey};
+use crate::{EventId, Outcome};
 
 // --- Resuming ---
 
@@ -147,7 +147,13 @@ pub(crate) async fn generation_continues_after_the_client_disconnects<B: Backend
     for i in 0..5 {
         app.inner.send("bg", format!("after {i}"));
     }
-    session_when(&app.store, "bg", "six events stored", |i| i.last_seq == 6).await;
+    session_when(
+        &app.store,
+        &scoped("/gated", "bg"),
+        "six events stored",
+        |i| i.last_seq == 6,
+    )
+    .await;
     assert_eq!(
         app.inner.generators_dropped(),
         0,
@@ -170,7 +176,7 @@ pub(crate) async fn a_slow_client_does_not_slow_the_producer_or_others<B: Backen
     // The slow client stops reading; the producer and a fast client finish regardless.
     let fast = get(app.addr, path, None).await.collect().await;
     assert_eq!(datas(&fast), expected_tokens(0..5000));
-    let key = SessionKey::new("slow").unwrap();
+    let key = scoped("/tokens", "slow");
     let info = app.store.lookup(&key).await.unwrap().unwrap();
     assert!(info.status.is_finished());
     assert_eq!(info.last_seq, 5000);
@@ -221,9 +227,12 @@ pub(crate) async fn last_event_id_query_parameter_is_a_fallback_for_the_header<B
 
 /// Waits until the session under `key` has the status `want`.
 async fn wait_status<St: Store>(store: &St, key: &str, want: Status) {
-    session_when(store, key, &format!("status {want:?}"), |i| {
-        i.status == want
-    })
+    session_when(
+        store,
+        &scoped("/gated", key),
+        &format!("status {want:?}"),
+        |i| i.status == want,
+    )
     .await;
 }
 
@@ -266,7 +275,7 @@ pub(crate) async fn cancel_stops_the_generator_and_reconnects_get_204<B: Backend
     let mut conn = get(app.addr, path, None).await;
     app.inner.send("stop", "partial");
     let evs = conn.take(1).await;
-    let key = SessionKey::new("stop").unwrap();
+    let key = scoped("/gated", "stop");
     assert!(app.store.cancel(&key).await.unwrap());
     // The connected client sees the end; the generator is dropped.
     assert_eq!(conn.next().await, None);
@@ -310,7 +319,7 @@ pub(crate) async fn keep_alive_comments_reach_live_and_replayed_connections<B: B
     let mut all = get(app.addr, path, None).await;
     assert_eq!(datas(&all.collect().await), ["x", "y"]);
     // (The replay connection may itself get a keep-alive if the store is slow: look at the log.)
-    let key = SessionKey::new("idle").unwrap();
+    let key = scoped("/gated", "idle");
     let info = app.store.lookup(&key).await.unwrap().unwrap();
     let stored = app
         .store
@@ -437,16 +446,16 @@ pub(crate) async fn evicted_positions_are_reported_not_skipped<B: Backend>(b: &B
     let first = slow.take(1).await;
     // The producer runs far past what the ring holds while the slow client reads nothing. One
     // append per event: stores may keep whole batches, and this test is about eviction.
-    let key = SessionKey::new("ring").unwrap();
+    let key = scoped("/gated", "ring");
     for i in 1..50u64 {
         app.inner.send("ring", format!("token {i}"));
-        session_when(&app.store, "ring", "the event stored", |info| {
+        session_when(&app.store, &key, "the event stored", |info| {
             info.last_seq == i + 1
         })
         .await;
     }
     app.inner.end("ring");
-    session_finished(&app.store, "ring").await;
+    session_finished(&app.store, &key).await;
     // A position before the oldest retained event is reported, not skipped.
     let r = get(app.addr, path, Some(first[0].id.as_deref().unwrap())).await;
     assert_eq!(r.status, 410);
@@ -513,7 +522,7 @@ pub(crate) async fn draining_refuses_new_sessions_and_lets_running_ones_finish<B
     let report = draining.await.unwrap();
     assert_eq!(report.running_at_start, 1);
     assert_eq!(report.ended_at_deadline, 0);
-    let key = SessionKey::new("running").unwrap();
+    let key = scoped("/gated", "running");
     let info = app.store.lookup(&key).await.unwrap().unwrap();
     assert_eq!(info.status, Status::Finished(Outcome::Completed));
     assert_eq!(app.inner.calls(), 1);

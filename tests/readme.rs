@@ -1,0 +1,126 @@
+//! The README's Rust snippets, compiled as an application that depends on axum (and tokio) would
+//! write them: every ```rust block of the README appears below, line for line, inside the code that
+//! makes it compile, or in `tests/custom_store.rs` (the store suite's three lines). The first test
+//! fails when a snippet changes here or there alone, or names the `http` crate, which an axum
+//! application does not have (it has `axum::http`).
+#![allow(dead_code, unused_imports, unused_variables)]
+
+use std::time::Duration;
+
+use axum::response::sse::{Event, Sse};
+use futures_util::stream::{self, Stream};
+
+/// Any handler that returns an SSE response.
+async fn chat() -> Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>> {
+    Sse::new(stream::iter([Ok(Event::default().data("token"))]))
+}
+
+#[rustfmt::skip] // the README's lines, as they are
+fn intro() {
+    use axum::{routing::get, Router};
+    use resumable_sse::{MemoryStore, ResumableSseLayer};
+
+    let app = Router::new()
+        .route("/chat", get(chat))          // any handler that returns an SSE response
+        .layer(ResumableSseLayer::new(MemoryStore::new()));
+    let _: Router = app;
+}
+
+#[rustfmt::skip] // the README's lines, as they are
+#[cfg(feature = "redis")]
+async fn redis() -> Result<(), Box<dyn std::error::Error>> {
+    use axum::{routing::get, Router};
+    use resumable_sse::{RedisStore, ResumableSseLayer};
+
+    let store = RedisStore::builder("redis://127.0.0.1:6379").connect().await?;
+    let app = Router::new().route("/chat", get(chat)).layer(ResumableSseLayer::new(store));
+    let _: Router = app;
+    Ok(())
+}
+
+#[rustfmt::skip] // the README's lines, as they are
+fn stop_button() {
+    use axum::extract::{Request, State};
+    use axum::http::StatusCode;
+    use axum::{routing::get, Router};
+    use resumable_sse::{MemoryStore, ResumableSseLayer, Sessions};
+
+    async fn stop(State(sessions): State<Sessions<MemoryStore>>, req: Request) -> StatusCode {
+        let (parts, _) = req.into_parts();
+        match sessions.cancel_request(&parts).await {
+            Ok(true) => StatusCode::NO_CONTENT,     // the generation stops; its clients see the end
+            Ok(false) => StatusCode::NOT_FOUND,     // nothing running under that key
+            Err(e) => e.status(),                   // 400: no or bad key; 503: store down
+        }
+    }
+
+    let layer = ResumableSseLayer::new(MemoryStore::new());
+    let app: Router = Router::new()
+        .route("/chat", get(chat).delete(stop))     // DELETE /chat?session_id=... stops it
+        .with_state(layer.sessions())
+        .layer(layer);
+}
+
+#[rustfmt::skip] // the README's lines, as they are
+async fn shutdown(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    use axum::{routing::get, Router};
+    use resumable_sse::{MemoryStore, ResumableSseLayer};
+
+    let layer = ResumableSseLayer::new(MemoryStore::new());
+    let shutdown = layer
+        .drain_handle()
+        .on_signal(async { let _ = tokio::signal::ctrl_c().await; }, Duration::from_secs(30));
+    let app = Router::new().route("/chat", get(chat)).layer(layer);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}
+
+#[rustfmt::skip] // the README's lines, as they are
+fn user_bound_key(store: resumable_sse::MemoryStore) {
+    use resumable_sse::{ExtractSessionKey, FromPath, ResumableSseLayer};
+
+    #[derive(Clone)]
+    struct User(String); // inserted by the authentication layer
+
+    let layer = ResumableSseLayer::new(store).session_key(|parts: &axum::http::request::Parts| {
+        let user = parts.extensions.get::<User>()?;       // no user: no session (pass-through)
+        let chat = FromPath::segment(1).extract(parts).ok()??;  // `/chat/{id}`, decoded as `Path`
+        Some(format!("{}/{}", user.0, chat.as_str()))
+    });
+}
+
+/// The code lines of a text: trimmed, without blank and comment-only lines.
+fn code_lines(text: &str) -> Vec<&str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("//"))
+        .collect()
+}
+
+#[test]
+fn every_rust_snippet_of_the_readme_is_compiled_and_names_axum_http_only() {
+    let readme = include_str!("../README.md");
+    let homes = [
+        code_lines(include_str!("readme.rs")),
+        code_lines(include_str!("custom_store.rs")),
+    ];
+    let mut blocks = 0;
+    for block in readme.split("```rust").skip(1) {
+        let block = block.split("```").next().expect("a closed block");
+        blocks += 1;
+        let lines = code_lines(block);
+        assert!(
+            homes
+                .iter()
+                .any(|home| home.windows(lines.len()).any(|w| w == lines.as_slice())),
+            "this README snippet is not compiled by the tests as it is:\n{block}"
+        );
+        for (at, _) in block.match_indices("http::") {
+            assert!(
+                block[..at].ends_with("axum::"),
+                "a README snippet names the http crate, which an axum application lacks:\n{block}"
+            );
+        }
+    }
+    assert_eq!(blocks, 6, "the README's Rust snippets");
+}
