@@ -251,7 +251,7 @@ fuzz_target!(|input: &[u8]| {
                     }
                 }
                 drop(body);
-                let sk = SessionKey::new(k).unwrap();
+                let sk = SessionKey::scoped("/chat", &SessionKey::new(k).unwrap()).unwrap();
                 if state == b'c' {
                     assert!(store.cancel(&sk).await.unwrap());
                 }

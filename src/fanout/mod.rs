@@ -368,7 +368,9 @@ async fn drive<S: Store>(
     let mut failures = 0u32;
     loop {
         let from = lock(&state.tail).last_seq;
-        let read = state.telling(&mut sub, store.read(&key, epoch, from, TAIL_PAGE));
+        // Boxed: the driver waits far longer than it reads, and its state should not hold a
+        // read's while it waits.
+        let read = state.telling(&mut sub, Box::pin(store.read(&key, epoch, from, TAIL_PAGE)));
         let next = match read.await {
             Ok(batch) => {
                 failures = 0;

@@ -179,6 +179,18 @@ async fn read_to(
         .expect("the reader hung")
 }
 
+/// Lets the driver of a new entry make its first read (the tests' runtime runs one task at a
+/// time, and a reader does not wait for that read).
+async fn first_shared_read(store: &Shared) {
+    tokio::time::timeout(DEADLINE, async {
+        while store.counts.reads.load(SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the driver reads");
+}
+
 #[tokio::test]
 async fn one_subscription_and_one_read_per_change_serve_every_reader_of_a_process() {
     const READERS: usize = 50;
@@ -190,6 +202,7 @@ async fn one_subscription_and_one_read_per_change_serve_every_reader_of_a_proces
     for _ in 0..READERS {
         followers.push(fanout.follow(&store, &key, epoch, 0).await.unwrap());
     }
+    first_shared_read(&store).await;
     assert_eq!(fanout.entries(), 1);
     for n in 1..=CHANGES {
         store.append(&key, epoch, &[block(n, &[8])]).await.unwrap();
@@ -316,6 +329,7 @@ async fn a_failed_shared_read_sends_readers_to_the_store() {
     let (key, epoch) = running(&store.store).await;
     let fanout = Fanout::default();
     let mut f = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+    first_shared_read(&store).await;
     store.append(&key, epoch, &[block(1, &[4])]).await.unwrap();
     assert_eq!(read_to(&mut f, &store, &key, epoch, 0, 1).await, (1, false));
     // The driver's next read fails; the reader is woken and reads the store itself.
