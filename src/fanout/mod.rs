@@ -2,10 +2,12 @@
 //! whatever the number of readers in the process.
 //!
 //! For a networked store ([`Store::SHARED_TAIL`]), the readers of a session in this process do
-//! not each subscribe and read: the first one makes an entry for the session, which subscribes
-//! once and runs a task (the *driver*) that reads every change into a [`Tail`] of the session's
-//! newest events ([`TAIL_CAPACITY_EVENTS`](crate::limits::TAIL_CAPACITY_EVENTS)), then wakes the
-//! readers. A reader at a position the tail holds is served from it; one older than the tail (a
+//! not each subscribe and read. A lone reader (the common case: one client per session) follows
+//! with a subscription of its own, as it would without the fan-out, and costs nothing more. The
+//! second reader of the session makes an entry for it, which subscribes once and runs a task (the
+//! *driver*) that reads every change into a [`Tail`] of the session's newest events
+//! ([`TAIL_CAPACITY_EVENTS`](crate::limits::TAIL_CAPACITY_EVENTS)), then wakes the readers; the
+//! lone reader joins that entry at its next read and drops its own subscription. A reader at a position the tail holds is served from it; one older than the tail (a
 //! replay) reads the store, page by page, until it reaches the tail. A store that is already in
 //! the process (the [`MemoryStore`](crate::MemoryStore)) opts out, and its readers read and
 //! subscribe directly.
@@ -21,7 +23,7 @@ mod tail;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -41,9 +43,47 @@ pub(crate) struct Fanout(Arc<Mutex<Registry>>);
 
 #[derive(Debug, Default)]
 struct Registry {
-    map: HashMap<(SessionKey, Epoch), Weak<Entry>>,
-    /// The size at which the entries of sessions nobody reads any more are forgotten.
+    map: HashMap<(SessionKey, Epoch), Slot>,
+    /// The size at which the slots of sessions nobody reads any more are forgotten.
     sweep_at: usize,
+}
+
+/// What the registry knows of a session's readers in this process.
+#[derive(Debug, Default)]
+struct Slot {
+    /// The entry shared by its readers, once a second reader came.
+    entry: Weak<Entry>,
+    /// Its first reader, while it follows on its own subscription.
+    solo: Weak<Solo>,
+}
+
+impl Slot {
+    fn in_use(&self) -> bool {
+        self.entry.strong_count() > 0 || self.solo.strong_count() > 0
+    }
+}
+
+/// The mark of a reader that follows a session on its own subscription: the reader that makes
+/// the session's entry later offers it here, and the lone reader joins it at its next read.
+#[derive(Debug, Default)]
+pub(crate) struct Solo {
+    offered: AtomicBool,
+    entry: Mutex<Weak<Entry>>,
+}
+
+impl Solo {
+    /// The entry offered to this reader, if one was and still lives.
+    fn take(&self) -> Option<Arc<Entry>> {
+        if !self.offered.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        std::mem::take(&mut *lock(&self.entry)).upgrade()
+    }
+
+    fn offer(&self, entry: &Arc<Entry>) {
+        *lock(&self.entry) = Arc::downgrade(entry);
+        self.offered.store(true, Ordering::Release);
+    }
 }
 
 /// A session's shared part: its readers hold it; the last one to go stops the driver.
@@ -85,7 +125,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Fanout {
     /// A follower of `key`'s session `epoch` for a reader that has every event up to `after`:
     /// shared with the other readers of this process for a networked store, its own
-    /// subscription otherwise.
+    /// subscription otherwise (and while it is the session's only reader here).
     pub(crate) async fn follow<S: Store>(
         &self,
         store: &S,
@@ -96,81 +136,45 @@ impl Fanout {
         if !S::SHARED_TAIL {
             let mut sub = store.subscribe(key, epoch).await?;
             sub.reached(after);
-            return Ok(Follower::Direct(sub));
+            return Ok(Follower::Direct(sub, None));
         }
-        let entry = match self.entry(key, epoch) {
-            Some(entry) => entry,
-            None => {
-                // Subscribed before the entry exists, and before its first read: no change is
-                // missed.
-                let sub = store.subscribe(key, epoch).await?;
-                match self.make(store, key, epoch, after, sub) {
-                    Ok(shared) => return Ok(Follower::Shared(shared)),
-                    // Another reader made it meanwhile.
-                    Err(entry) => entry,
+        if let Some(entry) = self.entry(key, epoch) {
+            return Ok(Follower::Shared(Shared::join(entry, after).await));
+        }
+        // Subscribed before the entry exists, and before its first read: no change is missed.
+        let mut sub = store.subscribe(key, epoch).await?;
+        let entry = {
+            let mut registry = lock(&self.0);
+            registry.sweep();
+            let slot = registry.map.entry((key.clone(), epoch)).or_default();
+            match (slot.entry.upgrade(), slot.solo.upgrade()) {
+                // Another reader made the entry meanwhile.
+                (Some(entry), _) => entry,
+                // The second reader here: it makes the entry, and offers it to the first.
+                (None, Some(solo)) => {
+                    let shared = Shared::make(store, key, epoch, after, sub);
+                    slot.entry = Arc::downgrade(&shared.entry);
+                    solo.offer(&shared.entry);
+                    return Ok(Follower::Shared(shared));
+                }
+                // The only reader here: it follows on its own subscription.
+                (None, None) => {
+                    let solo = Arc::new(Solo::default());
+                    slot.solo = Arc::downgrade(&solo);
+                    sub.reached(after);
+                    return Ok(Follower::Direct(sub, Some(solo)));
                 }
             }
         };
+        drop(sub);
         Ok(Follower::Shared(Shared::join(entry, after).await))
-    }
-
-    /// Makes the entry of a session, with its first reader at `after`, and starts its driver;
-    /// or returns the entry another reader made meanwhile.
-    fn make<S: Store>(
-        &self,
-        store: &S,
-        key: &SessionKey,
-        epoch: Epoch,
-        after: u64,
-        mut sub: S::Subscription,
-    ) -> Result<Shared, Arc<Entry>> {
-        let mut registry = lock(&self.0);
-        if let Some(entry) = registry
-            .map
-            .get(&(key.clone(), epoch))
-            .and_then(Weak::upgrade)
-        {
-            return Err(entry);
-        }
-        let state = Arc::new(State {
-            tail: Mutex::new(Tail::starting_at(after)),
-            moved: watch::Sender::new(0),
-            epoch,
-            pins: Pins::default(),
-            told: Mutex::new(after),
-            asked: AtomicU64::new(0),
-            ask: Notify::new(),
-            answered: watch::Sender::new(0),
-        });
-        let pin = state.pin_at(after);
-        sub.reached(after);
-        let driver = tokio::spawn(drive(store.clone(), key.clone(), epoch, sub, state.clone()))
-            .abort_handle();
-        let entry = Arc::new(Entry {
-            state: state.clone(),
-            driver,
-        });
-        if registry.map.len() >= registry.sweep_at {
-            // Forget the sessions nobody reads any more, once their number doubled since the
-            // last time (so that this costs O(1) per entry on average).
-            registry.map.retain(|_, e| e.strong_count() > 0);
-            registry.sweep_at = (registry.map.len() * 2).max(64);
-        }
-        registry
-            .map
-            .insert((key.clone(), epoch), Arc::downgrade(&entry));
-        Ok(Shared {
-            rx: state.moved.subscribe(),
-            entry,
-            pin,
-        })
     }
 
     fn entry(&self, key: &SessionKey, epoch: Epoch) -> Option<Arc<Entry>> {
         lock(&self.0)
             .map
             .get(&(key.clone(), epoch))
-            .and_then(Weak::upgrade)
+            .and_then(|slot| slot.entry.upgrade())
     }
 
     /// The sessions with an entry (for tests).
@@ -179,8 +183,25 @@ impl Fanout {
         lock(&self.0)
             .map
             .values()
-            .filter(|e| e.strong_count() > 0)
+            .filter(|slot| slot.entry.strong_count() > 0)
             .count()
+    }
+
+    /// The sessions with readers here (for tests).
+    #[cfg(test)]
+    fn slots(&self) -> usize {
+        lock(&self.0).map.len()
+    }
+}
+
+impl Registry {
+    /// Forgets the sessions nobody reads any more, once their number doubled since the last
+    /// time (so that this costs O(1) per follow on average).
+    fn sweep(&mut self) {
+        if self.map.len() >= self.sweep_at {
+            self.map.retain(|_, slot| slot.in_use());
+            self.sweep_at = (self.map.len() * 2).max(64);
+        }
     }
 }
 
@@ -224,8 +245,9 @@ fn outcome(end: bool, status: Status) -> Option<Outcome> {
 
 /// How one reader learns of a session's changes and reads it.
 pub(crate) enum Follower<S: Store> {
-    /// Its own subscription, and reads of its own.
-    Direct(S::Subscription),
+    /// Its own subscription, and reads of its own; with the mark of a session's lone reader,
+    /// which joins the session's entry once another reader here makes one.
+    Direct(S::Subscription, Option<Arc<Solo>>),
     /// The session's entry in this process.
     Shared(Shared),
 }
@@ -233,7 +255,7 @@ pub(crate) enum Follower<S: Store> {
 impl<S: Store> std::fmt::Debug for Follower<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Follower::Direct(_) => "Follower::Direct",
+            Follower::Direct(..) => "Follower::Direct",
             Follower::Shared(_) => "Follower::Shared",
         })
     }
@@ -248,6 +270,35 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Makes the entry of a session, with its first reader at `after`, and starts its driver.
+    fn make<S: Store>(
+        store: &S,
+        key: &SessionKey,
+        epoch: Epoch,
+        after: u64,
+        mut sub: S::Subscription,
+    ) -> Self {
+        let state = Arc::new(State {
+            tail: Mutex::new(Tail::starting_at(after)),
+            moved: watch::Sender::new(0),
+            epoch,
+            pins: Pins::default(),
+            told: Mutex::new(after),
+            asked: AtomicU64::new(0),
+            ask: Notify::new(),
+            answered: watch::Sender::new(0),
+        });
+        let pin = state.pin_at(after);
+        sub.reached(after);
+        let driver = tokio::spawn(drive(store.clone(), key.clone(), epoch, sub, state.clone()))
+            .abort_handle();
+        Self {
+            rx: state.moved.subscribe(),
+            entry: Arc::new(Entry { state, driver }),
+            pin,
+        }
+    }
+
     /// Joins an entry at `after`; returns once the store was told to keep what this reader
     /// needs.
     async fn join(entry: Arc<Entry>, after: u64) -> Self {
@@ -283,6 +334,13 @@ impl<S: Store> Follower<S> {
         after: u64,
         max: usize,
     ) -> Result<Option<Page>, StoreError> {
+        if let Follower::Direct(_, Some(solo)) = self {
+            if let Some(entry) = solo.take() {
+                // Another reader here made the session's entry: join it, then drop the own
+                // subscription (after: the store keeps this reader's position meanwhile).
+                *self = Follower::Shared(Shared::join(entry, after).await);
+            }
+        }
         if let Follower::Shared(shared) = self {
             // Marked as seen before the tail is looked at: a read after this wakes `changed`.
             shared.rx.borrow_and_update();
@@ -331,7 +389,7 @@ impl<S: Store> Follower<S> {
     /// Waits until the session may have changed since the previous read.
     pub(crate) async fn changed(&mut self) {
         match self {
-            Follower::Direct(sub) => sub.changed().await,
+            Follower::Direct(sub, _) => sub.changed().await,
             Follower::Shared(shared) => {
                 if shared.rx.changed().await.is_err() {
                     // The driver is gone (it cannot be while this entry lives); do not spin.
@@ -344,7 +402,7 @@ impl<S: Store> Follower<S> {
     /// The reader has every event up to `seq`.
     pub(crate) fn reached(&mut self, seq: u64) {
         match self {
-            Follower::Direct(sub) => sub.reached(seq),
+            Follower::Direct(sub, _) => sub.reached(seq),
             Follower::Shared(shared) => shared.pin.reached(seq),
         }
     }

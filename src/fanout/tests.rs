@@ -209,6 +209,8 @@ async fn one_subscription_and_one_read_per_change_serve_every_reader_of_a_proces
         for f in &mut followers {
             assert_eq!(read_to(f, &store, &key, epoch, n - 1, n).await, (n, false));
         }
+        // The first reader joined the entry at its first read: one subscription is left.
+        assert_eq!(store.counts.live_subscriptions.load(SeqCst), 1);
     }
     store.finish(&key, epoch, Outcome::Completed).await.unwrap();
     for f in &mut followers {
@@ -217,7 +219,8 @@ async fn one_subscription_and_one_read_per_change_serve_every_reader_of_a_proces
             (CHANGES, true)
         );
     }
-    assert_eq!(store.counts.subscribes.load(SeqCst), 1, "one subscription");
+    // The first reader's own, until the second made the entry; then the entry's only.
+    assert_eq!(store.counts.subscribes.load(SeqCst), 2);
     let reads = store.counts.reads.load(SeqCst) as u64;
     // One read per change, plus the first and the finish; 50 readers without the tail would
     // have made more than a thousand.
@@ -229,8 +232,12 @@ async fn the_entry_and_its_subscription_go_when_the_last_reader_goes() {
     let store = shared(MemoryStore::new());
     let (key, epoch) = running(&store.store).await;
     let fanout = Fanout::default();
-    let one = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+    let mut one = fanout.follow(&store, &key, epoch, 0).await.unwrap();
     let two = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+    // The first reader joins the entry the second made at its next read.
+    store.append(&key, epoch, &[block(1, &[4])]).await.unwrap();
+    read_to(&mut one, &store, &key, epoch, 0, 1).await;
+    assert!(matches!(one, Follower::Shared(_)));
     assert_eq!(store.counts.live_subscriptions.load(SeqCst), 1);
     drop(one);
     assert_eq!(fanout.entries(), 1);
@@ -243,9 +250,63 @@ async fn the_entry_and_its_subscription_go_when_the_last_reader_goes() {
     })
     .await
     .expect("the driver (and its subscription) outlived the last reader");
-    // A new reader makes a new entry.
-    let _three = fanout.follow(&store, &key, epoch, 0).await.unwrap();
-    assert_eq!(store.counts.subscribes.load(SeqCst), 2);
+    // A new reader follows on its own subscription again.
+    let three = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+    assert!(matches!(three, Follower::Direct(_, Some(_))));
+    assert_eq!(store.counts.subscribes.load(SeqCst), 3);
+    assert_eq!(fanout.entries(), 0);
+}
+
+#[tokio::test]
+async fn a_lone_reader_follows_on_its_own_until_a_second_reader_makes_the_entry() {
+    let store = shared(MemoryStore::new());
+    let (key, epoch) = running(&store.store).await;
+    let fanout = Fanout::default();
+    let mut lone = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+    assert!(matches!(lone, Follower::Direct(_, Some(_))));
+    assert_eq!(fanout.entries(), 0, "no entry, no driver for a lone reader");
+    store
+        .append(&key, epoch, &[block(1, &[4; 3])])
+        .await
+        .unwrap();
+    assert_eq!(
+        read_to(&mut lone, &store, &key, epoch, 0, 3).await,
+        (3, false)
+    );
+    assert_eq!(store.counts.reads.load(SeqCst), 1, "its own read only");
+    // A second reader, behind the first, makes the entry; the first joins it at its next read,
+    // and drops its own subscription.
+    let mut second = fanout.follow(&store, &key, epoch, 1).await.unwrap();
+    assert_eq!(fanout.entries(), 1);
+    assert_eq!(store.counts.live_subscriptions.load(SeqCst), 2);
+    store
+        .append(&key, epoch, &[block(4, &[4; 2])])
+        .await
+        .unwrap();
+    assert_eq!(
+        read_to(&mut lone, &store, &key, epoch, 3, 5).await,
+        (5, false)
+    );
+    assert!(matches!(lone, Follower::Shared(_)));
+    assert_eq!(store.counts.live_subscriptions.load(SeqCst), 1);
+    assert_eq!(
+        read_to(&mut second, &store, &key, epoch, 1, 5).await,
+        (5, false)
+    );
+    store.finish(&key, epoch, Outcome::Completed).await.unwrap();
+    for f in [&mut lone, &mut second] {
+        assert_eq!(
+            read_to(f, &store, &key, epoch, 5, u64::MAX).await,
+            (5, true)
+        );
+    }
+    // The marks of sessions nobody reads any more are forgotten.
+    drop((lone, second));
+    for n in 0..200 {
+        let key = SessionKey::new(format!("other-{n}")).unwrap();
+        drop(fanout.follow(&store, &key, epoch, 0).await.unwrap());
+    }
+    assert!(fanout.slots() <= 128, "{} slots kept", fanout.slots());
 }
 
 #[tokio::test]
@@ -294,6 +355,8 @@ async fn a_reader_joining_behind_keeps_what_it_needs_past_the_soft_limit() {
     let (key, epoch) = running(&store.store).await;
     let fanout = Fanout::default();
     let mut ahead = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+    // A second reader makes the entry, which the first joins; it reads along.
+    let mut along = fanout.follow(&store, &key, epoch, 0).await.unwrap();
     let mut next = 1;
     let mut append = |n: u64| {
         let blocks: Vec<_> = (0..n).map(|i| block(next + i, &[4])).collect::<Vec<_>>();
@@ -313,6 +376,14 @@ async fn a_reader_joining_behind_keeps_what_it_needs_past_the_soft_limit() {
     let one = append(1);
     store.append(&key, epoch, &one).await.unwrap();
     read_to(&mut ahead, &store, &key, epoch, cap + 500, cap + 501).await;
+    read_to(&mut along, &store, &key, epoch, 0, cap + 501).await;
+    read_to(&mut ahead, &store, &key, epoch, cap + 501, cap + 501).await;
+    assert!(matches!(ahead, Follower::Shared(_)));
+    // One more change, so that the entry tells the store where both readers are.
+    let one = append(1);
+    store.append(&key, epoch, &one).await.unwrap();
+    read_to(&mut ahead, &store, &key, epoch, cap + 501, cap + 502).await;
+    read_to(&mut along, &store, &key, epoch, cap + 501, cap + 502).await;
     // A reader joins at the start, older than the tail; then the session grows past its soft
     // limit. The store keeps what the late reader needs.
     let mut behind = fanout.follow(&store, &key, epoch, 0).await.unwrap();
@@ -329,9 +400,12 @@ async fn a_failed_shared_read_sends_readers_to_the_store() {
     let (key, epoch) = running(&store.store).await;
     let fanout = Fanout::default();
     let mut f = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+    // A second reader makes the entry; the first joins it at its first read.
+    let _companion = fanout.follow(&store, &key, epoch, 0).await.unwrap();
     first_shared_read(&store).await;
     store.append(&key, epoch, &[block(1, &[4])]).await.unwrap();
     assert_eq!(read_to(&mut f, &store, &key, epoch, 0, 1).await, (1, false));
+    assert!(matches!(f, Follower::Shared(_)));
     // The driver's next read fails; the reader is woken and reads the store itself.
     store.counts.fail_reads.store(1, SeqCst);
     store.append(&key, epoch, &[block(2, &[4])]).await.unwrap();
@@ -359,6 +433,7 @@ fn a_store_that_loses_an_event_it_reports_does_not_make_the_fan_out_spin() {
             let (key, epoch) = running(&store.store).await;
             let fanout = Fanout::default();
             let mut f = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+            let _companion = fanout.follow(&store, &key, epoch, 0).await.unwrap();
             store
                 .append(&key, epoch, &[block(1, &[4; 5])])
                 .await
