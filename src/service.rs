@@ -250,7 +250,7 @@ impl<St: Store> Session<St> {
         strip_framing_headers(&mut parts.headers);
         let head = ResponseHead {
             status: parts.status,
-            headers: parts.headers.clone(),
+            headers: replayed_headers(&parts.headers),
         };
         // From here on the session must not depend on this request: a client that goes away
         // while the store starts the session would otherwise leave it started with nobody
@@ -605,6 +605,16 @@ fn strip_framing_headers(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
+}
+
+/// The headers a reconnect gets: the original response's, less those that belong to that one
+/// response and its client. `set-cookie` would hand the first client's cookie to every holder of
+/// the key, and `date` would be stale (the server dates each response itself).
+fn replayed_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut replayed = headers.clone();
+    replayed.remove(header::SET_COOKIE);
+    replayed.remove(header::DATE);
+    replayed
 }
 
 #[cfg(test)]

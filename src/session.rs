@@ -77,6 +77,17 @@ impl SessionKey {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct KeyDigest(u64);
 
+impl KeyDigest {
+    /// A digest from its 16 hex digits, as [`Display`](fmt::Display) writes it.
+    pub(crate) fn parse_hex(hex: &[u8]) -> Option<Self> {
+        if hex.len() != 16 {
+            return None;
+        }
+        let hex = std::str::from_utf8(hex).ok()?;
+        u64::from_str_radix(hex, 16).ok().map(KeyDigest)
+    }
+}
+
 impl fmt::Display for KeyDigest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:016x}", self.0)

@@ -97,7 +97,9 @@ impl Inner {
             }
         };
         parts.version = Version::HTTP_11;
-        let (method, uri) = (parts.method.clone(), parts.uri.clone());
+        // The request target is never logged: its query or path may carry a session key, which
+        // is a capability.
+        let method = parts.method.clone();
         let request = self.client.request(Request::from_parts(parts, body));
         match tokio::time::timeout(self.timeout, request).await {
             Ok(Ok(res)) => {
@@ -109,13 +111,13 @@ impl Inner {
                 let kind = if e.is_connect() { "connect" } else { "other" };
                 metrics::counter!("resumable_sse_proxy_upstream_errors_total", "kind" => kind)
                     .increment(1);
-                tracing::warn!(%method, %uri, error = %ErrorChain(&e), "upstream request failed");
+                tracing::warn!(%method, error = %ErrorChain(&e), "upstream request failed");
                 answer(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
             }
             Err(_) => {
                 metrics::counter!("resumable_sse_proxy_upstream_errors_total", "kind" => "timeout")
                     .increment(1);
-                tracing::warn!(%method, %uri, timeout = ?self.timeout, "upstream did not answer in time");
+                tracing::warn!(%method, timeout = ?self.timeout, "upstream did not answer in time");
                 answer(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")
             }
         }

@@ -36,6 +36,8 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+#[cfg(feature = "redis")]
+use resumable_sse::store::redis::redacted_url;
 use resumable_sse::store::Store;
 use resumable_sse::{BoxError, MemoryStore, ResumableSse, ResumableSseLayer};
 use tower_layer::Layer;
@@ -86,8 +88,12 @@ async fn run(args: Args) -> Result<(), BoxError> {
                 .retention(args.retention)
                 .connect()
                 .await
-                .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
-            tracing::info!(%url, prefix = %args.redis_prefix, "sessions are kept in Redis");
+                .map_err(|e| format!("cannot connect to Redis at {}: {e}", redacted_url(&url)))?;
+            tracing::info!(
+                url = %redacted_url(&url),
+                prefix = %args.redis_prefix,
+                "sessions are kept in Redis"
+            );
             serve(store, args, metrics).await
         }
         #[cfg(not(feature = "redis"))]
@@ -235,7 +241,11 @@ impl<St: Store> App<St> {
         if req.method() == Method::GET && self.metrics_path.as_deref() == Some(path.as_str()) {
             return Ok(self.render_metrics());
         }
-        let resumable = self.routes.iter().any(|r| r.matches(&path));
+        // The route a resumable request matched, as configured: its path, which may carry a
+        // session key (a capability), is never logged.
+        let matched = self.routes.iter().find(|r| r.matches(&path));
+        drop(path);
+        let resumable = matched.is_some();
         let kind = if resumable {
             "resumable"
         } else {
@@ -255,9 +265,9 @@ impl<St: Store> App<St> {
         };
         tracing::debug!(
             %method,
-            %path,
-            status = res.status().as_u16(),
             route = kind,
+            pattern = matched.map(tracing::field::display),
+            status = res.status().as_u16(),
             reason = res.headers().get(resumable_sse::REASON_HEADER).and_then(|v| v.to_str().ok()),
             elapsed = ?started.elapsed(),
             "request"

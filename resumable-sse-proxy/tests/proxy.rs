@@ -14,7 +14,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -137,13 +137,24 @@ fn make_venv() -> Result<PathBuf, String> {
 
 /// Forwards a child's output lines to this test's captured stderr.
 fn relay(name: &'static str, out: impl std::io::Read + Send + 'static) {
+    relay_into(name, out, Arc::default());
+}
+
+/// Forwards a child's output lines to this test's captured stderr, and keeps them in `log`.
+fn relay_into(name: &'static str, out: impl std::io::Read + Send + 'static, log: Log) {
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
             eprintln!("[{name}] {line}");
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            log.push_str(&line);
+            log.push('\n');
         }
     });
 }
+
+/// What a child wrote to its stderr so far.
+type Log = Arc<Mutex<String>>;
 
 /// `uvicorn app:app` on a port of its own, killed when dropped.
 struct Upstream {
@@ -220,6 +231,8 @@ impl Drop for Upstream {
 struct Proxy {
     child: Child,
     addr: SocketAddr,
+    /// Its log (stderr) so far.
+    log: Log,
 }
 
 impl Proxy {
@@ -237,7 +250,8 @@ impl Proxy {
             .stderr(Stdio::piped())
             .spawn()
             .expect("the proxy starts");
-        relay("proxy", child.stderr.take().unwrap());
+        let log = Log::default();
+        relay_into("proxy", child.stderr.take().unwrap(), log.clone());
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -251,6 +265,7 @@ impl Proxy {
         let mut proxy = Proxy {
             child,
             addr: ([0, 0, 0, 0], 0).into(),
+            log,
         };
         let addr = rx
             .recv_timeout(Duration::from_secs(60))
@@ -613,6 +628,71 @@ async fn other_routes_pass_through_byte_for_byte() {
         "upgrade",
     ] {
         assert!(get(gone).is_empty(), "{gone} reached the upstream");
+    }
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn a_trace_log_of_the_proxy_shows_no_key_no_request_target_and_no_password() {
+    if !common::redis::have_redis_server() {
+        common::redis::skip_or_fail("redis-server is not on PATH");
+        return;
+    }
+    let Some(up) = Upstream::start() else { return };
+    let password = "proxy-pw-never-logged-8134";
+    let server = common::redis::RedisServer::start_on(None, &["--requirepass", password]);
+    let url = format!("redis://:{password}@127.0.0.1:{}/", server.port);
+    let secret = "proxy-logged-key-2207";
+    let path = format!("/v1/chat/stream?session_id={secret}&n=5");
+    let mut cmd = Command::new(PROXY);
+    cmd.args(["--upstream", &up.url(), "--listen", "127.0.0.1:0"])
+        .args(["--route", "/v1/chat/*", "--redis", &url])
+        .env("RUST_LOG", "trace");
+    let proxy = Proxy::spawn(cmd);
+    let first = read_with_reconnects(&[proxy.addr], &path, &[], &[2]).await;
+    assert_eq!(datas(&first), tokens(5));
+    // The same key through a proxy whose upstream is down: a warning about the failure.
+    let port = free_port();
+    let mut cmd = Command::new(PROXY);
+    cmd.args(["--upstream", &format!("http://127.0.0.1:{port}")])
+        .args(["--listen", "127.0.0.1:0", "--route", "/v1/chat/*"])
+        .env("RUST_LOG", "trace");
+    let down = Proxy::spawn(cmd);
+    let (status, _, _) = fetch(down.addr, "GET", &path).send().await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    // A wrong password: the proxy exits with an error that does not show it.
+    let wrong = format!("redis://:wrong-{password}@127.0.0.1:{}/", server.port);
+    let (code, refused) = run_proxy(
+        &[
+            "--upstream",
+            &up.url(),
+            "--listen",
+            "127.0.0.1:0",
+            "--redis",
+            &wrong,
+        ],
+        &[("RUST_LOG", "trace")],
+    );
+    assert_ne!(code, Some(0), "{refused}");
+    common::eventually("the proxy logs the upstream failure", || {
+        down.log.lock().unwrap().contains("upstream request failed")
+    })
+    .await;
+    let logs = [
+        ("the proxy's log", proxy.log.lock().unwrap().clone()),
+        ("the failing proxy's log", down.log.lock().unwrap().clone()),
+        ("the refused start", refused),
+    ];
+    assert!(
+        logs[0].1.contains("sessions are kept in Redis"),
+        "{}",
+        logs[0].1
+    );
+    assert!(logs[0].1.contains("TRACE"), "a trace log:\n{}", logs[0].1);
+    for (what, text) in &logs {
+        for secret in [secret, password, "session_id=", "/v1/chat/stream"] {
+            assert!(!text.contains(secret), "{what} shows {secret:?}:\n{text}");
+        }
     }
 }
 

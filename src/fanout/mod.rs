@@ -65,10 +65,34 @@ impl Slot {
 
 /// The mark of a reader that follows a session on its own subscription: the reader that makes
 /// the session's entry later offers it here, and the lone reader joins it at its next read.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Solo {
     offered: AtomicBool,
     entry: Mutex<Weak<Entry>>,
+    _slot: Forget,
+}
+
+/// Forgets a session's slot in the registry when the last of its readers goes, so that what the
+/// registry keeps returns once sessions are over, whether or not new ones come.
+#[derive(Debug)]
+struct Forget {
+    registry: Weak<Mutex<Registry>>,
+    key: SessionKey,
+    epoch: Epoch,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        let Some(registry) = self.registry.upgrade() else {
+            return;
+        };
+        let mut registry = lock(&registry);
+        let id = (self.key.clone(), self.epoch);
+        // The owner of this guard is being dropped: its weak reference no longer upgrades.
+        if registry.map.get(&id).is_some_and(|slot| !slot.in_use()) {
+            registry.map.remove(&id);
+        }
+    }
 }
 
 impl Solo {
@@ -91,6 +115,7 @@ impl Solo {
 struct Entry {
     state: Arc<State>,
     driver: tokio::task::AbortHandle,
+    _slot: Forget,
 }
 
 impl Drop for Entry {
@@ -143,31 +168,48 @@ impl Fanout {
         }
         // Subscribed before the entry exists, and before its first read: no change is missed.
         let mut sub = store.subscribe(key, epoch).await?;
+        // Readers upgraded under the registry's lock are dropped after it: the last one to go
+        // takes the lock to forget its slot.
+        let solo_ref: Option<Arc<Solo>>;
         let entry = {
             let mut registry = lock(&self.0);
             registry.sweep();
             let slot = registry.map.entry((key.clone(), epoch)).or_default();
-            match (slot.entry.upgrade(), slot.solo.upgrade()) {
+            solo_ref = slot.solo.upgrade();
+            match (slot.entry.upgrade(), &solo_ref) {
                 // Another reader made the entry meanwhile.
                 (Some(entry), _) => entry,
                 // The second reader here: it makes the entry, and offers it to the first.
                 (None, Some(solo)) => {
-                    let shared = Shared::make(store, key, epoch, after, sub);
+                    let forget = self.forget(key, epoch);
+                    let shared = Shared::make(store, key, epoch, after, sub, forget);
                     slot.entry = Arc::downgrade(&shared.entry);
                     solo.offer(&shared.entry);
                     return Ok(Follower::Shared(shared));
                 }
                 // The only reader here: it follows on its own subscription.
                 (None, None) => {
-                    let solo = Arc::new(Solo::default());
+                    let solo = Arc::new(Solo {
+                        offered: AtomicBool::new(false),
+                        entry: Mutex::new(Weak::new()),
+                        _slot: self.forget(key, epoch),
+                    });
                     slot.solo = Arc::downgrade(&solo);
                     sub.reached(after);
                     return Ok(Follower::Direct(sub, Some(solo)));
                 }
             }
         };
-        drop(sub);
+        drop((sub, solo_ref));
         Ok(Follower::Shared(Shared::join(entry, after).await))
+    }
+
+    fn forget(&self, key: &SessionKey, epoch: Epoch) -> Forget {
+        Forget {
+            registry: Arc::downgrade(&self.0),
+            key: key.clone(),
+            epoch,
+        }
     }
 
     fn entry(&self, key: &SessionKey, epoch: Epoch) -> Option<Arc<Entry>> {
@@ -196,7 +238,8 @@ impl Fanout {
 
 impl Registry {
     /// Forgets the sessions nobody reads any more, once their number doubled since the last
-    /// time (so that this costs O(1) per follow on average).
+    /// time (so that this costs O(1) per follow on average). Their last reader forgets them when
+    /// it goes; this catches a slot whose readers went while another reader was making it.
     fn sweep(&mut self) {
         if self.map.len() >= self.sweep_at {
             self.map.retain(|_, slot| slot.in_use());
@@ -277,6 +320,7 @@ impl Shared {
         epoch: Epoch,
         after: u64,
         mut sub: S::Subscription,
+        forget: Forget,
     ) -> Self {
         let state = Arc::new(State {
             tail: Mutex::new(Tail::starting_at(after)),
@@ -294,7 +338,11 @@ impl Shared {
             .abort_handle();
         Self {
             rx: state.moved.subscribe(),
-            entry: Arc::new(Entry { state, driver }),
+            entry: Arc::new(Entry {
+                state,
+                driver,
+                _slot: forget,
+            }),
             pin,
         }
     }

@@ -64,7 +64,8 @@ pub(crate) mod test_blocks;
 pub struct ResponseHead {
     /// The original status (always `200 OK` today).
     pub status: StatusCode,
-    /// The original headers, less `content-length` and hop-by-hop headers.
+    /// The original headers, less `content-length`, the hop-by-hop headers, `set-cookie` (a
+    /// cookie is the first client's, not every key holder's) and `date`.
     pub headers: HeaderMap,
 }
 

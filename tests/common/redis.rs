@@ -102,8 +102,9 @@ fn wait_for_ping(port: u16) {
             let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
             if s.write_all(b"PING\r\n").is_ok() {
                 let mut buf = [0u8; 7];
+                // A server with a password answers `-NOAUTH`: it is up.
                 if std::io::Read::read(&mut s, &mut buf)
-                    .is_ok_and(|n| n >= 5 && &buf[..5] == b"+PONG")
+                    .is_ok_and(|n| n >= 5 && (&buf[..5] == b"+PONG" || buf == *b"-NOAUTH"))
                 {
                     return;
                 }

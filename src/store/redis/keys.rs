@@ -1,6 +1,6 @@
 //! The names of a session's keys: the session key, percent-escaped, in one hash tag.
 
-use crate::session::SessionKey;
+use crate::session::{KeyDigest, SessionKey};
 
 /// Percent-escapes a session key for use inside a key name and a hash tag.
 fn escape(key: &SessionKey) -> String {
@@ -16,15 +16,23 @@ fn escape(key: &SessionKey) -> String {
 pub(super) struct Keys {
     /// `<prefix>:{<escaped key>}`, which each key name continues.
     base: Box<str>,
-    /// The session key itself: announcements name the session with it.
+    /// The session key itself.
     pub(super) key: SessionKey,
+    /// The key's digest, which names the session in announcements: anyone allowed to subscribe
+    /// to the channel reads them, and a key is a capability.
+    pub(super) digest: KeyDigest,
+    /// The digest as the announcements write it (16 hex digits).
+    pub(super) note: Box<str>,
 }
 
 impl Keys {
     pub(super) fn new(prefix: &str, key: &SessionKey) -> Self {
+        let digest = key.digest();
         Keys {
             base: format!("{prefix}:{{{}}}", escape(key)).into(),
             key: key.clone(),
+            digest,
+            note: digest.to_string().into(),
         }
     }
 

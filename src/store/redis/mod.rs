@@ -236,13 +236,50 @@ impl ConnectionLike for Conn {
 }
 
 /// Builds a [`RedisStore`].
+///
+/// Its `Debug` output shows the server URLs with their password masked
+/// ([`redacted_url`]).
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use]
 pub struct RedisStoreBuilder {
     nodes: Vec<String>,
     cluster: bool,
     config: Config,
+}
+
+impl std::fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let nodes: Vec<String> = self.nodes.iter().map(|n| redacted_url(n)).collect();
+        f.debug_struct("RedisStoreBuilder")
+            .field("nodes", &nodes)
+            .field("cluster", &self.cluster)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// A Redis URL as a log or an error message may show it: its password replaced by `***`. A string that is not a URL is shown as `<not a URL>`, since it may be
+/// anything, a password included.
+///
+/// ```
+/// use resumable_sse::store::redis::redacted_url;
+///
+/// assert_eq!(redacted_url("redis://:hunter2@db:6379/0"), "redis://:***@db:6379/0");
+/// assert_eq!(redacted_url("redis://app:hunter2@db/"), "redis://app:***@db/");
+/// assert_eq!(redacted_url("redis://db:6379"), "redis://db:6379");
+/// assert_eq!(redacted_url("hunter2"), "<not a URL>");
+/// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub fn redacted_url(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return "<not a URL>".to_owned();
+    };
+    if parsed.password().is_some() {
+        // Cannot fail on a URL that has a password (it has a host).
+        let _ = parsed.set_password(Some("***"));
+    }
+    parsed.to_string()
 }
 
 impl RedisStore {
@@ -400,8 +437,11 @@ impl Inner {
     /// The keys of a session: those already built for its local readers or its producer, or
     /// new ones.
     fn keys(&self, key: &SessionKey) -> Arc<Keys> {
-        if let Some(local) = lock(&self.notifier.sessions).map.get(key.as_str()) {
-            return local.keys.clone();
+        if let Some(local) = lock(&self.notifier.sessions).map.get(&key.digest()) {
+            // Another session's, when their digests collide.
+            if local.keys.key == *key {
+                return local.keys.clone();
+            }
         }
         if let Some(lease) = lock(&self.renewals).get(key) {
             return lease.keys.clone();

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::keys::Keys;
 use super::{lock, spawn_periodic, Inner};
-use crate::session::{Epoch, SessionKey};
+use crate::session::{Epoch, KeyDigest, SessionKey};
 use crate::store::pins::{Pin, Pins};
 use crate::store::Subscription;
 
@@ -26,10 +26,13 @@ pub(super) struct Notifier {
     pub(super) checks_task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
-/// The sessions with local subscribers, by session key.
+/// The sessions with local subscribers, by the digest of their key, which names them in
+/// announcements. Two sessions whose digests collide share one entry: their subscribers are
+/// woken by the changes of both and read again, which is harmless; [`Inner::keys`](super::Inner)
+/// checks the key before it reuses an entry's keys.
 #[derive(Default)]
 pub(super) struct Sessions {
-    pub(super) map: HashMap<Arc<str>, Local>,
+    pub(super) map: HashMap<KeyDigest, Local>,
     /// The size at which sessions nobody listens to any more are forgotten.
     sweep_at: usize,
 }
@@ -125,12 +128,12 @@ impl Notifier {
                 return Ok(());
             };
             let payload = msg.get_payload_bytes();
-            let (kind, key) = payload.split_first().unwrap_or((&b'?', &[]));
-            let Ok(key) = std::str::from_utf8(key) else {
+            let (kind, digest) = payload.split_first().unwrap_or((&b'?', &[]));
+            let Some(digest) = KeyDigest::parse_hex(digest) else {
                 continue;
             };
             let mut sessions = lock(&inner.notifier.sessions);
-            if let Some(local) = sessions.map.get_mut(key) {
+            if let Some(local) = sessions.map.get_mut(&digest) {
                 local.heard_at = Instant::now();
                 match kind {
                     b'e' => local.events_changed(),
@@ -159,20 +162,26 @@ impl Notifier {
         *lock(&inner.notifier.checks_task) = Some(task);
     }
 
-    /// Wakes the subscribers of every session that announced nothing within `idle`.
+    /// Wakes the subscribers of every session that announced nothing within `idle`, and
+    /// forgets the sessions nobody in this process listens to any more (so that what the
+    /// process keeps per session returns once its sessions are over, whether or not new ones
+    /// come).
     fn check_idle(&self, idle: Duration) {
-        for local in lock(&self.sessions).map.values_mut() {
-            if local.tx.receiver_count() == 0 || local.heard_at.elapsed() < idle {
-                continue;
+        lock(&self.sessions).map.retain(|_, local| {
+            if !local.in_use() {
+                return false;
             }
-            local.heard_at = Instant::now();
-            local.tx.send_modify(|g| g.checks += 1);
-        }
+            if local.tx.receiver_count() > 0 && local.heard_at.elapsed() >= idle {
+                local.heard_at = Instant::now();
+                local.tx.send_modify(|g| g.checks += 1);
+            }
+            true
+        });
     }
 
     /// Announces a status change of a session to its local subscribers.
     pub(super) fn announce_status(&self, key: &SessionKey) {
-        if let Some(local) = lock(&self.sessions).map.get(key.as_str()) {
+        if let Some(local) = lock(&self.sessions).map.get(&key.digest()) {
             local.status_changed();
         }
     }
@@ -195,7 +204,7 @@ impl Notifier {
     /// Where the local readers of a session's `epoch` are, if any is connected.
     pub(super) fn pinned(&self, key: &SessionKey, epoch: Epoch) -> Option<u64> {
         let sessions = lock(&self.sessions);
-        sessions.map.get(key.as_str())?.pins.min(epoch)
+        sessions.map.get(&key.digest())?.pins.min(epoch)
     }
 
     /// The producer's signal: the session's status changes.
@@ -206,7 +215,7 @@ impl Notifier {
     /// Runs `f` on what this process keeps for the session, made if needed.
     fn with_local<T>(&self, keys: &Arc<Keys>, f: impl FnOnce(&Local) -> T) -> T {
         let mut sessions = lock(&self.sessions);
-        if let Some(local) = sessions.map.get(keys.key.as_str()) {
+        if let Some(local) = sessions.map.get(&keys.digest) {
             return f(local);
         }
         // Forget sessions nobody in this process listens to any more, once their number doubled
@@ -217,7 +226,7 @@ impl Notifier {
         }
         let local = Local::new(keys);
         let out = f(&local);
-        sessions.map.insert(Arc::from(keys.key.as_str()), local);
+        sessions.map.insert(keys.digest, local);
         out
     }
 }

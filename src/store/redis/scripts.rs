@@ -15,7 +15,8 @@ pub(super) fn script_limit(max: usize) -> u64 {
     }
 }
 
-// KEYS: meta, events, lease. Common ARGV prefix: channel, notification message (the session key).
+// KEYS: meta, events, lease. Common ARGV prefix: channel, notification message (the digest of the
+// session key, never the key: a subscriber to the channel must not learn keys).
 // Status values: starting, running, completed, failed, cancelled.
 // Sequence numbers are handled as Lua numbers (doubles): exact up to 2^53.
 
@@ -116,7 +117,7 @@ impl Inner {
         args: usize,
         bytes: usize,
     ) -> Call<'a> {
-        let name = keys.key.as_str();
+        let name = &*keys.note;
         let (meta, events, lease) = (keys.meta(), keys.events(), keys.lease());
         let size =
             64 + meta.len() + events.len() + lease.len() + self.channel.len() + name.len() + bytes;

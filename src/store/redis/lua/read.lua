@@ -37,4 +37,9 @@ if upto > after then
     from = '(' .. batch[#batch][1]
   end
 end
-return {st, m[3], m[4], entries}
+local first = m[3]
+if #entries == 0 and upto > after then
+  -- Events the meta hash counts are gone (their key was evicted or deleted).
+  first = string.format('%d', retained_first(m[3], m[4]))
+end
+return {st, first, m[4], entries}
