@@ -49,31 +49,33 @@
 //! space of its own; `/cancel` and `/session` take either kind of id and ask the layers'
 //! [`Sessions`] handles, which name sessions as the layers do.
 
+// The server around the routes, shared with the load tool's fixture server: flags, logs,
+// metrics, the listening socket, `/drop`.
+#[path = "chat/server.rs"]
+mod server;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future;
-use std::io::Write;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, Request, State};
+use axum::body::Bytes;
+use axum::extract::{FromRef, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::sse::{Event, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use futures_util::stream::{self, Stream, StreamExt};
-use http_body::Frame;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use resumable_sse::store::{Status, Store};
 use resumable_sse::{BoxError, FromPath, MemoryStore, ResumableSseLayer, SessionKey, Sessions};
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
+
+use crate::server::{
+    drop_connections, droppable, init_logs, install_metrics, render_metrics, Connections, Flags,
+};
 
 const USAGE: &str =
     "usage: chat [--listen ADDR] [--bare] [--redis URL [--lease-ms MS]] [--max-events N]";
@@ -93,7 +95,7 @@ struct Options {
     max_events: Option<usize>,
 }
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Options, String> {
     let mut opts = Options {
         listen: "127.0.0.1:3000".to_owned(),
         bare: false,
@@ -101,32 +103,21 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
         lease_ms: 5000,
         max_events: None,
     };
-    while let Some(arg) = args.next() {
-        // `--flag value` and `--flag=value` are both accepted.
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                (flag.to_owned(), Some(value.to_owned()))
-            }
-            _ => (arg, None),
-        };
-        let mut value = |name: &str| {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
+    let mut args = Flags::new(args);
+    while let Some(flag) = args.next_flag() {
         match flag.as_str() {
-            "--listen" => opts.listen = value("--listen")?,
-            "--redis" => opts.redis = Some(value("--redis")?),
+            "--listen" => opts.listen = args.value("--listen")?,
+            "--redis" => opts.redis = Some(args.value("--redis")?),
             "--bare" => opts.bare = true,
             "--lease-ms" => {
-                opts.lease_ms = value("--lease-ms")?
+                opts.lease_ms = args
+                    .value("--lease-ms")?
                     .parse()
                     .map_err(|_| "--lease-ms needs a number of milliseconds".to_owned())?
             }
             "--max-events" => {
                 opts.max_events = Some(
-                    value("--max-events")?
+                    args.value("--max-events")?
                         .parse()
                         .map_err(|_| "--max-events needs a number of events".to_owned())?,
                 )
@@ -143,13 +134,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, String>
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    init_logs();
     let opts = parse_args(std::env::args().skip(1)).unwrap_or_else(|e| {
         eprintln!("error: {e}\n{USAGE}");
         std::process::exit(2);
@@ -191,22 +176,7 @@ async fn serve<S: Store>(
     opts: &Options,
     metrics: PrometheusHandle,
 ) -> Result<(), BoxError> {
-    let app = app(store, opts.bare, metrics);
-    let listener = tokio::net::TcpListener::bind(&opts.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
-    let addr = listener.local_addr()?;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "listening on http://{addr}")?;
-    stdout.flush()?;
-    drop(stdout);
-    axum::serve(listener, app).await?;
-    Ok(())
+    server::serve(&opts.listen, app(store, opts.bare, metrics)).await
 }
 
 /// What the handlers share.
@@ -219,6 +189,19 @@ struct App<S> {
     connections: Connections,
     prompts: Prompts,
     metrics: PrometheusHandle,
+}
+
+// The shared handlers (`/drop`, `/metrics`) take their part of the state.
+impl<S> FromRef<App<S>> for Connections {
+    fn from_ref(app: &App<S>) -> Self {
+        app.connections.clone()
+    }
+}
+
+impl<S> FromRef<App<S>> for PrometheusHandle {
+    fn from_ref(app: &App<S>) -> Self {
+        app.metrics.clone()
+    }
 }
 
 fn app<S: Store>(store: S, bare: bool, metrics: PrometheusHandle) -> Router {
@@ -249,10 +232,10 @@ fn app<S: Store>(store: S, bare: bool, metrics: PrometheusHandle) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/answer", get(answer_text))
-        .route("/drop", post(drop_connections::<S>))
+        .route("/drop", post(drop_connections))
         .route("/cancel", post(cancel::<S>))
         .route("/session", get(session_status::<S>))
-        .route("/metrics", get(render_metrics::<S>))
+        .route("/metrics", get(render_metrics))
         .route("/api/chat", post(api_start::<S>))
         .with_state(state)
         .merge(chat)
@@ -381,16 +364,6 @@ fn session_keys<S: Store>(
     Ok([chat, api])
 }
 
-async fn drop_connections<S>(State(app): State<App<S>>, Query(q): Params) -> Response {
-    let Some(session) = q.get("session_id") else {
-        return bad_request("session_id is missing");
-    };
-    let dropped = app
-        .connections
-        .cut(session, q.get("client").map(String::as_str));
-    Json(json!({ "dropped": dropped })).into_response()
-}
-
 async fn cancel<S: Store>(State(app): State<App<S>>, Query(q): Params) -> Response {
     let [chat, api] = match session_keys(&app, &q) {
         Ok(keys) => keys,
@@ -433,28 +406,6 @@ async fn session_status<S: Store>(State(app): State<App<S>>, Query(q): Params) -
         Status::Finished(outcome) => outcome.reason().as_str(),
     };
     Json(json!({ "status": status, "events": info.last_seq })).into_response()
-}
-
-async fn render_metrics<S>(State(app): State<App<S>>) -> impl IntoResponse {
-    app.metrics.run_upkeep();
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        app.metrics.render(),
-    )
-}
-
-/// Installs the Prometheus recorder and registers the library's metrics at zero, so that every
-/// name is listed from the start.
-fn install_metrics() -> PrometheusHandle {
-    let handle = PrometheusBuilder::new()
-        .install_recorder()
-        .expect("no other metrics recorder is installed");
-    // The library describes its own metrics.
-    resumable_sse::metrics::describe();
-    handle
 }
 
 /// Prompts posted to `/api/chat`, by id.
@@ -551,143 +502,5 @@ async fn api_stream<S>(
     match interval_param(&q, ANSWER_INTERVAL) {
         Ok(interval) => Sse::new(answer_events(&prompt, interval)).into_response(),
         Err(message) => bad_request(message),
-    }
-}
-
-/// The open `/chat` responses, by session, so that `/drop` can end them.
-#[derive(Clone, Default)]
-struct Connections(Arc<Mutex<ConnectionMap>>);
-
-#[derive(Default)]
-struct ConnectionMap {
-    next_id: u64,
-    sessions: HashMap<String, Vec<Connection>>,
-}
-
-struct Connection {
-    id: u64,
-    client: Option<String>,
-    cut: oneshot::Sender<()>,
-}
-
-impl Connections {
-    fn lock(&self) -> MutexGuard<'_, ConnectionMap> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Registers an open response; it is unregistered when the returned guard drops.
-    fn register(
-        &self,
-        session: String,
-        client: Option<String>,
-    ) -> (oneshot::Receiver<()>, Registration) {
-        let (cut, on_cut) = oneshot::channel();
-        let mut map = self.lock();
-        map.next_id += 1;
-        let id = map.next_id;
-        map.sessions
-            .entry(session.clone())
-            .or_default()
-            .push(Connection { id, client, cut });
-        let registration = Registration {
-            connections: self.clone(),
-            session,
-            id,
-        };
-        (on_cut, registration)
-    }
-
-    /// Ends the open responses of `session` (only `client`'s when given); returns how many.
-    fn cut(&self, session: &str, client: Option<&str>) -> usize {
-        let mut map = self.lock();
-        let Some(open) = map.sessions.remove(session) else {
-            return 0;
-        };
-        let (cut, keep): (Vec<_>, Vec<_>) = open.into_iter().partition(|c| match client {
-            None => true,
-            Some(client) => c.client.as_deref() == Some(client),
-        });
-        if !keep.is_empty() {
-            map.sessions.insert(session.to_owned(), keep);
-        }
-        drop(map);
-        let n = cut.len();
-        for c in cut {
-            let _ = c.cut.send(());
-        }
-        n
-    }
-}
-
-struct Registration {
-    connections: Connections,
-    session: String,
-    id: u64,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        let mut map = self.connections.lock();
-        if let Some(open) = map.sessions.get_mut(&self.session) {
-            open.retain(|c| c.id != self.id);
-            if open.is_empty() {
-                map.sessions.remove(&self.session);
-            }
-        }
-    }
-}
-
-/// Makes the event-stream responses of `/chat` end when `/drop` asks.
-async fn droppable(State(connections): State<Connections>, req: Request, next: Next) -> Response {
-    let q = Query::<HashMap<String, String>>::try_from_uri(req.uri())
-        .map(|q| q.0)
-        .unwrap_or_default();
-    let res = next.run(req).await;
-    let Some(session) = q.get("session_id").filter(|s| !s.is_empty()) else {
-        return res;
-    };
-    if res.status() != StatusCode::OK {
-        return res;
-    }
-    let (cut, registration) = connections.register(session.clone(), q.get("client").cloned());
-    res.map(|inner| {
-        Body::new(DroppableBody {
-            inner,
-            cut: Some(cut),
-            _registration: registration,
-        })
-    })
-}
-
-/// A response body that ends early, cleanly, when its connection is cut.
-struct DroppableBody {
-    inner: Body,
-    cut: Option<oneshot::Receiver<()>>,
-    _registration: Registration,
-}
-
-impl http_body::Body for DroppableBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        if let Some(cut) = &mut this.cut {
-            match Pin::new(cut).poll(cx) {
-                Poll::Ready(Ok(())) => {
-                    // Ending the body ends the chunked response: the client sees the stream end
-                    // and reconnects.
-                    this.inner = Body::empty();
-                    this.cut = None;
-                    return Poll::Ready(None);
-                }
-                Poll::Ready(Err(_)) => this.cut = None,
-                Poll::Pending => {}
-            }
-        }
-        Pin::new(&mut this.inner).poll_frame(cx)
     }
 }

@@ -309,10 +309,8 @@ async fn serve_chat(store: MemoryStore) -> (App, Sessions<MemoryStore, FromPath>
     let stream = move || {
         let inner = counts.clone();
         async move {
-            inner
-                .calls
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let guard = DropGuard(inner.generators_dropped.clone());
+            inner.count_call();
+            let guard = inner.generator_guard();
             Sse::new(stream::unfold((0u64, guard), |(i, guard)| async move {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 let ev = Event::default().data(i.to_string());
@@ -329,14 +327,6 @@ async fn serve_chat(store: MemoryStore) -> (App, Sessions<MemoryStore, FromPath>
         .layer(layer);
     let addr = serve_router(app).await;
     (App { addr, inner, store }, sessions)
-}
-
-struct DropGuard(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Drop for DropGuard {
-    fn drop(&mut self) {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    }
 }
 
 #[tokio::test]

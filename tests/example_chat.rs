@@ -3,14 +3,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Mutex, OnceLock};
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
 
 use bytes::Bytes;
+use common::child::Server;
 use common::{datas, expected_tokens, get, Ev, TIMEOUT};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -52,57 +51,14 @@ fn example(name: &'static str) -> PathBuf {
     path
 }
 
-/// A running example, killed when dropped.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
+/// Starts an example (`--listen 127.0.0.1:0`, then `args`), killed when dropped.
+fn start(name: &'static str, args: &[&str]) -> Server {
+    Server::start(name, example(name), args)
 }
 
-impl Server {
-    fn start(name: &'static str, args: &[&str]) -> Server {
-        let mut child = Command::new(example(name))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the example starts");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("listening on http://") {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let mut server = Server {
-            child,
-            addr: ([0, 0, 0, 0], 0).into(),
-        };
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the example prints `listening on http://ADDR`");
-        server.addr = addr.parse().expect("a socket address");
-        assert_ne!(
-            server.addr.port(),
-            0,
-            "the printed address has the real port"
-        );
-        server
-    }
-
-    fn chat(args: &[&str]) -> Server {
-        Server::start("chat", args)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts the `chat` example.
+fn chat(args: &[&str]) -> Server {
+    start("chat", args)
 }
 
 /// A plain request; returns the status, the headers and the whole body as text.
@@ -173,7 +129,7 @@ fn id_of(ev: &Ev) -> &str {
 
 #[tokio::test]
 async fn tokens_route_is_numbered_and_resumes_exactly_once() {
-    let server = Server::chat(&[]);
+    let server = chat(&[]);
     let addr = server.addr;
 
     let mut all = get(addr, "/chat?session_id=t1&tokens=50&interval_ms=0", None).await;
@@ -204,7 +160,7 @@ async fn tokens_route_is_numbered_and_resumes_exactly_once() {
 
 #[tokio::test]
 async fn bare_mode_serves_the_same_tokens_without_the_layer() {
-    let server = Server::chat(&["--bare"]);
+    let server = chat(&["--bare"]);
     let path = "/chat?session_id=b1&tokens=50&interval_ms=0";
     let evs = get(server.addr, path, None).await.collect().await;
     assert_eq!(datas(&evs), expected_tokens(0..50));
@@ -221,7 +177,7 @@ async fn bare_mode_serves_the_same_tokens_without_the_layer() {
 
 #[tokio::test]
 async fn prompt_answer_adds_up_to_the_published_text() {
-    let server = Server::chat(&[]);
+    let server = chat(&[]);
     let addr = server.addr;
     let expected = get_text(addr, "/answer?prompt=why%20is%20the%20sky%20blue").await;
     assert!(expected.contains("why is the sky blue"));
@@ -246,7 +202,7 @@ async fn prompt_answer_adds_up_to_the_published_text() {
 
 #[tokio::test]
 async fn drop_ends_only_the_named_clients_connection() {
-    let server = Server::chat(&[]);
+    let server = chat(&[]);
     let addr = server.addr;
     let expected = get_text(addr, "/answer?prompt=tides").await;
     let path =
@@ -281,7 +237,7 @@ async fn drop_ends_only_the_named_clients_connection() {
 
 #[tokio::test]
 async fn cancel_stops_the_session() {
-    let server = Server::chat(&[]);
+    let server = chat(&[]);
     let addr = server.addr;
     let path = "/chat?session_id=c1&prompt=stop+me&interval_ms=50";
     let mut conn = get(addr, path, None).await;
@@ -313,7 +269,7 @@ async fn cancel_stops_the_session() {
 
 #[tokio::test]
 async fn metrics_are_listed_and_count_sessions() {
-    let server = Server::chat(&[]);
+    let server = chat(&[]);
     let addr = server.addr;
     let names = [
         "resumable_sse_sessions_started_total",
@@ -356,7 +312,7 @@ async fn metrics_are_listed_and_count_sessions() {
 
 #[tokio::test]
 async fn api_chat_posts_a_prompt_then_streams_and_resumes() {
-    let server = Server::chat(&[]);
+    let server = chat(&[]);
     let addr = server.addr;
     let expected = get_text(addr, "/answer?prompt=hello%20there").await;
 
@@ -457,7 +413,7 @@ async fn redis_flag_without_support_is_a_clear_error() {
 
 #[tokio::test]
 async fn hyper_example_resumes() {
-    let server = Server::start("hyper", &[]);
+    let server = start("hyper", &[]);
     let path = "/events?session_id=h1&tokens=30&interval_ms=5";
     let mut first = get(server.addr, path, None).await;
     let head = first.take(7).await;
@@ -476,14 +432,16 @@ async fn hyper_example_resumes() {
 
 #[cfg(feature = "redis")]
 mod with_redis {
+    use std::time::Duration;
+
     use super::*;
     use common::redis::shared_url;
 
     #[tokio::test]
     async fn two_chat_instances_share_one_redis() {
         let Some(url) = shared_url() else { return };
-        let a = Server::start("chat", &["--redis", &url]);
-        let b = Server::start("chat", &["--redis", &url]);
+        let a = start("chat", &["--redis", &url]);
+        let b = start("chat", &["--redis", &url]);
         let path = "/chat?session_id=shared-two&tokens=200&interval_ms=2";
         let mut got: Vec<Ev> = Vec::new();
         let mut conn = get(a.addr, path, None).await;
@@ -507,8 +465,8 @@ mod with_redis {
     async fn killing_the_producing_instance_ends_followers_within_the_lease() {
         let Some(url) = shared_url() else { return };
         let lease = Duration::from_millis(1000);
-        let mut producer = Server::start("chat", &["--redis", &url, "--lease-ms", "1000"]);
-        let follower = Server::start("chat", &["--redis", &url, "--lease-ms", "1000"]);
+        let mut producer = start("chat", &["--redis", &url, "--lease-ms", "1000"]);
+        let follower = start("chat", &["--redis", &url, "--lease-ms", "1000"]);
         let path = "/chat?session_id=crash-child&tokens=10000&interval_ms=20";
         let mut first = get(producer.addr, path, None).await;
         first.take(3).await;

@@ -5,19 +5,20 @@
 //! folder, reused by later runs. Without `python3` (or when pip fails) the tests print a SKIP
 //! line, and fail under `CI=true`.
 
-// The repository's shared test helpers (SSE reader, `TIMEOUT`, `free_port`, private Redis).
+// The repository's shared test helpers (SSE reader, `TIMEOUT`, `free_port`, private Redis,
+// child servers).
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::child::{relay, Server};
 use common::redis::free_port;
 use common::{datas, Ev, SseConn, TIMEOUT};
 use futures_util::stream;
@@ -135,27 +136,6 @@ fn make_venv() -> Result<PathBuf, String> {
     Ok(python)
 }
 
-/// Forwards a child's output lines to this test's captured stderr.
-fn relay(name: &'static str, out: impl std::io::Read + Send + 'static) {
-    relay_into(name, out, Arc::default());
-}
-
-/// Forwards a child's output lines to this test's captured stderr, and keeps them in `log`.
-fn relay_into(name: &'static str, out: impl std::io::Read + Send + 'static, log: Log) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            eprintln!("[{name}] {line}");
-            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
-}
-
-/// What a child wrote to its stderr so far.
-type Log = Arc<Mutex<String>>;
-
 /// `uvicorn app:app` on a port of its own, killed when dropped.
 struct Upstream {
     child: Child,
@@ -228,51 +208,16 @@ impl Drop for Upstream {
 // The proxy
 
 /// A running `resumable-sse-proxy`, killed when dropped.
-struct Proxy {
-    child: Child,
-    addr: SocketAddr,
-    /// Its log (stderr) so far.
-    log: Log,
-}
+struct Proxy(Server);
 
 impl Proxy {
     fn start(upstream: &str, args: &[&str]) -> Proxy {
-        let mut cmd = Command::new(PROXY);
-        cmd.args(["--upstream", upstream, "--listen", "127.0.0.1:0"])
-            .args(args);
-        Self::spawn(cmd)
+        let args = [&["--upstream", upstream], args].concat();
+        Proxy(Server::start("proxy", PROXY, &args))
     }
 
-    fn spawn(mut cmd: Command) -> Proxy {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the proxy starts");
-        let log = Log::default();
-        relay_into("proxy", child.stderr.take().unwrap(), log.clone());
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("listening on http://") {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let mut proxy = Proxy {
-            child,
-            addr: ([0, 0, 0, 0], 0).into(),
-            log,
-        };
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the proxy prints `listening on http://ADDR`");
-        proxy.addr = addr.parse().expect("a socket address");
-        assert_ne!(proxy.addr.port(), 0);
-        proxy
+    fn spawn(cmd: Command) -> Proxy {
+        Proxy(Server::spawn("proxy", cmd))
     }
 
     /// The value of a metric line (`name{labels}`), 0 when absent.
@@ -290,10 +235,17 @@ impl Proxy {
     }
 }
 
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Proxy {
+    type Target = Server;
+
+    fn deref(&self) -> &Server {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proxy {
+    fn deref_mut(&mut self) -> &mut Server {
+        &mut self.0
     }
 }
 

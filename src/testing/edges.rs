@@ -25,6 +25,8 @@ use futures_util::{stream, FutureExt, StreamExt};
 
 use super::client::*;
 use super::harness::*;
+use super::service::*;
+use super::wait::*;
 use super::{Backend, Opts};
 use crate::limits;
 use crate::sse::{encode_event, EventRef};

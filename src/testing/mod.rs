@@ -53,11 +53,25 @@
 //!
 //! Each test runs on a runtime of its own (the edge matrix on two worker threads, the others on
 //! one), serves on `127.0.0.1`, and fails after a deadline rather than hang.
+//!
+//! # Helpers for tests of your own
+//!
+//! What the suite is written with is public too, for a store's or an application's own tests
+//! (the crate's integration tests use the same):
+//!
+//! - [`client`]: an HTTP client of event streams with its own SSE parser ([`client::get`],
+//!   [`client::SseConn`], [`client::SseParser`]);
+//! - [`wait`]: waits with a deadline instead of fixed sleeps ([`wait::TIMEOUT`],
+//!   [`wait::eventually`], [`wait::session_finished`]);
+//! - [`service`]: the inner service's side of a test ([`service::Inner`]: calls counted, event
+//!   streams released one event at a time).
 
-mod client;
+pub mod client;
 mod edges;
 mod harness;
+pub mod service;
 mod suite;
+pub mod wait;
 
 use std::future::Future;
 use std::time::Duration;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::client::*;
 use super::harness::*;
+use super::wait::*;
 use super::{Backend, Opts};
 use crate::store::{Status, Store};
 use crate::{EventId, Outcome};

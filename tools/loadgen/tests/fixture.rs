@@ -1,61 +1,16 @@
 //! The fixture server run as the load tool runs it, and checked over HTTP against the routes its
 //! docs promise: `stamp`, and `broadcast` in bare mode.
 
-// The repository's shared test helpers (SSE reader, `TIMEOUT`).
+// The repository's shared test helpers (SSE reader, `TIMEOUT`, child servers).
 #[path = "../../../tests/common/mod.rs"]
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
-
+use common::child::Server;
 use common::{datas, expected_tokens, get, Ev};
 
-/// A running fixture, killed when dropped.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Server {
-    fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fixture"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the fixture starts");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("listening on http://") {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let mut server = Server {
-            child,
-            addr: ([0, 0, 0, 0], 0).into(),
-        };
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the fixture prints `listening on http://ADDR`");
-        server.addr = addr.parse().expect("a socket address");
-        assert_ne!(server.addr.port(), 0);
-        server
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts the fixture (`--listen 127.0.0.1:0`, then `args`), killed when dropped.
+fn start(args: &[&str]) -> Server {
+    Server::start("fixture", env!("CARGO_BIN_EXE_fixture"), args)
 }
 
 /// `token N` of an event whose data is `token N @STAMP`.
@@ -70,7 +25,7 @@ fn stamp_of(ev: &Ev) -> u64 {
 
 #[tokio::test]
 async fn stamped_tokens_carry_the_time_they_were_made_through_the_layer() {
-    let server = Server::start(&[]);
+    let server = start(&[]);
     let path = "/chat?session_id=st1&tokens=20&interval_ms=2&stamp=1";
     let evs = get(server.addr, path, None).await.collect().await;
     let tokens: Vec<&str> = evs.iter().map(token_of).collect();
@@ -88,7 +43,7 @@ async fn stamped_tokens_carry_the_time_they_were_made_through_the_layer() {
 
 #[tokio::test]
 async fn bare_broadcast_connections_share_one_generator() {
-    let server = Server::start(&["--bare"]);
+    let server = start(&["--bare"]);
     let addr = server.addr;
     let path = "/chat?session_id=bc1&tokens=300&interval_ms=10&stamp=1&broadcast=1";
     let mut first = get(addr, path, None).await;
@@ -141,7 +96,7 @@ async fn bare_broadcast_connections_share_one_generator() {
 
 #[tokio::test]
 async fn layer_ignores_broadcast() {
-    let server = Server::start(&[]);
+    let server = start(&[]);
     let addr = server.addr;
     let path = "/chat?session_id=lb1&tokens=50&interval_ms=5&broadcast=1";
     let mut first = get(addr, path, None).await;
@@ -161,7 +116,7 @@ async fn layer_ignores_broadcast() {
 
 #[tokio::test]
 async fn drop_ends_the_open_responses_of_a_session_as_in_the_chat_example() {
-    let server = Server::start(&[]);
+    let server = start(&[]);
     let addr = server.addr;
     let mut open = get(addr, "/chat?session_id=d1&tokens=1000&interval_ms=20", None).await;
     assert_eq!(datas(&open.take(2).await), expected_tokens(0..2));

@@ -1,7 +1,7 @@
-//! The scenarios, each run on a fresh server per mode and round: [`throughput`] (one connection
-//! at full speed), [`fanout`] (one session, many subscribers), [`breadth`] (many sessions at
-//! once), [`resume`] (`Last-Event-ID` in the middle of long sessions) and [`idle`] (memory per
-//! waiting connection).
+//! The scenarios, each run on a fresh server per mode and round: [`mod@throughput`] (one
+//! connection at full speed), [`mod@fanout`] (one session, many subscribers), [`mod@breadth`]
+//! (many sessions at once), [`mod@resume`] (`Last-Event-ID` in the middle of long sessions) and
+//! [`mod@idle`] (memory per waiting connection).
 
 mod breadth;
 mod fanout;
