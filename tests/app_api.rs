@@ -5,7 +5,6 @@
 mod common;
 
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -489,20 +488,6 @@ async fn the_shutdown_recipe_drains_first_then_the_server_closes() {
     );
 }
 
-/// Captures what the layer logs, at `debug`.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn log_lines_name_the_session_by_digest_and_epoch_never_by_its_key() {
     let captured = Captured::default();
@@ -528,10 +513,10 @@ async fn log_lines_name_the_session_by_digest_and_epoch_never_by_its_key() {
     .collect()
     .await;
     eventually("the end is logged", || {
-        String::from_utf8_lossy(&captured.0.lock().unwrap()).contains("session ended")
+        captured.text().contains("session ended")
     })
     .await;
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     let digest = SessionKey::new(format!("/tokens {secret}"))
         .unwrap()
         .digest()

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::redis::{unique_prefix, RedisServer};
@@ -14,20 +13,6 @@ use common::*;
 use resumable_sse::store::redis::redacted_url;
 use resumable_sse::store::Store;
 use resumable_sse::{RedisStore, SessionKey};
-
-/// Collects every log line, of every crate, at `trace`.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_logged_at_trace_names_a_key_or_the_redis_password() {
@@ -82,11 +67,11 @@ async fn nothing_logged_at_trace_names_a_key_or_the_redis_password() {
         .expect_err("a wrong password is refused");
     let errors = format!("{err} {err:?}");
     eventually("the end of the cancelled session is logged", || {
-        String::from_utf8_lossy(&captured.0.lock().unwrap()).contains("session cancelled")
+        captured.text().contains("session cancelled")
     })
     .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(
         logs.lines().count() > 10,
         "the capture works: {} lines",
