@@ -7,8 +7,9 @@
 //! second reader of the session makes an entry for it, which subscribes once and runs a task (the
 //! *driver*) that reads every change into a [`Tail`] of the session's newest events
 //! ([`TAIL_CAPACITY_EVENTS`](crate::limits::TAIL_CAPACITY_EVENTS)), then wakes the readers; the
-//! lone reader joins that entry at its next read and drops its own subscription. A reader at a position the tail holds is served from it; one older than the tail (a
-//! replay) reads the store, page by page, until it reaches the tail. A store that is already in
+//! lone reader joins that entry at its next read and drops its own subscription. A reader at a
+//! position the tail holds is served from it; one older than the tail (a replay) reads the
+//! store, page by page, until it reaches the tail. A store that is already in
 //! the process (the [`MemoryStore`](crate::MemoryStore)) opts out, and its readers read and
 //! subscribe directly.
 //!
