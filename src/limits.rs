@@ -44,6 +44,12 @@ pub const READY_BATCH_EVENTS: usize = 1024;
 /// this the inner body is not polled until the store catches up: nothing is dropped.
 pub const MAX_PENDING_EVENTS: usize = 10_000;
 
+/// Bytes of events the producer holds while its store does not take them, whatever their
+/// number: beyond this (plus the event that crosses it) the inner body is not polled until the
+/// store catches up, so a slow store costs a session at most this much memory in the process,
+/// whatever the size of its events. Nothing is dropped.
+pub const MAX_PENDING_BYTES: usize = 16 << 20;
+
 /// Consecutive failed appends (each after a backoff) before a session is given up as failed.
 pub const MAX_APPEND_FAILURES: u32 = 8;
 
@@ -90,6 +96,16 @@ pub const REDIS_CHUNK_BYTES: usize = 64 << 10;
 /// events is cut short, so that no reply holds the connection that every session of the process
 /// shares (lease renewals included) for long.
 pub const REDIS_READ_BYTES: usize = 1 << 20;
+
+/// The largest event a [`RedisStore`](crate::store::redis::RedisStore) takes, encoded as it goes
+/// on the wire ([`Store::MAX_EVENT_BYTES`](crate::store::Store::MAX_EVENT_BYTES)): a larger one
+/// fails its session, as an event above
+/// [`max_event_size`](crate::ResumableSseLayer::max_event_size) does, with the events before it
+/// kept. With [`APPEND_BYTES`] and [`REDIS_READ_BYTES`] it bounds every call: no request or reply
+/// carries more than 4 MiB of events (plus their offsets, 4 bytes per event, and the key names),
+/// whatever the event sizes, so that no call holds Redis, or the connection the process shares,
+/// for long.
+pub const REDIS_MAX_EVENT_BYTES: usize = 4 << 20;
 
 /// Lease renewals sent in one pipeline.
 pub const REDIS_RENEWALS_PER_CALL: usize = 256;

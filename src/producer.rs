@@ -24,6 +24,9 @@ use crate::BoxError;
 /// Events produced while the store is unreachable are held up to this many; then the inner body
 /// is not polled until the store takes them (the generation waits, nothing is dropped).
 const MAX_PENDING_EVENTS: usize = crate::limits::MAX_PENDING_EVENTS;
+/// The same bound in bytes: whatever the size of the events, the producer holds at most this
+/// much (plus one event) while the store does not take them.
+const MAX_PENDING_BYTES: usize = crate::limits::MAX_PENDING_BYTES;
 /// Consecutive failed appends before the session is given up as failed.
 const MAX_APPEND_FAILURES: u32 = crate::limits::MAX_APPEND_FAILURES;
 
@@ -158,14 +161,7 @@ where
     // Set when the drain deadline or the lifetime is reached: the body is not read any more and
     // events the store does not take at once are given up.
     let mut stopping = false;
-    let mut framer = Framer {
-        parser: Parser::new(config.max_event_size),
-        epoch,
-        block: EventBlockBuilder::new(1),
-        id_buf: IdBuf::default(),
-        pending: Vec::new(),
-        pending_events: 0,
-    };
+    let mut framer = Framer::new(config.max_event_size, St::MAX_EVENT_BYTES, epoch);
     let mut in_flight: Option<InFlight> = None;
     let mut ended: Option<Outcome> = None;
     let mut failures: u32 = 0;
@@ -190,7 +186,7 @@ where
                 return Some(outcome);
             }
         }
-        let can_read = ended.is_none() && framer.pending_events() < MAX_PENDING_EVENTS;
+        let can_read = ended.is_none() && framer.has_room();
         tokio::select! {
             biased;
             result = &mut cancelled, if watch_cancel => match result {
@@ -256,7 +252,7 @@ where
                 // Take every frame the body already has ready too, so that one append, one
                 // notification and one reader wake-up carry them all. A frame that is not ready
                 // ends the loop: a paced stream is not delayed.
-                while ended.is_none() && framer.pending_events() < READY_BATCH {
+                while ended.is_none() && framer.pending_events() < READY_BATCH && framer.has_room() {
                     match next_frame(body.as_mut()).now_or_never() {
                         Some(frame) => ended = framer.take(frame),
                         None => break,
@@ -292,9 +288,26 @@ struct Framer {
     pending: Vec<EventBlock>,
     /// Events in `pending`.
     pending_events: usize,
+    /// Bytes of the events in `pending`.
+    pending_bytes: usize,
+    /// The largest encoded event the store takes ([`Store::MAX_EVENT_BYTES`]).
+    max_encoded: usize,
 }
 
 impl Framer {
+    fn new(max_event_size: usize, max_encoded: usize, epoch: Epoch) -> Self {
+        Framer {
+            parser: Parser::new(max_event_size),
+            epoch,
+            block: EventBlockBuilder::new(1),
+            id_buf: IdBuf::default(),
+            pending: Vec::new(),
+            pending_events: 0,
+            pending_bytes: 0,
+            max_encoded,
+        }
+    }
+
     /// Parses one frame into the current block; `Some` when the body ended.
     fn take(
         &mut self,
@@ -316,11 +329,20 @@ impl Framer {
                     id_buf,
                     pending,
                     pending_events,
+                    pending_bytes,
+                    max_encoded,
                 } = self;
+                // Set by an event too large for the store once encoded: it is not kept, nor is
+                // anything after it.
+                let mut too_large = None;
                 let fed = parser.feed(&data, |event| {
+                    if too_large.is_some() {
+                        return;
+                    }
                     if block.byte_len() >= MAX_BLOCK_BYTES {
                         if let Some(full) = block.finish() {
                             *pending_events += full.len();
+                            *pending_bytes += full.bytes().len();
                             pending.push(full);
                         }
                     }
@@ -329,8 +351,20 @@ impl Framer {
                         seq: block.next_seq(),
                     };
                     let id = id.write(id_buf);
-                    block.push_with(|buf| encode_event_into(buf, id, &event));
+                    block.push_with(|buf| {
+                        let before = buf.len();
+                        encode_event_into(buf, id, &event);
+                        let size = buf.len() - before;
+                        if size > *max_encoded {
+                            buf.truncate(before);
+                            too_large = Some(size);
+                        }
+                    });
                 });
+                if let Some(size) = too_large {
+                    tracing::warn!(size, max = *max_encoded, "inner SSE body produced an event larger than the store takes; session marked failed");
+                    return Some(Outcome::Failed);
+                }
                 match fed {
                     Ok(()) => None,
                     Err(e) => {
@@ -347,8 +381,19 @@ impl Framer {
         self.pending_events + self.block.len()
     }
 
+    /// Bytes of the events framed and not yet handed to an append.
+    fn pending_bytes(&self) -> usize {
+        self.pending_bytes + self.block.byte_len()
+    }
+
     fn has_pending(&self) -> bool {
         self.pending_events() > 0
+    }
+
+    /// Whether the body may be read further: fewer than [`MAX_PENDING_EVENTS`] events and
+    /// [`MAX_PENDING_BYTES`] bytes wait for the store.
+    fn has_room(&self) -> bool {
+        self.pending_events() < MAX_PENDING_EVENTS && self.pending_bytes() < MAX_PENDING_BYTES
     }
 
     /// The oldest framed events, in blocks, for one append: every one, up to
@@ -356,6 +401,7 @@ impl Framer {
     fn take_pending(&mut self) -> Vec<EventBlock> {
         if let Some(block) = self.block.finish() {
             self.pending_events += block.len();
+            self.pending_bytes += block.bytes().len();
             self.pending.push(block);
         }
         let mut bytes = 0;
@@ -372,12 +418,14 @@ impl Framer {
         let rest = self.pending.split_off(take);
         let batch = std::mem::replace(&mut self.pending, rest);
         self.pending_events -= batch.iter().map(EventBlock::len).sum::<usize>();
+        self.pending_bytes -= batch.iter().map(|b| b.bytes().len()).sum::<usize>();
         batch
     }
 
     /// Puts the blocks of a failed append back in front of what was framed since.
     fn put_back(&mut self, mut failed: Vec<EventBlock>) {
         self.pending_events += failed.iter().map(EventBlock::len).sum::<usize>();
+        self.pending_bytes += failed.iter().map(|b| b.bytes().len()).sum::<usize>();
         failed.append(&mut self.pending);
         self.pending = failed;
     }
@@ -432,13 +480,10 @@ mod tests {
 
     #[test]
     fn producer_appends_at_most_append_bytes_at_once_and_at_least_one_block() {
-        let framer = |blocks: Vec<EventBlock>| Framer {
-            parser: Parser::new(1024),
-            epoch: Epoch::from_raw(1),
-            block: EventBlockBuilder::new(blocks.last().map_or(1, |b| b.last_seq() + 1)),
-            id_buf: IdBuf::default(),
-            pending_events: blocks.iter().map(EventBlock::len).sum(),
-            pending: blocks,
+        let framer = |blocks: Vec<EventBlock>| {
+            let mut f = Framer::new(1024, usize::MAX, Epoch::from_raw(1));
+            f.put_back(blocks);
+            f
         };
         // Blocks of exactly a quarter of the limit: four per append, then the rest.
         let sized = |first: u64| {
@@ -462,6 +507,7 @@ mod tests {
             }
             assert_eq!(got, appends, "{n} blocks");
             assert_eq!(f.pending_events(), 0);
+            assert_eq!(f.pending_bytes(), 0);
         }
         // One block larger than the limit goes alone.
         let mut big = EventBlockBuilder::new(1);
@@ -474,14 +520,8 @@ mod tests {
 
     #[test]
     fn producer_put_back_retries_failed_blocks_before_newer_ones() {
-        let mut framer = Framer {
-            parser: Parser::new(1024),
-            epoch: Epoch::from_raw(1),
-            block: EventBlockBuilder::new(1),
-            id_buf: IdBuf::default(),
-            pending: vec![block(3, 2)],
-            pending_events: 2,
-        };
+        let mut framer = Framer::new(1024, usize::MAX, Epoch::from_raw(1));
+        framer.put_back(vec![block(3, 2)]);
         framer.put_back(vec![block(1, 2)]);
         assert_eq!(framer.pending_events(), 4);
         let batch = framer.take_pending();

@@ -630,3 +630,103 @@ async fn the_drain_deadline_while_the_inner_service_answers_refuses_that_request
     );
     app.release_answers();
 }
+
+// ---------------------------------------------------------------------------------------------
+// What the producer holds while its store does not take events.
+
+/// The producer reads at most [`MAX_PENDING_BYTES`] ahead of a store that does not answer
+/// (after the append in flight), whatever the size of the events; once the store answers,
+/// every event is stored and delivered once, in order. Bodies of 0 and 1 events, and of one below,
+/// at, one above and twice the bound in bytes, in events far fewer than [`MAX_PENDING_EVENTS`].
+#[tokio::test(start_paused = true)]
+async fn the_producer_reads_at_most_max_pending_bytes_ahead_of_a_store_that_does_not_answer() {
+    use futures_util::stream::{self, StreamExt};
+    use resumable_sse::limits::{APPEND_BYTES, MAX_PENDING_BYTES, MAX_PENDING_EVENTS};
+
+    // Events of a size that divides the bound: few enough that the count bound never applies.
+    let size = MAX_PENDING_BYTES / 64;
+    assert!(MAX_PENDING_BYTES / size < MAX_PENDING_EVENTS);
+    // The encoded sizes of a body of `total` bytes: whole events, the last one adjusted.
+    let body_of = |total: usize| -> Vec<usize> {
+        let mut sizes = vec![size; total / size];
+        match total % size {
+            0 => {}
+            1 => *sizes.last_mut().expect("an event") += 1,
+            r if r == size - 1 => sizes.push(size - 1),
+            r => panic!("pick totals around multiples of {size}: {r}"),
+        }
+        sizes
+    };
+    let n = MAX_PENDING_BYTES;
+    for (case, sizes) in [
+        ("no event", vec![]),
+        ("one event", vec![size]),
+        ("n - 1 bytes", body_of(n - 1)),
+        ("n bytes", body_of(n)),
+        ("n + 1 bytes", body_of(n + 1)),
+        ("2n bytes", body_of(2 * n)),
+    ] {
+        let store: FaultyStore = FaultyStore::default();
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let inner = {
+            let (pulled, sizes) = (pulled.clone(), sizes.clone());
+            tower::service_fn(move |_req: Request<Body>| {
+                let (pulled, sizes) = (pulled.clone(), sizes.clone());
+                async move {
+                    let events =
+                        stream::iter(sizes.into_iter().enumerate()).map(move |(i, bytes)| {
+                            pulled.fetch_add(bytes, Ordering::SeqCst);
+                            let data = common::sized_data(i, bytes);
+                            Ok::<_, Infallible>(bytes::Bytes::from(format!("data: {data}\n\n")))
+                        });
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("content-type", "text/event-stream")
+                            .body(Body::from_stream(events))
+                            .unwrap(),
+                    )
+                }
+            })
+        };
+        let svc = ResumableSseLayer::new(store.clone())
+            .keep_alive(resumable_sse::KeepAlive::disabled())
+            .layer(inner);
+        store.hold("append");
+        let req = Request::get("/big?session_id=pending")
+            .body(Body::empty())
+            .unwrap();
+        let res = tokio::time::timeout(TIMEOUT, svc.oneshot(req))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        let total: usize = sizes.iter().sum();
+        assert_eq!(res.status(), StatusCode::OK, "{case}");
+        // The runtime's clock moves only once every task is idle: the producer has read all it
+        // could by then.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let ahead = pulled.load(Ordering::SeqCst);
+        assert!(
+            ahead <= APPEND_BYTES + MAX_PENDING_BYTES + size,
+            "{case}: {ahead} bytes read with the store held"
+        );
+        assert!(
+            ahead >= total.min(MAX_PENDING_BYTES),
+            "{case}: only {ahead} bytes read with the store held"
+        );
+        store.release("append");
+        let evs = events(res).await;
+        assert_layer_ids(&evs);
+        let want: Vec<String> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| common::sized_data(i, *bytes))
+            .collect();
+        assert!(
+            datas(&evs) == want,
+            "{case}: {} events delivered, {} sent",
+            evs.len(),
+            want.len()
+        );
+        assert_eq!(pulled.load(Ordering::SeqCst), total, "{case}");
+    }
+}

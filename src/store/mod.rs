@@ -270,6 +270,15 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// subscribes and reads by itself.
     const SHARED_TAIL: bool = true;
 
+    /// The largest event the store takes, in bytes as it goes on the wire (its `id:`, `event:`
+    /// and `data:` lines): a larger one ends its session as failed, as an event above the
+    /// layer's [`max_event_size`](crate::ResumableSseLayer::max_event_size) does, with the events
+    /// before it kept; it never reaches [`append`](Self::append). No bound by default
+    /// (`usize::MAX`); a networked store sets one so that no call carries more
+    /// ([`RedisStore`](crate::store::redis::RedisStore):
+    /// [`REDIS_MAX_EVENT_BYTES`](crate::limits::REDIS_MAX_EVENT_BYTES), 4 MiB).
+    const MAX_EVENT_BYTES: usize = usize::MAX;
+
     /// Atomically creates a session in [`Status::Starting`] if none exists under `key` (expired
     /// sessions do not exist), or returns the existing one. Exactly one of any number of
     /// concurrent callers, in any number of processes sharing the store, gets

@@ -132,6 +132,7 @@ impl<S: Store> Store for FaultyStore<S> {
     type Subscription = S::Subscription;
     // Transparent: read as the store it wraps is read.
     const SHARED_TAIL: bool = S::SHARED_TAIL;
+    const MAX_EVENT_BYTES: usize = S::MAX_EVENT_BYTES;
 
     async fn claim(&self, key: &SessionKey, lifetime: Duration) -> Result<Claim, StoreError> {
         self.around("claim", key, self.inner.claim(key, lifetime))

@@ -36,6 +36,11 @@ impl Keys {
         }
     }
 
+    /// `<prefix>:{<escaped key>}`: names the session in the set of live sessions.
+    pub(super) fn base(&self) -> &str {
+        &self.base
+    }
+
     pub(super) fn meta(&self) -> KeyName<'_> {
         KeyName(&self.base, ":meta")
     }

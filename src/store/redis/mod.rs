@@ -117,6 +117,16 @@ pub use self::notify::RedisSubscription;
 ///   `Last-Event-ID` once the first event is gone, is answered `410 evicted`. The byte limits
 ///   count the events as they go on the wire; Redis adds its own overhead per chunk and 4 bytes
 ///   per event for their offsets.
+/// - **Bounded calls and sessions**: no request or reply carries more than
+///   [`REDIS_MAX_EVENT_BYTES`](crate::limits::REDIS_MAX_EVENT_BYTES) (4 MiB) of events, plus
+///   their offsets and the key names, whatever the size of the events: an append carries at most
+///   [`APPEND_BYTES`](crate::limits::APPEND_BYTES) (1 MiB) or one event, a read at most
+///   [`REDIS_READ_BYTES`](crate::limits::REDIS_READ_BYTES) (1 MiB) or one chunk, and an event
+///   larger than 4 MiB once encoded fails its session (the events before it are kept), as one
+///   above the layer's [`max_event_size`](crate::ResumableSseLayer::max_event_size) does (1 MiB
+///   by default, so this bound only matters when that is raised). A new session beyond
+///   [`max_sessions`](RedisStoreBuilder::max_sessions) (10,000 by default, counted in Redis for
+///   every instance together) is refused with `503` (`session-limit`).
 /// - **Redis trouble**: a request that finds Redis down gets the layer's
 ///   [`OnStoreError`](crate::OnStoreError) answer; a producer retries failed appends with backoff
 ///   and holds what it produced meanwhile (bounded; the generation waits when the bound is
@@ -167,6 +177,7 @@ struct Config {
     max_events_per_session: usize,
     max_bytes_per_session: usize,
     hard_max_bytes_per_session: usize,
+    max_sessions: usize,
     check_interval: Duration,
     response_timeout: Duration,
 }
@@ -295,6 +306,7 @@ impl RedisStore {
                 max_events_per_session: usize::MAX,
                 max_bytes_per_session: crate::limits::DEFAULT_MAX_BYTES_PER_SESSION,
                 hard_max_bytes_per_session: crate::limits::DEFAULT_HARD_MAX_BYTES_PER_SESSION,
+                max_sessions: crate::limits::DEFAULT_MAX_SESSIONS,
                 check_interval: Duration::from_secs(1),
                 response_timeout: Duration::from_secs(10),
             },
@@ -374,6 +386,26 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// The most sessions the store holds, counted in Redis and shared by every instance that
+    /// uses the same Redis and [`prefix`](Self::prefix) (default
+    /// [`DEFAULT_MAX_SESSIONS`](crate::limits::DEFAULT_MAX_SESSIONS), 10,000, as
+    /// [`MemoryStore`](crate::MemoryStore)): a new session beyond it is refused with
+    /// `503 Service Unavailable` (`session-limit`); existing sessions, and reconnects to them,
+    /// are unaffected. `0` refuses every new session; `usize::MAX` is no limit (and saves the
+    /// call that counts).
+    ///
+    /// The count is one sorted set, `<prefix>:sessions`, updated atomically by a script at each
+    /// new session, so concurrent instances never admit more than `max` between them. A session
+    /// counts from its claim until its keys expire: a finished one for its retention, a running
+    /// one until it ends. A session whose end the count does not hear of (its producer died, or
+    /// Redis failed the update) counts for at most its lifetime plus the lease and the
+    /// retention, the longest its keys can live; one that was released (its response was not an
+    /// event stream) stops counting at once. The set holds at most `max` members.
+    pub fn max_sessions(mut self, max: usize) -> Self {
+        self.config.max_sessions = max;
+        self
+    }
+
     /// How long a command may wait for its reply (default 10 s, at least 100 ms) before it fails
     /// as [`Unavailable`](super::StoreErrorKind::Unavailable).
     ///
@@ -449,6 +481,43 @@ impl Inner {
         Arc::new(Keys::new(&self.config.prefix, key))
     }
 
+    /// Counts a new session in the set of live sessions if there is room (or it is counted
+    /// already): `false` when the store is full. It counts, to begin with, for the longest its
+    /// keys can live: its `lifetime`, the lease and the retention.
+    async fn admit(&self, keys: &Keys, lifetime: Duration) -> Result<bool, StoreError> {
+        let max = self.config.max_sessions;
+        if max == usize::MAX {
+            return Ok(true);
+        }
+        // Lua counts exactly up to 2^53: a larger limit is no limit.
+        let max = i64::try_from(max)
+            .ok()
+            .filter(|m| *m <= 1 << 53)
+            .unwrap_or(-1);
+        let mut call = self.count_call(&self.scripts.admit, keys, 2);
+        call.arg(max).arg(millis(
+            lifetime.saturating_add(self.config.lease + self.config.retention),
+        ));
+        match as_u64(&self.invoke(&call).await?) {
+            Some(admitted) => Ok(admitted == 1),
+            None => Err(bad_reply("admit")),
+        }
+    }
+
+    /// Tells the set of live sessions that a session ended (it counts for `retention` more, as
+    /// long as its keys live) or, with `None`, that it is gone. Best effort: if the call fails,
+    /// the session counts until the bound it was admitted with.
+    async fn recount(&self, keys: &Keys, retention: Option<Duration>) {
+        if self.config.max_sessions == usize::MAX {
+            return;
+        }
+        let mut call = self.count_call(&self.scripts.recount, keys, 1);
+        call.arg(retention.map_or(-1, |r| i64::try_from(millis(r)).unwrap_or(i64::MAX)));
+        if let Err(e) = self.invoke(&call).await {
+            tracing::debug!(error = %e, "could not update the count of live sessions");
+        }
+    }
+
     fn ttl_ms(&self) -> u64 {
         millis(self.config.lease + self.config.retention)
     }
@@ -504,9 +573,17 @@ impl RedisStore {
 impl Store for RedisStore {
     type Subscription = RedisSubscription;
 
+    /// No call carries more than about 4 MiB of events.
+    const MAX_EVENT_BYTES: usize = crate::limits::REDIS_MAX_EVENT_BYTES;
+
     async fn claim(&self, key: &SessionKey, lifetime: Duration) -> Result<Claim, StoreError> {
         let inner = &self.inner;
         let keys = inner.keys(key);
+        // Counted first: a session that exists is counted already and always admitted, so a
+        // full store refuses new sessions only.
+        if !inner.admit(&keys, lifetime).await? {
+            return Err(StoreError::session_limit());
+        }
         let epoch = Epoch::random();
         let mut call = inner.call(&inner.scripts.claim, &keys, 4, 80);
         call.arg(epoch.raw())
@@ -557,7 +634,10 @@ impl Store for RedisStore {
         inner.release_lease(key, epoch);
         let mut call = inner.call(&inner.scripts.release, &keys, 1, 32);
         call.arg(epoch.raw());
-        inner.invoke(&call).await.map(drop)
+        if as_u64(&inner.invoke(&call).await?) == Some(1) {
+            inner.recount(&keys, None).await;
+        }
+        Ok(())
     }
 
     async fn append(
@@ -630,8 +710,11 @@ impl Store for RedisStore {
             .arg(millis(inner.config.retention));
         // 1: finished now; 0: it had already ended (a retry after a lost reply, a cancel, a
         // takeover). Either way there is nothing left to renew.
-        inner.invoke(&call).await?;
+        let finished = as_u64(&inner.invoke(&call).await?) == Some(1);
         inner.release_lease(key, epoch);
+        if finished {
+            inner.recount(&keys, Some(inner.config.retention)).await;
+        }
         Ok(())
     }
 
@@ -707,6 +790,10 @@ impl Store for RedisStore {
         call.arg("")
             .arg(Outcome::Cancelled.reason().as_str())
             .arg(millis(inner.config.retention));
-        Ok(as_u64(&inner.invoke(&call).await?) == Some(1))
+        let cancelled = as_u64(&inner.invoke(&call).await?) == Some(1);
+        if cancelled {
+            inner.recount(&keys, Some(inner.config.retention)).await;
+        }
+        Ok(cancelled)
     }
 }

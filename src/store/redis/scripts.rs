@@ -53,9 +53,9 @@ const LOOKUP: &str = include_str!("lua/lookup.lua");
 
 /// ARGV: channel, msg, retention_ms, epoch, after, max_events, max_bytes.
 /// Returns {status, first, last, entries}: the raw stream entries holding the events
-/// (after, after + max] (from the oldest retained one when `after` was evicted), stopping after
-/// the entry that brings their data to `max_bytes` (at least one entry), so that no reply holds
-/// the shared connection for long.
+/// (after, after + max] (from the oldest retained one when `after` was evicted), stopping before
+/// the entry that would bring their data past `max_bytes` (at least one entry), so that no reply
+/// holds the shared connection for long, or carries more than `max_bytes` or one chunk.
 const READ: &str = include_str!("lua/read.lua");
 
 /// ARGV: channel, msg, epoch, lease_ms, ttl_ms
@@ -63,6 +63,13 @@ const RENEW: &str = include_str!("lua/renew.lua");
 
 /// ARGV: channel, msg, epoch
 const STATUS: &str = include_str!("lua/status.lua");
+
+/// On the set of live sessions alone (KEYS: that set). ARGV: member, max (-1: no limit), ttl_ms.
+/// Returns 1 when the session is counted (already, or now), 0 when the store is full.
+const ADMIT: &str = include_str!("lua/admit.lua");
+
+/// On the set of live sessions alone. ARGV: member, ttl_ms (-1: forget it).
+const RECOUNT: &str = include_str!("lua/recount.lua");
 
 pub(super) struct Scripts {
     pub(super) claim: Script,
@@ -74,6 +81,8 @@ pub(super) struct Scripts {
     pub(super) read: Script,
     pub(super) renew: Script,
     pub(super) status: Script,
+    pub(super) admit: Script,
+    pub(super) recount: Script,
 }
 
 impl Scripts {
@@ -89,6 +98,8 @@ impl Scripts {
             read: with_helpers(READ),
             renew: Script::new(RENEW),
             status: Script::new(STATUS),
+            admit: Script::new(ADMIT),
+            recount: Script::new(RECOUNT),
         }
     }
 }
@@ -130,6 +141,20 @@ impl Inner {
             .arg(lease)
             .arg(&self.channel)
             .arg(name);
+        Call { script, cmd }
+    }
+
+    /// Prepares a script call on the set of live sessions (`<prefix>:sessions`), for `member`
+    /// (the base of a session's key names), with `args` more arguments.
+    pub(super) fn count_call<'a>(&self, script: &'a Script, keys: &Keys, args: usize) -> Call<'a> {
+        let member = keys.base();
+        let prefix = &self.config.prefix;
+        let mut cmd = Cmd::with_capacity(5 + args, 80 + prefix.len() + member.len());
+        cmd.arg("EVALSHA")
+            .arg(script.get_hash())
+            .arg(1)
+            .arg(format!("{prefix}:sessions"))
+            .arg(member);
         Call { script, cmd }
     }
 

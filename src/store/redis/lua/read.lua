@@ -26,12 +26,19 @@ if upto > after then
     entries[1] = e[1]
     size = size_of(e[1])
   end
-  while size < budget do
+  -- A chunk that would take the page past the budget waits for the next read, unless it is the
+  -- first: no reply holds more than the budget or one chunk.
+  local full = size >= budget
+  while not full do
     local batch = redis.call('XRANGE', KEYS[2], from, to, 'COUNT', 16)
     for j = 1, #batch do
+      local s = size_of(batch[j])
+      if #entries > 0 and size + s > budget then
+        full = true
+        break
+      end
       entries[#entries + 1] = batch[j]
-      size = size + size_of(batch[j])
-      if size >= budget then break end
+      size = size + s
     end
     if #batch < 16 then break end
     from = '(' .. batch[#batch][1]
