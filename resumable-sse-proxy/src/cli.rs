@@ -6,9 +6,12 @@ use clap::Parser;
 use http::header::HeaderName;
 use http::request::Parts;
 use http::uri::{Authority, Scheme, Uri};
+use http::Method;
 use resumable_sse::{
     ExtractSessionKey, FromHeader, FromPath, FromQuery, InvalidSessionKey, SessionKey,
 };
+
+use crate::key::Binding;
 
 const ABOUT: &str = "A reverse proxy that makes the Server-Sent-Events routes of an HTTP service \
 resumable: a client that reconnects with Last-Event-ID gets exactly the events it missed, the \
@@ -21,16 +24,30 @@ and a 200 text/event-stream answer becomes a session; later requests with the sa
 the session after their Last-Event-ID (then follow it live) without calling the upstream, and a \
 client that already has the last event gets 204. Other requests pass through untouched.
 
-The proxy answers GET /metrics itself (Prometheus text; see --metrics-path). The upstream \
-unreachable is 502 Bad Gateway, too slow to answer is 504 Gateway Timeout; neither creates a \
-session. Logs go to stderr; RUST_LOG sets the level (default info).
+A session is named by its key together with the request's method (HEAD asks about GET's \
+session), the route pattern it matched and its path: the same key on two routes, two paths or \
+two methods names two sessions. With --bind-key, the caller's credential is part of the name \
+too (as a SHA-256, never logged nor stored): another credential never reaches the session, and \
+a request without the credential is forwarded unresumable.
+
+Paths are normalised before anything reads them: `.` and empty segments are removed (`//` is \
+`/`), escaped unreserved characters decoded. A `..` segment in any spelling (`%2e%2e`, `%2E.`, \
+`..%2f`, `..\\`, `..%5c`, `..;`) is answered 400 and never forwarded, so nothing outside the \
+upstream's path prefix can be named.
+
+Metrics (Prometheus text) are served at GET /metrics on --metrics-listen only, never on the \
+public listener unless --metrics-path asks for it. The upstream unreachable is 502 Bad \
+Gateway, too slow to answer is 504 Gateway Timeout; neither creates a session. Logs go to \
+stderr; RUST_LOG sets the level (default info).
 
 Durations are a number with a unit: 500ms, 30s, 5m, 1h (a bare number is seconds).
 
 Example, in front of a FastAPI app on port 8000:
-  resumable-sse-proxy --upstream http://127.0.0.1:8000 --route '/v1/chat/*'
-  curl -N 'http://127.0.0.1:8080/v1/chat/stream?session_id=0b9e6c2a'
-  curl -N -H 'Last-Event-ID: <the last id curl printed>' \\
+  resumable-sse-proxy --upstream http://127.0.0.1:8000 --route '/v1/chat/*' \\
+       --metrics-listen 127.0.0.1:9090 --bind-key header:Authorization
+  curl -N -H 'Authorization: Bearer <token>' \\
+       'http://127.0.0.1:8080/v1/chat/stream?session_id=0b9e6c2a'
+  curl -N -H 'Authorization: Bearer <token>' -H 'Last-Event-ID: <the last id curl printed>' \\
        'http://127.0.0.1:8080/v1/chat/stream?session_id=0b9e6c2a'";
 
 /// The proxy's settings. Every flag can also come from the environment variable named in its
@@ -164,13 +181,50 @@ pub(crate) struct Args {
     )]
     pub(crate) drain_timeout: Duration,
 
-    /// The path at which the proxy serves its metrics (GET, Prometheus text) instead of
-    /// forwarding; `off` forwards it too.
+    /// The request methods whose streams are made resumable; repeatable (comma-separated in the
+    /// environment variable). Add POST for services whose streams start with a POST (MCP's
+    /// Streamable HTTP); each method has sessions of its own. A HEAD request answers from the
+    /// GET session, if there is one, and never starts one.
+    #[arg(
+        long = "method",
+        env = "RESUMABLE_SSE_PROXY_METHOD",
+        value_name = "METHOD",
+        value_delimiter = ',',
+        default_values_t = [Method::GET, Method::HEAD],
+        value_parser = parse_method
+    )]
+    pub(crate) methods: Vec<Method>,
+
+    /// Binds every session to the credential of the caller that started it: `header:NAME` (every
+    /// value of that request header, e.g. `header:Authorization`) or `cookie:NAME` (every value
+    /// of that cookie). A SHA-256 of the credential is part of the session's name, so that a
+    /// caller with another credential can never resume, nor probe with HEAD, a session even
+    /// with its key (with a Last-Event-ID it is told 410 `unknown-session`, as for a session
+    /// that does not exist; without one it starts its own); the credential is never logged or
+    /// stored. A request without the credential
+    /// (or with an empty one) is forwarded unresumable: it never reaches a stored session. The
+    /// proxy does not check credentials: the upstream does, when a session starts.
+    #[arg(
+        long,
+        env = "RESUMABLE_SSE_PROXY_BIND_KEY",
+        value_name = "SPEC",
+        value_parser = Binding::parse
+    )]
+    pub(crate) bind_key: Option<Binding>,
+
+    /// A second listener, for the metrics only: it answers GET /metrics (Prometheus text) and
+    /// 404 to anything else. Keep it off the public network.
+    #[arg(long, env = "RESUMABLE_SSE_PROXY_METRICS_LISTEN", value_name = "ADDR")]
+    pub(crate) metrics_listen: Option<String>,
+
+    /// Also serve the metrics on the public listener, at this path (GET), instead of forwarding
+    /// it. Off by default: every path of the public listener is forwarded, `/metrics` included.
+    /// `off` turns it off.
     #[arg(
         long,
         env = "RESUMABLE_SSE_PROXY_METRICS_PATH",
         value_name = "PATH",
-        default_value = "/metrics",
+        default_value = "off",
         value_parser = parse_metrics_path
     )]
     pub(crate) metrics_path: MetricsPath,
@@ -236,14 +290,20 @@ pub(crate) enum Route {
 }
 
 impl Route {
-    fn parse(s: &str) -> Result<Self, String> {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
         if !s.starts_with('/') {
             return Err(format!("`{s}` must start with `/`"));
         }
+        // Matched against normalised request paths, so normalised the same way.
+        let normal = |p: &str| {
+            crate::path::normalize(p)
+                .map(|n| n.into_owned())
+                .map_err(|e| format!("`{s}`: {e}"))
+        };
         match s.find('*') {
-            None => Ok(Self::Exact(s.to_owned())),
-            Some(i) if i == s.len() - 1 => Ok(Self::Prefix(s[..i].to_owned())),
+            None => Ok(Self::Exact(normal(s)?)),
+            Some(i) if i == s.len() - 1 => Ok(Self::Prefix(normal(&s[..i])?)),
             Some(_) => Err(format!("`{s}`: `*` is only allowed at the end")),
         }
     }
@@ -275,7 +335,7 @@ pub(crate) enum KeySource {
 }
 
 impl KeySource {
-    fn parse(s: &str) -> Result<Self, String> {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
         const EXPECTED: &str = "expected query:NAME, header:NAME or path:N";
         let (kind, arg) = s.split_once(':').ok_or(EXPECTED)?;
         match kind {
@@ -329,6 +389,12 @@ fn parse_keep_alive(s: &str) -> Result<KeepAlive, String> {
     }
 }
 
+/// A `--method`: an HTTP method token, in uppercase as sent.
+fn parse_method(s: &str) -> Result<Method, String> {
+    let s = s.trim();
+    Method::from_bytes(s.as_bytes()).map_err(|_| format!("`{s}` is not a request method"))
+}
+
 /// `--metrics-path`: a path, or none.
 #[derive(Clone, Debug)]
 pub(crate) struct MetricsPath(pub(crate) Option<String>);
@@ -336,8 +402,10 @@ pub(crate) struct MetricsPath(pub(crate) Option<String>);
 fn parse_metrics_path(s: &str) -> Result<MetricsPath, String> {
     match s.trim() {
         "off" | "" => Ok(MetricsPath(None)),
-        p if p.starts_with('/') => Ok(MetricsPath(Some(p.to_owned()))),
-        p => Err(format!("`{p}` must start with `/` (or be `off`)")),
+        // Compared with the normalised request path.
+        p => crate::path::normalize(p)
+            .map(|n| MetricsPath(Some(n.into_owned())))
+            .map_err(|e| format!("`{p}`: {e} (or be `off`)")),
     }
 }
 

@@ -10,9 +10,13 @@
 //! without the hop-by-hop headers, with `Host` set for the upstream and `X-Forwarded-For` and
 //! `Forwarded` added. Requests to a `--route` carrying a session key (`--session-key`) go through
 //! [`ResumableSseLayer`], so the upstream's event streams on those routes become resumable
-//! sessions, kept in memory or, with `--redis`, in Redis shared by several proxies. The proxy
-//! serves its own metrics at `GET /metrics`, answers `502` when the upstream cannot be reached
-//! and `504` when it is slower than `--upstream-timeout` to answer; neither creates a session.
+//! sessions, kept in memory or, with `--redis`, in Redis shared by several proxies. A session is
+//! named by its key, the request's method, the route it matched and its path, and with
+//! `--bind-key` the caller's credential (see the `key` module). Request paths are normalised, and
+//! `..` refused, before anything reads them (see the `path` module). The proxy serves its own
+//! metrics on `--metrics-listen` (and on the public listener only with `--metrics-path`), answers
+//! `502` when the upstream cannot be reached and `504` when it is slower than
+//! `--upstream-timeout` to answer; neither creates a session.
 //!
 //! The listener speaks HTTP/1.1 and the upstream is reached over HTTP/1.1 without TLS; protocol
 //! upgrades (WebSocket) are not forwarded. `resumable-sse-proxy --help` lists every flag and its
@@ -20,6 +24,8 @@
 
 mod cli;
 mod forward;
+mod key;
+mod path;
 
 use std::convert::Infallible;
 use std::future::poll_fn;
@@ -43,8 +49,9 @@ use resumable_sse::{BoxError, MemoryStore, ResumableSse, ResumableSseLayer};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::cli::{Args, KeySource, Route};
-use crate::forward::{ClientAddr, Forwarder};
+use crate::cli::{Args, Route};
+use crate::forward::{answer, ClientAddr, Forwarder};
+use crate::key::ProxyKey;
 
 type Body = UnsyncBoxBody<Bytes, BoxError>;
 
@@ -118,8 +125,14 @@ async fn serve<St: Store>(
     metrics: PrometheusHandle,
 ) -> Result<(), BoxError> {
     let forwarder = Forwarder::new(args.upstream.clone(), args.upstream_timeout);
+    let routes: Arc<[Route]> = args.routes.clone().into();
     let layer = ResumableSseLayer::new(store)
-        .session_key(args.session_key.clone())
+        .methods(args.methods.clone())
+        .session_key(ProxyKey::new(
+            args.session_key.clone(),
+            routes.clone(),
+            args.bind_key.clone(),
+        ))
         .keep_alive(match args.keep_alive.0 {
             Some(interval) => resumable_sse::KeepAlive::new().interval(interval),
             None => resumable_sse::KeepAlive::disabled(),
@@ -130,25 +143,45 @@ async fn serve<St: Store>(
     let app = Arc::new(App {
         resumable: layer.layer(forwarder.clone()),
         forwarder,
-        routes: args.routes.clone(),
+        routes,
         metrics_path: args.metrics_path.0.clone(),
-        metrics,
+        metrics: metrics.clone(),
     });
 
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr()?;
+    let metrics_addr = match &args.metrics_listen {
+        Some(listen) => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| format!("cannot listen on {listen} for the metrics: {e}"))?;
+            let addr = listener.local_addr()?;
+            tokio::spawn(serve_metrics(listener, metrics));
+            Some(addr)
+        }
+        None => None,
+    };
     let routes: Vec<String> = args.routes.iter().map(Route::to_string).collect();
+    let methods: Vec<&str> = args.methods.iter().map(Method::as_str).collect();
     tracing::info!(
         %addr,
         upstream = %args.upstream.authority,
         routes = ?routes,
+        methods = ?methods,
         session_key = %args.session_key,
+        bind_key = args.bind_key.as_ref().map(tracing::field::display),
+        metrics = metrics_addr.map(tracing::field::display),
+        metrics_path = args.metrics_path.0.as_deref(),
         "proxy ready"
     );
+    // Printed once every listener accepts connections.
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "listening on http://{addr}")?;
+    if let Some(metrics) = metrics_addr {
+        writeln!(stdout, "metrics on http://{metrics}/metrics")?;
+    }
     stdout.flush()?;
     drop(stdout);
 
@@ -224,11 +257,46 @@ async fn shutdown_signal() {
     }
 }
 
+/// Serves `GET /metrics` (and `HEAD`) on the metrics listener, 404 for anything else, until the
+/// process exits.
+async fn serve_metrics(listener: tokio::net::TcpListener, metrics: PrometheusHandle) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed on the metrics listener");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let res = if (req.method() == Method::GET || req.method() == Method::HEAD)
+                    && req.uri().path() == "/metrics"
+                {
+                    render_metrics(&metrics)
+                } else {
+                    answer(StatusCode::NOT_FOUND, "not found\n")
+                        .map(|b| b.map_err(Into::into).boxed_unsync())
+                };
+                std::future::ready(Ok::<_, Infallible>(res))
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(tcp), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
 /// Routes a request: the metrics, a resumable route, or straight to the upstream.
 struct App<St> {
-    resumable: ResumableSse<Forwarder, St, KeySource>,
+    resumable: ResumableSse<Forwarder, St, ProxyKey>,
     forwarder: Forwarder,
-    routes: Vec<Route>,
+    routes: Arc<[Route]>,
     metrics_path: Option<String>,
     metrics: PrometheusHandle,
 }
@@ -237,9 +305,19 @@ impl<St: Store> App<St> {
     async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
         let method = req.method().clone();
+        // Everything below (the metrics path, the routes, the session key's scope, the upstream)
+        // reads the normalised path; the refused path itself is never logged.
+        let req = match normalize_path(req) {
+            Ok(req) => req,
+            Err(e) => {
+                tracing::debug!(%method, error = %e, "request path refused");
+                let res = answer(StatusCode::BAD_REQUEST, "bad request path\n");
+                return Ok(res.map(|b| b.map_err(Into::into).boxed_unsync()));
+            }
+        };
         let path = req.uri().path().to_owned();
         if req.method() == Method::GET && self.metrics_path.as_deref() == Some(path.as_str()) {
-            return Ok(self.render_metrics());
+            return Ok(render_metrics(&self.metrics));
         }
         // The route a resumable request matched, as configured: its path, which may carry a
         // session key (a capability), is never logged.
@@ -274,20 +352,39 @@ impl<St: Store> App<St> {
         );
         Ok(res)
     }
+}
 
-    fn render_metrics(&self) -> Response<Body> {
-        self.metrics.run_upkeep();
-        let body = Full::new(Bytes::from(self.metrics.render()))
-            .map_err(|e| match e {})
-            .boxed_unsync();
-        let mut res = Response::new(body);
-        *res.status_mut() = StatusCode::OK;
-        res.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        );
-        res
-    }
+/// The request with its path normalised (see the `path` module), or why it is refused.
+fn normalize_path(req: Request<Incoming>) -> Result<Request<Incoming>, String> {
+    let normal = match path::normalize(req.uri().path()) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return Ok(req),
+        Ok(std::borrow::Cow::Owned(normal)) => normal,
+        Err(e) => return Err(e.to_string()),
+    };
+    let (mut parts, body) = req.into_parts();
+    let target = match parts.uri.query() {
+        Some(query) => format!("{normal}?{query}"),
+        None => normal,
+    };
+    let mut uri = parts.uri.into_parts();
+    uri.path_and_query = Some(target.try_into().map_err(|e| format!("{e}"))?);
+    parts.uri = http::Uri::from_parts(uri).map_err(|e| e.to_string())?;
+    Ok(Request::from_parts(parts, body))
+}
+
+/// The metrics as Prometheus text.
+fn render_metrics(metrics: &PrometheusHandle) -> Response<Body> {
+    metrics.run_upkeep();
+    let body = Full::new(Bytes::from(metrics.render()))
+        .map_err(|e| match e {})
+        .boxed_unsync();
+    let mut res = Response::new(body);
+    *res.status_mut() = StatusCode::OK;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    res
 }
 
 /// Installs the Prometheus recorder and registers every metric at zero, so that each name is

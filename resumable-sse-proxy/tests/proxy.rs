@@ -195,6 +195,15 @@ impl Upstream {
         let v: Value = serde_json::from_slice(&body).unwrap();
         v["calls"].as_u64().unwrap()
     }
+
+    /// Every request the app received so far, as (method, raw path), without those that asked
+    /// for this list.
+    async fn seen(&self) -> Vec<(String, String)> {
+        let (status, _, body) = fetch(self.addr, "GET", "/requests").send().await;
+        assert_eq!(status, 200);
+        let all: Vec<(String, String)> = serde_json::from_slice(&body).unwrap();
+        all.into_iter().filter(|(_, p)| p != "/requests").collect()
+    }
 }
 
 impl Drop for Upstream {
@@ -208,21 +217,37 @@ impl Drop for Upstream {
 // The proxy
 
 /// A running `resumable-sse-proxy`, killed when dropped.
-struct Proxy(Server);
+struct Proxy {
+    server: Server,
+    /// Its `--metrics-listen` address, when the test knows it.
+    metrics: Option<SocketAddr>,
+}
 
 impl Proxy {
+    /// Starts the proxy with `--metrics-listen` on a free port, and `args`.
     fn start(upstream: &str, args: &[&str]) -> Proxy {
-        let args = [&["--upstream", upstream], args].concat();
-        Proxy(Server::start("proxy", PROXY, &args))
+        let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let listen = metrics.to_string();
+        let args = [&["--upstream", upstream, "--metrics-listen", &listen], args].concat();
+        Proxy {
+            server: Server::start("proxy", PROXY, &args),
+            metrics: Some(metrics),
+        }
     }
 
     fn spawn(cmd: Command) -> Proxy {
-        Proxy(Server::spawn("proxy", cmd))
+        Proxy {
+            server: Server::spawn("proxy", cmd),
+            metrics: None,
+        }
     }
 
-    /// The value of a metric line (`name{labels}`), 0 when absent.
+    /// The value of a metric line (`name{labels}`), 0 when absent, from `--metrics-listen`.
     async fn metric(&self, series: &str) -> f64 {
-        let (status, headers, body) = fetch(self.addr, "GET", "/metrics").send().await;
+        let addr = self
+            .metrics
+            .expect("the proxy was started with --metrics-listen");
+        let (status, headers, body) = fetch(addr, "GET", "/metrics").send().await;
         assert_eq!(status, 200);
         assert!(headers["content-type"]
             .to_str()
@@ -239,13 +264,13 @@ impl std::ops::Deref for Proxy {
     type Target = Server;
 
     fn deref(&self) -> &Server {
-        &self.0
+        &self.server
     }
 }
 
 impl std::ops::DerefMut for Proxy {
     fn deref_mut(&mut self) -> &mut Server {
-        &mut self.0
+        &mut self.server
     }
 }
 
@@ -323,7 +348,33 @@ impl Fetch {
 }
 
 fn tokens(n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("token {i}")).collect()
+    words("token", n)
+}
+
+fn words(word: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{word} {i}")).collect()
+}
+
+/// Sends `METHOD TARGET HTTP/1.1` as written, over a plain TCP connection (HTTP clients
+/// normalise the paths they are given), and returns the status code of the answer.
+async fn raw_status(addr: SocketAddr, method: &str, target: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tcp.read_to_end(&mut answer).await.unwrap();
+        answer
+    };
+    let answer = tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .expect("an answer in time");
+    let head = String::from_utf8_lossy(&answer);
+    head.strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("{target}: not an HTTP answer: {head:?}"))
 }
 
 /// Reads a session in pieces of `pieces` events, dropping the connection after each and
@@ -335,8 +386,19 @@ async fn read_with_reconnects(
     headers: &[(&str, &str)],
     pieces: &[usize],
 ) -> Vec<Ev> {
+    read_session(addrs, "GET", path, headers, pieces).await
+}
+
+/// [`read_with_reconnects`] with `method` for every connection.
+async fn read_session(
+    addrs: &[SocketAddr],
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    pieces: &[usize],
+) -> Vec<Ev> {
     let open = |i: usize, last: Option<String>| {
-        let mut f = fetch(addrs[i % addrs.len()], "GET", path);
+        let mut f = fetch(addrs[i % addrs.len()], method, path);
         for (k, v) in headers {
             f = f.header(k, v);
         }
@@ -836,6 +898,22 @@ fn invalid_settings_are_refused_at_startup() {
         ),
         (&["--route", "/x", "--keep-alive", "soon"], "--keep-alive"),
         (
+            &["--route", "/x", "--bind-key", "query:token"],
+            "--bind-key",
+        ),
+        (&["--route", "/x", "--bind-key", "cookie:"], "--bind-key"),
+        (&["--route", "/x", "--bind-key", "header:a b"], "--bind-key"),
+        (&["--route", "/x", "--method", "GE T"], "--method"),
+        (
+            &["--route", "/x", "--metrics-path", "metrics"],
+            "--metrics-path",
+        ),
+        (
+            &["--route", "/x", "--metrics-path", "/a/../metrics"],
+            "--metrics-path",
+        ),
+        (&["--route", "/v1/../admin/*"], "--route"),
+        (
             &["--route", "/x", "--max-event-size", "big"],
             "--max-event-size",
         ),
@@ -875,6 +953,9 @@ fn invalid_settings_are_refused_at_startup() {
         "max-event-size",
         "max-sessions",
         "upstream-timeout",
+        "method",
+        "bind-key",
+        "metrics-listen",
         "metrics-path",
     ] {
         assert!(help.contains(&format!("--{flag} ")), "--{flag} in --help");
@@ -926,6 +1007,397 @@ fn max_sessions_is_for_the_memory_store_only() {
     );
     assert_eq!(code, Some(2));
     assert!(out.contains("--max-sessions"), "{out}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Security: metrics, key scopes, bound keys, paths
+
+#[tokio::test]
+async fn the_public_listener_forwards_the_metrics_path_unless_asked() {
+    let Some(up) = Upstream::start() else { return };
+    let metrics_requests = |seen: Vec<(String, String)>| {
+        seen.iter()
+            .filter(|(m, p)| m == "GET" && p == "/metrics")
+            .count()
+    };
+    // No metrics flag at all: `/metrics` is the upstream's (FastAPI's 404).
+    let mut cmd = Command::new(PROXY);
+    cmd.args(["--upstream", &up.url(), "--listen", "127.0.0.1:0"])
+        .args(["--route", "/v1/chat/*"]);
+    let plain = Proxy::spawn(cmd);
+    let (status, _, body) = fetch(plain.addr, "GET", "/metrics").send().await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(!String::from_utf8_lossy(&body).contains("resumable_sse"));
+    assert_eq!(metrics_requests(up.seen().await), 1);
+
+    // `--metrics-path` asks for them on the public listener: served there, not forwarded.
+    let opted = Proxy::start(
+        &up.url(),
+        &["--route", "/v1/chat/*", "--metrics-path", "/metrics"],
+    );
+    let (status, headers, body) = fetch(opted.addr, "GET", "/metrics").send().await;
+    assert_eq!(status, 200);
+    assert!(headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    assert!(String::from_utf8_lossy(&body).contains("resumable_sse_proxy_requests_total"));
+    // ...at its normalised path too.
+    let (status, _, _) = fetch(opted.addr, "GET", "/./metrics").send().await;
+    assert_eq!(status, 200);
+    assert_eq!(metrics_requests(up.seen().await), 1);
+}
+
+#[tokio::test]
+async fn metrics_listen_serves_the_metrics_on_its_own_address_only() {
+    let Some(up) = Upstream::start() else { return };
+    let proxy = Proxy::start(&up.url(), &["--route", "/v1/chat/*"]);
+    let metrics = proxy.metrics.unwrap();
+    // The public listener forwards `/metrics`.
+    let (status, _, body) = fetch(proxy.addr, "GET", "/metrics").send().await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(!String::from_utf8_lossy(&body).contains("resumable_sse"));
+    assert!(up
+        .seen()
+        .await
+        .contains(&("GET".to_owned(), "/metrics".to_owned())));
+    // The metrics listener serves them, counting the public listener's requests...
+    assert_eq!(
+        proxy
+            .metric("resumable_sse_proxy_requests_total{route=\"passthrough\"}")
+            .await,
+        1.0
+    );
+    // ...and forwards nothing: any other path is its own 404.
+    let before = up.seen().await.len();
+    for path in [
+        "/v1/chat/stream?session_id=m1&n=2",
+        "/json",
+        "/metrics/x",
+        "/",
+    ] {
+        let (status, _, body) = fetch(metrics, "GET", path).send().await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(&body[..], b"not found\n", "{path}");
+    }
+    let (status, _, _) = fetch(metrics, "POST", "/metrics").send().await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(up.seen().await.len(), before);
+    assert_eq!(up.calls("m1").await, 0);
+}
+
+#[tokio::test]
+async fn one_key_on_two_routes_or_two_methods_is_two_sessions() {
+    let Some(up) = Upstream::start() else { return };
+    let proxy = Proxy::start(
+        &up.url(),
+        &[
+            "--route",
+            "/v1/chat/*",
+            "--route",
+            "/v2/chat/*",
+            "--method",
+            "GET,HEAD,POST",
+        ],
+    );
+    // The same key on the same path: a POST stream, then a GET stream.
+    let path = "/v1/chat/stream?session_id=same&n=12&interval_ms=10";
+    let post = read_session(&[proxy.addr], "POST", path, &[], &[3, 4]).await;
+    assert_eq!(datas(&post), words("post", 12));
+    let get = read_session(&[proxy.addr], "GET", path, &[], &[5]).await;
+    assert_eq!(datas(&get), tokens(12));
+    assert_eq!(up.calls("POST%20same").await, 1);
+    assert_eq!(up.calls("same").await, 1);
+    // The same key on another route.
+    let other = read_with_reconnects(
+        &[proxy.addr],
+        "/v2/chat/stream?session_id=same&n=8&word=beta",
+        &[],
+        &[2],
+    )
+    .await;
+    assert_eq!(datas(&other), words("beta", 8));
+    assert_eq!(up.calls("same").await, 2);
+    assert_eq!(
+        proxy.metric("resumable_sse_sessions_started_total").await,
+        3.0
+    );
+    // HEAD asks about the GET session: it is over.
+    let head = fetch(proxy.addr, "HEAD", path)
+        .header("last-event-id", get.last().unwrap().id.as_ref().unwrap())
+        .events()
+        .await;
+    assert_eq!(head.status, StatusCode::NO_CONTENT);
+    assert_eq!(head.reason(), Some("completed"));
+}
+
+#[tokio::test]
+async fn a_scoped_and_bound_key_keeps_the_whole_key_length() {
+    let Some(up) = Upstream::start() else { return };
+    let proxy = Proxy::start(
+        &up.url(),
+        &[
+            "--route",
+            "/v1/chat/*",
+            "--bind-key",
+            "header:authorization",
+        ],
+    );
+    let n = resumable_sse::limits::MAX_SESSION_KEY_LEN;
+    for len in [0, 1, n - 1, n, n + 1, 2 * n] {
+        let key = "k".repeat(len);
+        let path = format!("/v1/chat/stream?session_id={key}&n=3");
+        let mut conn = fetch(proxy.addr, "GET", &path)
+            .header("authorization", "Bearer length")
+            .events()
+            .await;
+        if len > n {
+            assert_eq!(conn.status, StatusCode::BAD_REQUEST, "{len}");
+            assert_eq!(conn.reason(), Some("invalid-session-key"), "{len}");
+            assert_eq!(up.calls(&key).await, 0, "{len}");
+            continue;
+        }
+        assert_eq!(conn.status, 200, "{len}");
+        let evs = conn.collect().await;
+        assert_eq!(datas(&evs), tokens(3), "{len}");
+        // No key (an empty one) is forwarded unresumable; any other key is a session.
+        assert_eq!(evs.iter().all(|e| e.id.is_some()), len > 0, "{len}");
+    }
+}
+
+/// Starts a proxy on `/v1/chat/*` with `--bind-key BIND` and a trace log.
+fn bound_proxy(up: &Upstream, bind: &str) -> Proxy {
+    let mut cmd = Command::new(PROXY);
+    cmd.args(["--upstream", &up.url(), "--listen", "127.0.0.1:0"])
+        .args(["--route", "/v1/chat/*", "--bind-key", bind])
+        .env("RUST_LOG", "trace");
+    Proxy::spawn(cmd)
+}
+
+/// Caller A starts a session and reads 3 events; caller B (`other`: another credential) with
+/// A's key and A's position is told the session is unknown, and without a position gets a
+/// generation of its own; A reconnecting gets the rest of its own. Checks that neither
+/// credential shows in the proxy's log.
+async fn check_binding(up: &Upstream, proxy: &Proxy, key: &str, a: (&str, &str), b: (&str, &str)) {
+    let path = format!("/v1/chat/stream?session_id={key}&n=30&interval_ms=10");
+    let mut conn = fetch(proxy.addr, "GET", &path)
+        .header(a.0, a.1)
+        .events()
+        .await;
+    assert_eq!(conn.status, 200);
+    let first = conn.take(3).await;
+    drop(conn);
+    let last = first[2].id.clone().expect("an id");
+
+    let stolen = fetch(proxy.addr, "GET", &path)
+        .header(b.0, b.1)
+        .header("last-event-id", &last)
+        .events()
+        .await;
+    assert_eq!(stolen.status, StatusCode::GONE);
+    assert_eq!(stolen.reason(), Some("unknown-session"));
+    let probe = fetch(proxy.addr, "HEAD", &path)
+        .header(b.0, b.1)
+        .header("last-event-id", &last)
+        .events()
+        .await;
+    assert_eq!(probe.status, StatusCode::GONE);
+    assert_eq!(up.calls(key).await, 1);
+
+    let own = read_with_reconnects(&[proxy.addr], &path, &[b], &[4]).await;
+    assert_eq!(datas(&own), tokens(30));
+    assert_eq!(up.calls(key).await, 2);
+
+    let mut resumed = fetch(proxy.addr, "GET", &path)
+        .header(a.0, a.1)
+        .header("last-event-id", &last)
+        .events()
+        .await;
+    assert_eq!(resumed.status, 200);
+    let rest = resumed.collect().await;
+    assert_eq!(datas(&rest), tokens(30)[3..]);
+    assert_eq!(up.calls(key).await, 2);
+
+    let log = proxy.log.lock().unwrap().clone();
+    assert!(log.contains("TRACE"), "a trace log:\n{log}");
+    for (_, credential) in [a, b] {
+        let secret = credential.rsplit(['=', ' ']).next().unwrap();
+        assert!(!log.contains(secret), "the log shows {secret:?}:\n{log}");
+    }
+}
+
+#[tokio::test]
+async fn a_session_bound_to_a_header_is_not_reached_with_another_value() {
+    let Some(up) = Upstream::start() else { return };
+    let proxy = bound_proxy(&up, "header:authorization");
+    check_binding(
+        &up,
+        &proxy,
+        "bound-h",
+        ("authorization", "Bearer alice-secret-5521"),
+        ("authorization", "Bearer mallory-secret-7730"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_session_bound_to_a_cookie_is_not_reached_with_another_value() {
+    let Some(up) = Upstream::start() else { return };
+    let proxy = bound_proxy(&up, "cookie:sid");
+    check_binding(
+        &up,
+        &proxy,
+        "bound-c",
+        ("cookie", "theme=dark; sid=alice-cookie-1184"),
+        ("cookie", "sid=mallory-cookie-9046; theme=dark"),
+    )
+    .await;
+    // Other cookies do not count: A with another theme still resumes its session.
+    let path = "/v1/chat/stream?session_id=bound-c&n=30&interval_ms=10";
+    let done = fetch(proxy.addr, "HEAD", path)
+        .header("cookie", "sid=alice-cookie-1184; theme=light")
+        .events()
+        .await;
+    assert_eq!(done.status, StatusCode::OK);
+    assert!(done.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+}
+
+#[tokio::test]
+async fn without_the_bound_credential_a_stream_is_forwarded_unresumable() {
+    let Some(up) = Upstream::start() else { return };
+    for (bind, a, missing) in [
+        (
+            "header:authorization",
+            ("authorization", "Bearer alice-secret-3307"),
+            ("authorization", ""),
+        ),
+        (
+            "cookie:sid",
+            ("cookie", "sid=alice-cookie-3307"),
+            ("cookie", "theme=dark; xsid=alice-cookie-3307"),
+        ),
+    ] {
+        let proxy = bound_proxy(&up, bind);
+        let key = format!("unbound-{}", &bind[..6]);
+        let path = format!("/v1/chat/stream?session_id={key}&n=10");
+        let mut conn = fetch(proxy.addr, "GET", &path)
+            .header(a.0, a.1)
+            .events()
+            .await;
+        let owned = conn.collect().await;
+        let last = owned[4].id.clone().unwrap();
+        assert_eq!(up.calls(&key).await, 1);
+        // Without the credential (absent, empty, or another cookie): the upstream every time,
+        // every token from the start, no ids; never the session of A, even with its position.
+        for (i, with) in [None, Some(missing)].into_iter().enumerate() {
+            let mut f = fetch(proxy.addr, "GET", &path).header("last-event-id", &last);
+            if let Some((k, v)) = with {
+                f = f.header(k, v);
+            }
+            let mut conn = f.events().await;
+            assert_eq!(conn.status, 200, "{bind}");
+            let evs = conn.collect().await;
+            assert_eq!(datas(&evs), tokens(10), "{bind}");
+            assert!(evs.iter().all(|e| e.id.is_none()), "{bind}");
+            assert_eq!(up.calls(&key).await, 2 + i as u64, "{bind}");
+        }
+        assert_eq!(
+            proxy.log.lock().unwrap().matches("alice-").count(),
+            0,
+            "{bind}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn dot_dot_in_any_spelling_is_refused_and_never_reaches_the_upstream() {
+    let Some(up) = Upstream::start() else { return };
+    let proxy = Proxy::start(
+        &format!("{}/api", up.url()),
+        &["--route", "/v1/chat/*", "--route", "/*"],
+    );
+    let before = up.seen().await;
+    for target in [
+        "/../admin",
+        "/api/../admin",
+        "/v1/chat/../../admin?session_id=t1",
+        "/%2e%2e/admin",
+        "/%2E%2E/admin",
+        "/%2E./admin",
+        "/.%2e/admin",
+        "/%252e%252e/admin",
+        "/..%2fadmin",
+        "/x/..%2F..%2Fadmin",
+        "/x%2f..%2f..%2fadmin",
+        "/..\\admin",
+        "/x\\..\\..\\admin",
+        "/..%5cadmin",
+        "/..%5Cadmin",
+        "/..;/admin",
+        "/v1/chat/%2e%2e;x/%2e%2e/admin?session_id=t2",
+        "http://x/../admin",
+    ] {
+        for method in ["GET", "POST", "HEAD"] {
+            assert_eq!(
+                raw_status(proxy.addr, method, target).await,
+                400,
+                "{method} {target}"
+            );
+        }
+    }
+    for asterisk in ["OPTIONS"] {
+        assert_eq!(raw_status(proxy.addr, asterisk, "*").await, 400);
+    }
+    assert_eq!(
+        up.seen().await,
+        before,
+        "a refused request reached the upstream"
+    );
+    assert_eq!(up.calls("t1").await + up.calls("t2").await, 0);
+
+    // A path that stays inside is forwarded under the prefix, normalised.
+    assert_eq!(raw_status(proxy.addr, "GET", "/./x//%79/.").await, 404);
+    let seen = up.seen().await;
+    assert_eq!(
+        seen.last(),
+        Some(&("GET".to_owned(), "/api/x/y/".to_owned()))
+    );
+}
+
+#[tokio::test]
+async fn a_path_is_normalised_before_it_is_matched_and_forwarded() {
+    let Some(up) = Upstream::start() else { return };
+    let proxy = Proxy::start(&up.url(), &["--route", "/v1/chat/*"]);
+    let mut conn = fetch(
+        proxy.addr,
+        "GET",
+        "/v1/./chat//%73tream?session_id=norm&n=10",
+    )
+    .events()
+    .await;
+    assert_eq!(conn.status, 200);
+    let first = conn.take(4).await;
+    drop(conn);
+    assert!(first.iter().all(|e| e.id.is_some()), "a session: {first:?}");
+    // The canonical spelling of the path names the same session.
+    let mut rest = fetch(proxy.addr, "GET", "/v1/chat/stream?session_id=norm&n=10")
+        .header("last-event-id", first[3].id.as_ref().unwrap())
+        .events()
+        .await;
+    assert_eq!(rest.status, 200);
+    assert_eq!(datas(&rest.collect().await), tokens(10)[4..]);
+    assert_eq!(up.calls("norm").await, 1);
+    let seen = up.seen().await;
+    assert!(
+        seen.contains(&("GET".to_owned(), "/v1/chat/stream".to_owned())),
+        "{seen:?}"
+    );
+    assert!(!seen
+        .iter()
+        .any(|(_, p)| p.contains("/./") || p.contains("//")));
 }
 
 /// Events per second of one client on one connection: straight from the upstream, through the
