@@ -152,8 +152,8 @@ pub(crate) struct Args {
     )]
     pub(crate) max_event_size: usize,
 
-    /// The most sessions kept at once in memory (default 10000); a new session beyond it is
-    /// answered 503. Memory store only.
+    /// The most sessions kept at once (default 10000); a new session beyond it is answered 503.
+    /// With `--redis`, counted in Redis for every proxy sharing it and its prefix.
     #[arg(long, env = "RESUMABLE_SSE_PROXY_MAX_SESSIONS", value_name = "N")]
     pub(crate) max_sessions: Option<usize>,
 

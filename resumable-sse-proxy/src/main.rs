@@ -84,15 +84,13 @@ async fn run(args: Args) -> Result<(), BoxError> {
     match args.redis.clone() {
         #[cfg(feature = "redis")]
         Some(url) => {
-            if args.max_sessions.is_some() {
-                fail(
-                    2,
-                    "--max-sessions applies to the memory store only, not with --redis",
-                );
-            }
-            let store = resumable_sse::RedisStore::builder(url.clone())
+            let mut store = resumable_sse::RedisStore::builder(url.clone())
                 .prefix(args.redis_prefix.clone())
-                .retention(args.retention)
+                .retention(args.retention);
+            if let Some(max) = args.max_sessions {
+                store = store.max_sessions(max);
+            }
+            let store = store
                 .connect()
                 .await
                 .map_err(|e| format!("cannot connect to Redis at {}: {e}", redacted_url(&url)))?;

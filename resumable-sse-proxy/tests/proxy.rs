@@ -988,25 +988,46 @@ fn redis_needs_the_redis_feature() {
 }
 
 #[cfg(feature = "redis")]
-#[test]
-fn max_sessions_is_for_the_memory_store_only() {
-    let (code, out) = run_proxy(
-        &[
-            "--upstream",
-            "http://127.0.0.1:9",
-            "--listen",
-            "127.0.0.1:0",
-            "--route",
-            "/x",
-            "--redis",
-            "redis://127.0.0.1:1",
-            "--max-sessions",
-            "5",
-        ],
-        &[],
+#[tokio::test]
+async fn max_sessions_with_redis_counts_the_sessions_of_every_proxy_together() {
+    let Some(url) = common::redis::shared_url() else {
+        return;
+    };
+    let Some(up) = Upstream::start() else { return };
+    let prefix = common::redis::unique_prefix();
+    let args = [
+        "--route",
+        "/v1/chat/*",
+        "--redis",
+        &url,
+        "--redis-prefix",
+        &prefix,
+        "--max-sessions",
+        "1",
+    ];
+    let a = Proxy::start(&up.url(), &args);
+    let b = Proxy::start(&up.url(), &args);
+    let first = common::get(a.addr, "/v1/chat/stream?session_id=m1&n=3", None)
+        .await
+        .collect()
+        .await;
+    assert_eq!(datas(&first), tokens(3));
+    // The other proxy's new session is one too many; the first one's session still answers.
+    let refused = common::get(b.addr, "/v1/chat/stream?session_id=m2&n=3", None).await;
+    assert_eq!(
+        (refused.status.as_u16(), refused.reason()),
+        (503, Some("session-limit"))
     );
-    assert_eq!(code, Some(2));
-    assert!(out.contains("--max-sessions"), "{out}");
+    let replay = common::get(
+        b.addr,
+        "/v1/chat/stream?session_id=m1",
+        first[0].id.as_deref(),
+    )
+    .await
+    .collect()
+    .await;
+    assert_eq!(datas(&replay), tokens(3)[1..]);
+    assert_eq!(up.calls("m2").await, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
