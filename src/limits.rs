@@ -109,3 +109,27 @@ pub const REDIS_MAX_EVENT_BYTES: usize = 4 << 20;
 
 /// Lease renewals sent in one pipeline.
 pub const REDIS_RENEWALS_PER_CALL: usize = 256;
+
+/// The name a Redis store gives its command connection (`CLIENT SETNAME`), the one that carries
+/// every read and write, so that `CLIENT LIST` shows it (on every node of a Cluster).
+pub const REDIS_COMMAND_CONNECTION_NAME: &str = "resumable-sse:cmd";
+
+/// The name a Redis store gives its lease connection (`CLIENT SETNAME`), which carries nothing
+/// but lease renewals and releases: no reply to a read can delay them.
+pub const REDIS_LEASE_CONNECTION_NAME: &str = "resumable-sse:lease";
+
+/// How long a Redis store waits for a connection to a Redis server (or a Cluster node) to open.
+pub const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The wait before a Redis store's notifier subscribes again after its first failed attempt in a
+/// row; each further failed attempt doubles it, up to [`REDIS_NOTIFY_RETRY_MAX`]. On a Cluster,
+/// each attempt goes to the next node.
+pub const REDIS_NOTIFY_RETRY_MIN: Duration = Duration::from_millis(100);
+
+/// The longest wait between two attempts of a Redis store's notifier to subscribe again.
+pub const REDIS_NOTIFY_RETRY_MAX: Duration = Duration::from_millis(1600);
+
+/// How often a Redis store's notifier pings its pub/sub connection: a connection whose server
+/// vanished without closing it (a lost host, a partition) fails within this plus the response
+/// timeout, and the notifier subscribes again (on a Cluster, on another node).
+pub const REDIS_NOTIFY_PING_INTERVAL: Duration = Duration::from_secs(5);

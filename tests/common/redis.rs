@@ -167,6 +167,16 @@ pub fn unique_prefix() -> String {
     )
 }
 
+/// What `redis-cli -p <port> <args>` prints (empty when it cannot run).
+pub fn cli(port: u16, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 /// A local three-master Redis Cluster of the tests' own.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
@@ -178,8 +188,32 @@ impl RedisCluster {
     }
 
     pub fn start() -> Self {
+        Self::start_nodes(3, 0, 2000)
+    }
+
+    /// Three masters, each with one replica (the masters are `nodes[..3]`), whose nodes count
+    /// one another failed after `node_timeout_ms`: a lost master's replica takes over soon after.
+    pub fn start_with_replicas(node_timeout_ms: u64) -> Self {
+        let cluster = Self::start_nodes(6, 1, node_timeout_ms);
+        // Every replica is in sync with its master (so that it can take over).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for n in &cluster.nodes {
+            loop {
+                let info = cli(n.port, &["info", "replication"]);
+                if info.contains("role:master") || info.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "replicas did not sync");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        cluster
+    }
+
+    fn start_nodes(count: usize, replicas: usize, node_timeout_ms: u64) -> Self {
         let mut nodes = Vec::new();
-        while nodes.len() < 3 {
+        let timeout = node_timeout_ms.to_string();
+        while nodes.len() < count {
             let port = free_port();
             // The cluster bus listens on port + 10000.
             if port > 55_000 || TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
@@ -194,7 +228,7 @@ impl RedisCluster {
                     "--cluster-config-file",
                     &conf,
                     "--cluster-node-timeout",
-                    "2000",
+                    &timeout,
                 ],
             ));
         }
@@ -205,27 +239,53 @@ impl RedisCluster {
         let status = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .expect("run redis-cli --cluster create");
         assert!(status.success(), "redis-cli --cluster create failed");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for n in &nodes {
-            loop {
-                let out = Command::new("redis-cli")
-                    .args(["-p", &n.port.to_string(), "cluster", "info"])
-                    .output()
-                    .expect("redis-cli");
-                if String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok") {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "cluster did not become ready");
-                std::thread::sleep(Duration::from_millis(100));
+        let cluster = Self { nodes };
+        cluster.wait_ok(Duration::from_secs(30));
+        cluster
+    }
+
+    /// The nodes still running.
+    pub fn live(&self) -> impl Iterator<Item = &RedisServer> {
+        self.nodes.iter().filter(|n| n.stdin.is_some())
+    }
+
+    /// Waits until every running node reports the cluster ok (every slot served).
+    pub fn wait_ok(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        for n in self.live() {
+            while !cli(n.port, &["cluster", "info"]).contains("cluster_state:ok") {
+                assert!(Instant::now() < deadline, "cluster not ok within {limit:?}");
+                std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Self { nodes }
+    }
+
+    /// Kills node `i` (SIGKILL); if it was a master, waits until its replica took over and every
+    /// other node reports the cluster ok again.
+    pub fn kill_and_fail_over(&mut self, i: usize, limit: Duration) {
+        let port = self.nodes[i].port;
+        let id = cli(port, &["cluster", "myid"]).trim().to_owned();
+        let replica = cli(port, &["cluster", "nodes"]).lines().find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.len() > 3 && f[3] == id && f[2].contains("slave"))
+                .then(|| f[1].split(['@', ':']).nth(1)?.parse::<u16>().ok())
+                .flatten()
+        });
+        self.nodes[i].kill();
+        let deadline = Instant::now() + limit;
+        if let Some(replica) = replica {
+            while !cli(replica, &["info", "replication"]).contains("role:master") {
+                assert!(Instant::now() < deadline, "no failover within {limit:?}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.wait_ok(deadline.saturating_duration_since(Instant::now()));
     }
 
     /// One cluster for the whole test binary; `None` (after a SKIP line) without `redis-server`.

@@ -1,16 +1,19 @@
 //! Lease bookkeeping: the sessions this process produces, and the one task that renews their
-//! leases.
+//! leases on the lease connection, which nothing else uses: no read's reply can hold a renewal
+//! back.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
-use redis::{ServerErrorKind, Value};
+use redis::{ErrorKind, Script, ServerErrorKind, Value};
 use tokio::time::Instant;
 
 use super::keys::Keys;
 use super::scripts::Call;
-use super::{lock, millis, spawn_periodic, unavailable, Conn, Inner};
+use super::{lock, millis, name_connection, spawn_periodic, unavailable, Conn, Inner};
+use crate::limits::{REDIS_COMMAND_CONNECTION_NAME, REDIS_LEASE_CONNECTION_NAME};
 use crate::session::{Epoch, SessionKey};
 use crate::store::StoreError;
 
@@ -41,9 +44,25 @@ const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl Inner {
     /// Starts the one task that renews the leases of every session this process produces.
+    ///
+    /// Each round also names the connections again (a connection made again after a loss is
+    /// unnamed), apart from the renewals, so that a stalled command connection cannot hold them
+    /// back.
     pub(super) fn start_renewals(inner: &Arc<Inner>) {
-        let task = spawn_periodic(inner, inner.config.lease / 3, |inner| async move {
-            inner.renew_all().await;
+        let naming = Arc::new(AtomicBool::new(false));
+        let task = spawn_periodic(inner, inner.config.lease / 3, move |inner| {
+            let naming = naming.clone();
+            async move {
+                if !naming.swap(true, Ordering::AcqRel) {
+                    let (conn, lease_conn) = (inner.conn.clone(), inner.lease_conn.clone());
+                    tokio::spawn(async move {
+                        name_connection(&conn, REDIS_COMMAND_CONNECTION_NAME).await;
+                        name_connection(&lease_conn, REDIS_LEASE_CONNECTION_NAME).await;
+                        naming.store(false, Ordering::Release);
+                    });
+                }
+                inner.renew_all().await;
+            }
         });
         *lock(&inner.renewal_task) = Some(task);
     }
@@ -107,26 +126,29 @@ impl Inner {
         call
     }
 
-    /// Sends renewals: in one pipeline on one server; on a Cluster, whose sessions live on
-    /// several nodes, as concurrent calls on the shared connection.
+    /// Sends renewals on the lease connection: in one pipeline on one server; on a Cluster, whose
+    /// sessions live on several nodes, as concurrent calls.
     async fn renew_batch(
         &self,
         batch: &[Held],
     ) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
-        if let Conn::Cluster(_) = self.conn {
+        if let Conn::Cluster(_) = self.lease_conn {
             let calls: Vec<Call<'_>> = batch
                 .iter()
                 .map(|(_, epoch, keys)| self.renew_call(keys, *epoch))
                 .collect();
-            return Ok(
-                futures_util::future::join_all(calls.iter().map(|call| self.invoke(call))).await,
-            );
+            return Ok(futures_util::future::join_all(
+                calls
+                    .iter()
+                    .map(|call| self.invoke_lease(&self.scripts.renew, call)),
+            )
+            .await);
         }
         let mut pipe = redis::pipe();
         for (_, epoch, keys) in batch {
             pipe.add_command(self.renew_call(keys, *epoch).cmd);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.lease_conn.clone();
         let mut replies = conn
             .req_packed_commands(&pipe, 0, batch.len())
             .await
@@ -151,6 +173,23 @@ impl Inner {
                 v => Ok(v),
             })
             .collect())
+    }
+
+    /// Calls `script` on the lease connection (loading it first if the server's script cache
+    /// was emptied).
+    pub(super) async fn invoke_lease(
+        &self,
+        script: &Script,
+        call: &Call<'_>,
+    ) -> Result<Value, StoreError> {
+        let mut conn = self.lease_conn.clone();
+        match call.cmd.query_async::<Value>(&mut conn).await {
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                script.load_async(&mut conn).await.map_err(unavailable)?;
+                call.cmd.query_async(&mut conn).await.map_err(unavailable)
+            }
+            r => r.map_err(unavailable),
+        }
     }
 
     /// Renews the lease of a session claimed here, for at most `lifetime`.

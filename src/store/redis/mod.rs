@@ -71,10 +71,15 @@ pub use self::notify::RedisSubscription;
 /// - **Paged reads in one call**: a read finds the chunk holding the position after the reader's
 ///   and returns it with the chunks after it, up to the requested number of events, together
 ///   with the session's status.
-/// - **Live changes with two connections per process**, whatever the number of subscribers
-///   and sessions: one multiplexed command connection ([`ConnectionManager`], which reconnects
-///   by itself) and one pub/sub connection on which every change of every session is announced
-///   on one channel; a subscription waits on an in-memory signal fed by that connection. The
+/// - **Live changes with three connections per process** (on a Cluster, at most three per
+///   node), whatever the number of subscribers and sessions: one multiplexed command connection
+///   ([`ConnectionManager`], which reconnects by itself) for every read and write, named
+///   `resumable-sse:cmd`; one lease connection, `resumable-sse:lease`, that carries nothing but
+///   lease renewals and releases, so that no read's reply (up to a megabyte each) can hold a
+///   renewal back until leases expire; and one pub/sub connection on which every change of
+///   every session is announced on one channel (on a Cluster, on one node at a time: when that
+///   node is lost, the process subscribes on another, and every local reader re-reads once
+///   subscribed); a subscription waits on an in-memory signal fed by that connection. The
 ///   layer subscribes once per session and process and shares one tail of the session among
 ///   the readers of the process ([`Store::SHARED_TAIL`]), so one read per change serves all of
 ///   them: no blocking command is used, and the Redis work per event does not grow with the
@@ -82,9 +87,9 @@ pub use self::notify::RedisSubscription;
 ///   per subscriber, and a producer waits on status announcements only, so that it is not woken
 ///   (and queued behind every subscriber) at each event.
 /// - **One lease renewal for the whole process**: every third of the lease, one task renews the
-///   leases of every session the process produces, in one pipeline per 256 sessions (on a
-///   Cluster, whose sessions live on several nodes, one call per session, all at once): a
-///   session costs no task or timer of its own. A lease is renewed until the session's final
+///   leases of every session the process produces, on the lease connection, in one pipeline per
+///   256 sessions (on a Cluster, whose sessions live on several nodes, one call per session, all
+///   at once): a session costs no task or timer of its own. A lease is renewed until the session's final
 ///   status is written: a producer whose last write fails keeps it while it retries (the session
 ///   is not marked failed meanwhile), and lets it go 30 s plus the response timeout after its
 ///   latest attempt if it gave up.
@@ -184,6 +189,8 @@ struct Config {
 
 struct Inner {
     conn: Conn,
+    /// Lease renewals and releases only: nothing else queues on it.
+    lease_conn: Conn,
     config: Config,
     channel: String,
     scripts: Scripts,
@@ -418,7 +425,8 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Connects: one command connection and one pub/sub connection per process. Fails with
+    /// Connects: a command connection, a lease connection and a pub/sub connection per process
+    /// (on a Cluster, the first two on every node, the last on one node). Fails with
     /// [`Unavailable`](super::StoreErrorKind::Unavailable) (the Redis error as its source) when
     /// the URL is not valid or no server answers.
     pub async fn connect(self) -> Result<RedisStore, StoreError> {
@@ -426,30 +434,30 @@ impl RedisStoreBuilder {
     }
 
     async fn try_connect(self) -> RedisResult<RedisStore> {
-        let first = self.nodes.first().cloned().unwrap_or_default();
-        let pubsub_client = redis::Client::open(first.as_str())?;
-        let timeout = self.config.response_timeout;
-        let conn = if self.cluster {
-            let client = redis::cluster::ClusterClientBuilder::new(self.nodes.clone())
-                .response_timeout(timeout)
-                .connection_timeout(Duration::from_secs(2))
-                .build()?;
-            Conn::Cluster(client.get_async_connection().await?)
-        } else {
-            let config = ConnectionManagerConfig::new()
-                .set_response_timeout(Some(timeout))
-                .set_connection_timeout(Some(Duration::from_secs(2)))
-                .set_number_of_retries(2)
-                .set_max_delay(Duration::from_millis(500));
-            Conn::Single(ConnectionManager::new_with_config(pubsub_client.clone(), config).await?)
+        use crate::limits::{REDIS_COMMAND_CONNECTION_NAME, REDIS_LEASE_CONNECTION_NAME};
+        let seeds = self
+            .nodes
+            .iter()
+            .map(|n| redis::Client::open(n.as_str()))
+            .collect::<RedisResult<Vec<_>>>()?;
+        let first = match seeds.first() {
+            Some(client) => client.clone(),
+            None => redis::Client::open("")?,
         };
+        // The command connection first (on a Cluster, one per node for each).
+        let conn = self
+            .connection(&first, REDIS_COMMAND_CONNECTION_NAME)
+            .await?;
+        let lease_conn = self.connection(&first, REDIS_LEASE_CONNECTION_NAME).await?;
         let channel = format!("{}:notify", self.config.prefix);
         let inner = Arc::new(Inner {
             conn,
+            lease_conn,
             channel,
             scripts: Scripts::new(),
             notifier: Notifier {
-                client: pubsub_client,
+                seeds,
+                cluster: self.cluster,
                 sessions: Mutex::new(Sessions::default()),
                 task: Mutex::new(None),
                 checks_task: Mutex::new(None),
@@ -462,6 +470,44 @@ impl RedisStoreBuilder {
         Notifier::start_checks(&inner);
         Inner::start_renewals(&inner);
         Ok(RedisStore { inner })
+    }
+}
+
+impl RedisStoreBuilder {
+    /// A multiplexed connection to the server (`first`), or a connection to the Cluster, named
+    /// `name`.
+    async fn connection(&self, first: &redis::Client, name: &str) -> RedisResult<Conn> {
+        let timeout = self.config.response_timeout;
+        let conn = if self.cluster {
+            let client = redis::cluster::ClusterClientBuilder::new(self.nodes.clone())
+                .response_timeout(timeout)
+                .connection_timeout(crate::limits::REDIS_CONNECT_TIMEOUT)
+                .build()?;
+            Conn::Cluster(client.get_async_connection().await?)
+        } else {
+            let config = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(timeout))
+                .set_connection_timeout(Some(crate::limits::REDIS_CONNECT_TIMEOUT))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500));
+            Conn::Single(ConnectionManager::new_with_config(first.clone(), config).await?)
+        };
+        name_connection(&conn, name).await;
+        Ok(conn)
+    }
+}
+
+/// Names a connection (`CLIENT SETNAME`; on a Cluster, on every node), so that `CLIENT LIST`
+/// shows what it is for. A server that refuses is not an error: the name is only shown.
+async fn name_connection(conn: &Conn, name: &str) {
+    let mut conn = conn.clone();
+    let named = redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(name)
+        .query_async::<Value>(&mut conn)
+        .await;
+    if let Err(e) = named {
+        tracing::debug!(error = %e, name, "could not name a Redis connection");
     }
 }
 
@@ -634,7 +680,8 @@ impl Store for RedisStore {
         inner.release_lease(key, epoch);
         let mut call = inner.call(&inner.scripts.release, &keys, 1, 32);
         call.arg(epoch.raw());
-        if as_u64(&inner.invoke(&call).await?) == Some(1) {
+        let released = inner.invoke_lease(&inner.scripts.release, &call).await?;
+        if as_u64(&released) == Some(1) {
             inner.recount(&keys, None).await;
         }
         Ok(())

@@ -8,7 +8,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use futures_util::StreamExt;
-use redis::RedisResult;
 use tokio::sync::watch;
 
 use super::keys::Keys;
@@ -20,10 +19,35 @@ use crate::store::Subscription;
 /// One pub/sub connection per process; every session's changes are announced on one channel and
 /// fanned out here to the local subscribers of that session.
 pub(super) struct Notifier {
-    pub(super) client: redis::Client,
+    /// Where to subscribe: the server, or the seed nodes of a Cluster (to which the nodes the
+    /// Cluster reports are added when a subscription fails: a classic `PUBLISH` reaches every
+    /// node of a Cluster, so any node will do).
+    pub(super) seeds: Vec<redis::Client>,
+    pub(super) cluster: bool,
     pub(super) sessions: Mutex<Sessions>,
     pub(super) task: Mutex<Option<tokio::task::AbortHandle>>,
     pub(super) checks_task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+/// How a subscription ended: whether it was in place before it failed, and why it failed.
+type Lost = (bool, redis::RedisError);
+
+/// The wait before the `failures`-th attempt in a row to subscribe again: none before the first,
+/// then [`REDIS_NOTIFY_RETRY_MIN`](crate::limits::REDIS_NOTIFY_RETRY_MIN), doubled at each
+/// further failure up to [`REDIS_NOTIFY_RETRY_MAX`](crate::limits::REDIS_NOTIFY_RETRY_MAX).
+fn retry_after(failures: u32) -> Duration {
+    use crate::limits::{REDIS_NOTIFY_RETRY_MAX, REDIS_NOTIFY_RETRY_MIN};
+    let Some(doublings) = failures.checked_sub(1) else {
+        return Duration::ZERO;
+    };
+    REDIS_NOTIFY_RETRY_MIN
+        .checked_mul(1u32.checked_shl(doublings).unwrap_or(u32::MAX))
+        .unwrap_or(REDIS_NOTIFY_RETRY_MAX)
+        .min(REDIS_NOTIFY_RETRY_MAX)
+}
+
+fn failed(what: &str) -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::other(what.to_owned()))
 }
 
 /// The sessions with local subscribers, by the digest of their key, which names them in
@@ -91,39 +115,131 @@ pub(super) struct Generation {
 }
 
 impl Notifier {
+    /// Starts the task that keeps the process subscribed: when its connection fails, it
+    /// subscribes again, on a Cluster on the next node (so that the loss of a node does not stop
+    /// the notifications), waiting longer after each failed attempt in a row; once subscribed
+    /// again, every local subscriber and producer re-reads, so no change made meanwhile is
+    /// missed.
     pub(super) fn start(inner: &Arc<Inner>) {
         let weak = Arc::downgrade(inner);
-        let client = inner.notifier.client.clone();
+        let seeds = inner.notifier.seeds.clone();
+        let cluster = inner.notifier.cluster;
         let channel = inner.channel.clone();
+        let ping_timeout = inner.config.response_timeout;
         let task = tokio::spawn(async move {
             let mut failures = 0u32;
+            let mut node = 0usize;
             loop {
-                match Self::listen(&client, &channel, &weak).await {
+                let nodes = if cluster && node > 0 {
+                    Self::cluster_nodes(&weak, &seeds).await
+                } else {
+                    seeds.clone()
+                };
+                let Some(client) = nodes.get(node % nodes.len().max(1)) else {
+                    return;
+                };
+                match Self::listen(client, &channel, &weak, ping_timeout).await {
                     Ok(()) => return, // the store was dropped
-                    Err(e) => {
-                        failures += 1;
-                        tracing::warn!(error = %e, "Redis notifications lost; reconnecting");
+                    Err((subscribed, e)) => {
+                        failures = if subscribed {
+                            1
+                        } else {
+                            failures.saturating_add(1)
+                        };
+                        tracing::warn!(error = %e, "Redis notifications lost; subscribing again");
                     }
                 }
                 // Changes may have been missed: wake everyone to re-read.
                 let Some(inner) = weak.upgrade() else { return };
                 inner.notifier.wake_all();
                 drop(inner);
-                tokio::time::sleep(Duration::from_millis(100u64 << failures.min(4))).await;
+                node = node.wrapping_add(1);
+                tokio::time::sleep(retry_after(failures)).await;
             }
         });
         *lock(&inner.notifier.task) = Some(task.abort_handle());
     }
 
-    async fn listen(client: &redis::Client, channel: &str, weak: &Weak<Inner>) -> RedisResult<()> {
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe(channel).await?;
+    /// The seed nodes, then every other node the Cluster reports (`CLUSTER SLOTS`, masters and
+    /// replicas), reached with the seeds' credentials and TLS settings.
+    async fn cluster_nodes(weak: &Weak<Inner>, seeds: &[redis::Client]) -> Vec<redis::Client> {
+        let mut nodes = seeds.to_vec();
+        let (Some(base), Some(mut conn)) = (seeds.first(), weak.upgrade().map(|i| i.conn.clone()))
+        else {
+            return nodes;
+        };
+        let reply = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async::<redis::Value>(&mut conn)
+            .await;
+        let Ok(redis::Value::Array(ranges)) = reply else {
+            return nodes;
+        };
+        let mut known: Vec<Option<(String, u16)>> = nodes.iter().map(tcp_addr).collect();
+        for range in &ranges {
+            let redis::Value::Array(parts) = range else {
+                continue;
+            };
+            for node in parts.iter().skip(2) {
+                let Some((host, port)) = node_addr(node) else {
+                    continue;
+                };
+                let addr = Some((host.clone(), port));
+                if known.contains(&addr) {
+                    continue;
+                }
+                if let Some(client) = at(base, host, port) {
+                    known.push(addr);
+                    nodes.push(client);
+                }
+            }
+        }
+        nodes
+    }
+
+    /// Subscribes through `client` and fans the announcements out until the connection fails
+    /// (`Err`) or the store is dropped (`Ok`). The connection is pinged every
+    /// [`REDIS_NOTIFY_PING_INTERVAL`](crate::limits::REDIS_NOTIFY_PING_INTERVAL), so that a
+    /// server gone without closing it is noticed too.
+    async fn listen(
+        client: &redis::Client,
+        channel: &str,
+        weak: &Weak<Inner>,
+        ping_timeout: Duration,
+    ) -> Result<(), Lost> {
+        use crate::limits::{REDIS_CONNECT_TIMEOUT, REDIS_NOTIFY_PING_INTERVAL};
+        let pubsub = tokio::time::timeout(REDIS_CONNECT_TIMEOUT, client.get_async_pubsub())
+            .await
+            .map_err(|_| (false, failed("timed out connecting for notifications")))?
+            .map_err(|e| (false, e))?;
+        let (mut sink, mut messages) = pubsub.split();
+        tokio::time::timeout(ping_timeout, sink.subscribe(channel))
+            .await
+            .map_err(|_| (false, failed("timed out subscribing")))?
+            .map_err(|e| (false, e))?;
         if let Some(inner) = weak.upgrade() {
             // Subscribed again after a loss: whatever happened meanwhile is re-read.
             inner.notifier.wake_all();
         }
-        let mut messages = pubsub.into_on_message();
-        while let Some(msg) = messages.next().await {
+        let mut pings = tokio::time::interval_at(
+            Instant::now() + REDIS_NOTIFY_PING_INTERVAL,
+            REDIS_NOTIFY_PING_INTERVAL,
+        );
+        pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let msg = tokio::select! {
+                msg = messages.next() => msg,
+                _ = pings.tick() => {
+                    match tokio::time::timeout(ping_timeout, sink.ping::<redis::Value>()).await {
+                        Ok(Ok(_)) => continue,
+                        Ok(Err(e)) => return Err((true, e)),
+                        Err(_) => return Err((true, failed("pub/sub connection unresponsive"))),
+                    }
+                }
+            };
+            let Some(msg) = msg else {
+                return Err((true, failed("pub/sub connection closed")));
+            };
             let Some(inner) = weak.upgrade() else {
                 return Ok(());
             };
@@ -141,9 +257,6 @@ impl Notifier {
                 }
             }
         }
-        Err(redis::RedisError::from(std::io::Error::other(
-            "pub/sub connection closed",
-        )))
     }
 
     /// Starts the one task that wakes the subscribers of every session that announced nothing
@@ -231,6 +344,53 @@ impl Notifier {
     }
 }
 
+/// The host and port a client reaches over TCP (with or without TLS).
+fn tcp_addr(client: &redis::Client) -> Option<(String, u16)> {
+    match client.get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(host, port) => Some((host.clone(), *port)),
+        redis::ConnectionAddr::TcpTls { host, port, .. } => Some((host.clone(), *port)),
+        _ => None,
+    }
+}
+
+/// A node of a `CLUSTER SLOTS` reply: `[host, port, id, ...]`.
+fn node_addr(node: &redis::Value) -> Option<(String, u16)> {
+    let redis::Value::Array(fields) = node else {
+        return None;
+    };
+    let host = match fields.first()? {
+        redis::Value::BulkString(b) => String::from_utf8(b.clone()).ok()?,
+        redis::Value::SimpleString(s) => s.clone(),
+        _ => return None,
+    };
+    let port = match fields.get(1)? {
+        redis::Value::Int(p) => u16::try_from(*p).ok()?,
+        _ => return None,
+    };
+    // A node that does not know its own address reports an empty host ("?" when unknown).
+    (!host.is_empty() && host != "?" && port != 0).then_some((host, port))
+}
+
+/// A client for the node at `host:port`, with `base`'s credentials, database and TLS settings.
+fn at(base: &redis::Client, host: String, port: u16) -> Option<redis::Client> {
+    let info = base.get_connection_info().clone();
+    let addr = match info.addr() {
+        redis::ConnectionAddr::Tcp(..) => redis::ConnectionAddr::Tcp(host, port),
+        redis::ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => redis::ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        _ => return None,
+    };
+    redis::Client::open(info.set_addr(addr)).ok()
+}
+
 /// The [`Subscription`] of a [`RedisStore`](super::RedisStore): woken by the process's pub/sub
 /// connection, and by the process's periodic check of the sessions that announced nothing
 /// within the check interval (one second), so that a dead producer is noticed even when nothing
@@ -267,5 +427,37 @@ impl Subscription for RedisSubscription {
 
     fn reached(&mut self, seq: u64) {
         self.pin.reached(seq);
+    }
+}
+
+#[cfg(feature = "test-util")]
+impl super::RedisStore {
+    /// How many sessions the process keeps an entry for (its local readers' signals and pins):
+    /// those with a local reader or producer, and those not yet swept since their last one left.
+    #[doc(hidden)]
+    pub fn local_session_entries(&self) -> usize {
+        lock(&self.inner.notifier.sessions).map.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::{REDIS_NOTIFY_RETRY_MAX, REDIS_NOTIFY_RETRY_MIN};
+
+    #[test]
+    fn resubscribing_waits_longer_after_each_failure_up_to_the_maximum() {
+        // n: the failures after which the wait first reaches the maximum.
+        let n =
+            (REDIS_NOTIFY_RETRY_MAX.as_millis() / REDIS_NOTIFY_RETRY_MIN.as_millis()).ilog2() + 1;
+        assert_eq!(retry_after(0), Duration::ZERO);
+        assert_eq!(retry_after(1), REDIS_NOTIFY_RETRY_MIN);
+        assert_eq!(retry_after(2), REDIS_NOTIFY_RETRY_MIN * 2);
+        assert_eq!(retry_after(n - 1), REDIS_NOTIFY_RETRY_MAX / 2);
+        assert_eq!(retry_after(n), REDIS_NOTIFY_RETRY_MAX);
+        assert_eq!(retry_after(n + 1), REDIS_NOTIFY_RETRY_MAX);
+        assert_eq!(retry_after(2 * n), REDIS_NOTIFY_RETRY_MAX);
+        assert_eq!(retry_after(40), REDIS_NOTIFY_RETRY_MAX);
+        assert_eq!(retry_after(u32::MAX), REDIS_NOTIFY_RETRY_MAX);
     }
 }
