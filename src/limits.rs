@@ -133,3 +133,12 @@ pub const REDIS_NOTIFY_RETRY_MAX: Duration = Duration::from_millis(1600);
 /// vanished without closing it (a lost host, a partition) fails within this plus the response
 /// timeout, and the notifier subscribes again (on a Cluster, on another node).
 pub const REDIS_NOTIFY_PING_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The most encoded bytes of events that each process keeps in a session's shared tail (stores
+/// with [`Store::SHARED_TAIL`](crate::store::Store::SHARED_TAIL)), beside
+/// [`TAIL_CAPACITY_EVENTS`]: the tail keeps the newest events within both bounds, and always at
+/// least the newest event (so it holds at most this plus one event, which the layer's
+/// [`max_event_size`](crate::ResumableSseLayer::max_event_size) bounds). A reader further behind
+/// reads the store itself, page by page, until it reaches the tail. At 4 MiB, a tail of small
+/// events (LLM tokens) is bounded by its count, one of 1 MiB events holds the newest four.
+pub const TAIL_CAPACITY_BYTES: usize = 4 << 20;

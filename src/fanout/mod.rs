@@ -6,10 +6,14 @@
 //! with a subscription of its own, as it would without the fan-out, and costs nothing more. The
 //! second reader of the session makes an entry for it, which subscribes once and runs a task (the
 //! *driver*) that reads every change into a [`Tail`] of the session's newest events
-//! ([`TAIL_CAPACITY_EVENTS`](crate::limits::TAIL_CAPACITY_EVENTS)), then wakes the readers; the
-//! lone reader joins that entry at its next read and drops its own subscription. A reader at a
-//! position the tail holds is served from it; one older than the tail (a replay) reads the
-//! store, page by page, until it reaches the tail. A store that is already in
+//! ([`TAIL_CAPACITY_EVENTS`](crate::limits::TAIL_CAPACITY_EVENTS) and
+//! [`TAIL_CAPACITY_BYTES`](crate::limits::TAIL_CAPACITY_BYTES) at most, and always the newest),
+//! then wakes the readers; the lone reader joins that entry at its next read and drops its own
+//! subscription. A reader at a position the tail holds is served from it; one older than the
+//! tail (a replay) reads the store, page by page, until it reaches the tail. When the store
+//! evicted events the tail had not read yet, the tail restarts at the oldest event the store
+//! still has: the readers behind it read the store and get its answer (the gap, which ends
+//! their response), and the others are served from the tail again. A store that is already in
 //! the process (the [`MemoryStore`](crate::MemoryStore)) opts out, and its readers read and
 //! subscribe directly.
 //!
@@ -230,10 +234,29 @@ impl Fanout {
             .count()
     }
 
-    /// The sessions with readers here (for tests).
-    #[cfg(test)]
+    /// The sessions with readers here.
+    #[cfg(any(test, feature = "test-util"))]
     fn slots(&self) -> usize {
         lock(&self.0).map.len()
+    }
+
+    /// The events and bytes the tail of `key`'s session `epoch` holds, while it has an entry
+    /// (for tests).
+    #[cfg(test)]
+    fn tail_held(&self, key: &SessionKey, epoch: Epoch) -> Option<(usize, usize)> {
+        self.entry(key, epoch)
+            .map(|entry| lock(&entry.state.tail).held())
+    }
+}
+
+#[cfg(feature = "test-util")]
+impl<St, K> crate::ResumableSseLayer<St, K> {
+    /// The sessions of which this layer's fan-out keeps something in this process (their
+    /// readers here follow a store with [`Store::SHARED_TAIL`]): 0 once their readers are gone.
+    /// For tests of what a process keeps; not part of the stable API.
+    #[doc(hidden)]
+    pub fn fanout_sessions(&self) -> usize {
+        self.config.fanout.slots()
     }
 }
 

@@ -9,14 +9,20 @@ use crate::store::{EventBlock, ReadBatch, Status};
 /// Events the shared tail keeps per session.
 const CAPACITY: usize = crate::limits::TAIL_CAPACITY_EVENTS;
 
+/// Encoded bytes of events the shared tail keeps per session (beyond them, its newest event).
+const CAPACITY_BYTES: usize = crate::limits::TAIL_CAPACITY_BYTES;
+
 /// The newest events of a session, as the store returned them, shared by the readers of this
-/// process. Every value in it is what a store read said at the time of that read.
+/// process: at most [`CAPACITY`] events and [`CAPACITY_BYTES`] bytes of them, and at least the
+/// newest one. Every value in it is what a store read said at the time of that read.
 #[derive(Debug, Default)]
 pub(super) struct Tail {
     /// Consecutive events ending at `last_seq`, in the blocks the store returned.
     blocks: VecDeque<EventBlock>,
     /// The number of events in `blocks`.
     events: usize,
+    /// The encoded bytes of the events in `blocks`.
+    bytes: usize,
     /// The position the tail continues from: its newest event (or where it starts, before any).
     pub(super) last_seq: u64,
     /// The status of the latest read (`None` before the first).
@@ -76,6 +82,7 @@ impl Tail {
     fn restart_at(&mut self, last_seq: u64) {
         self.blocks.clear();
         self.events = 0;
+        self.bytes = 0;
         self.last_seq = last_seq;
     }
 
@@ -86,7 +93,13 @@ impl Tail {
             .map_or(self.last_seq, |b| b.first_seq() - 1)
     }
 
-    /// Appends the blocks that continue the tail, and forgets its oldest events beyond the
+    /// The events held, and their encoded bytes.
+    #[cfg(test)]
+    pub(super) fn held(&self) -> (usize, usize) {
+        (self.events, self.bytes)
+    }
+
+    /// Appends the blocks that continue the tail, and forgets its oldest events beyond either
     /// capacity.
     fn extend(&mut self, blocks: Vec<EventBlock>) {
         for block in blocks {
@@ -98,11 +111,37 @@ impl Tail {
             }
             self.last_seq = block.last_seq();
             self.events += block.len();
+            self.bytes += block.bytes().len();
             self.blocks.push_back(block);
         }
-        let excess = self.events.saturating_sub(CAPACITY);
-        drop_oldest(&mut self.blocks, excess);
-        self.events -= excess;
+        self.trim();
+    }
+
+    /// Forgets the oldest events while the tail holds more than [`CAPACITY`] events or
+    /// [`CAPACITY_BYTES`] bytes, keeping at least its newest event.
+    fn trim(&mut self) {
+        while self.events > 1 && (self.events > CAPACITY || self.bytes > CAPACITY_BYTES) {
+            let Some(oldest) = self.blocks.front() else {
+                return;
+            };
+            // The oldest block's events that must go for both bounds.
+            let over_events = self.events.saturating_sub(CAPACITY);
+            let over_bytes = self.bytes.saturating_sub(CAPACITY_BYTES);
+            let (mut drop, mut freed) = (0, 0);
+            for end in oldest.ends() {
+                if drop >= over_events && freed >= over_bytes {
+                    break;
+                }
+                drop += 1;
+                freed = end as usize;
+            }
+            let drop = drop.min(self.events - 1);
+            if drop == 0 {
+                return;
+            }
+            self.bytes -= drop_oldest(&mut self.blocks, drop);
+            self.events -= drop;
+        }
     }
 
     /// Takes in a read of the events after `last_seq` (`None`: the session is gone).
@@ -268,6 +307,95 @@ mod tests {
             if oldest > 0 {
                 assert!(matches!(t.serve(oldest - 1, 1), Serve::Direct));
             }
+        }
+    }
+
+    /// The events the tail serves a reader at its oldest position, one by one with its size.
+    fn held_sizes(t: &Tail) -> Vec<(u64, usize)> {
+        match t.serve(t.oldest_cached(), usize::MAX) {
+            Serve::Events { blocks, .. } => blocks
+                .iter()
+                .flat_map(|b| b.iter().map(|(seq, e)| (seq, e.len())).collect::<Vec<_>>())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_tail_keeps_its_newest_events_within_its_byte_capacity_at_every_edge() {
+        let n = crate::limits::TAIL_CAPACITY_BYTES;
+        // Events of a sixteenth of the bound, the last one shorter, in blocks of three.
+        let size = n / 16;
+        for total in [0, 1, n - 1, n, n + 1, 2 * n] {
+            let mut sizes = vec![size; total / size];
+            if !total.is_multiple_of(size) {
+                sizes.push(total % size);
+            }
+            let events = sizes.len() as u64;
+            let mut t = Tail::starting_at(0);
+            let mut next = 1;
+            for chunk in sizes.chunks(3) {
+                let read = page(vec![block(next, chunk)], Status::Running, 1, events);
+                t.apply(Some(read));
+                next += chunk.len() as u64;
+                let (held, bytes) = t.held();
+                assert!(
+                    held <= 1 || bytes <= n,
+                    "{total}: {held} events, {bytes} bytes"
+                );
+            }
+            // The newest events, as many as the bound holds: one more would exceed it.
+            let (held, bytes) = t.held();
+            let kept = sizes
+                .iter()
+                .rev()
+                .scan(0, |sum, s| {
+                    *sum += s;
+                    Some(*sum)
+                })
+                .take_while(|&sum| sum <= n)
+                .count()
+                .max(sizes.len().min(1));
+            assert_eq!(held, kept, "{total} bytes");
+            assert_eq!(bytes, sizes[sizes.len() - kept..].iter().sum::<usize>());
+            assert_eq!(t.oldest_cached(), events - kept as u64, "{total} bytes");
+            let served = held_sizes(&t);
+            let expected: Vec<_> = (events - kept as u64 + 1..=events)
+                .zip(sizes[sizes.len() - kept..].iter().copied())
+                .collect();
+            assert_eq!(served, expected, "{total} bytes: the newest, each once");
+            if t.oldest_cached() > 0 {
+                assert!(matches!(t.serve(t.oldest_cached() - 1, 1), Serve::Direct));
+            }
+        }
+    }
+
+    #[test]
+    fn an_event_larger_than_the_byte_capacity_is_held_alone() {
+        let n = crate::limits::TAIL_CAPACITY_BYTES;
+        for (older, newest) in [
+            (1, n - 1),
+            (1, n),
+            (1, n + 1),
+            (1, 2 * n),
+            (n, 1),
+            (n + 1, 1),
+            (2 * n, 1),
+        ] {
+            let mut t = Tail::starting_at(0);
+            t.apply(Some(page(vec![block(1, &[older])], Status::Running, 1, 2)));
+            assert_eq!(
+                t.held(),
+                (1, older),
+                "a lone event is kept, whatever its size"
+            );
+            t.apply(Some(page(vec![block(2, &[newest])], Status::Running, 1, 2)));
+            let expected = if older + newest <= n {
+                vec![(1, older), (2, newest)]
+            } else {
+                vec![(2, newest)]
+            };
+            assert_eq!(held_sizes(&t), expected, "{older} then {newest} bytes");
         }
     }
 

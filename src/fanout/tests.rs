@@ -463,3 +463,321 @@ fn a_store_that_loses_an_event_it_reports_does_not_make_the_fan_out_spin() {
         later - reads
     );
 }
+
+/// Where a reader's stream stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    /// It has every event up to this one, and waits for more.
+    At(u64),
+    /// It has every event of the finished session, up to this one.
+    End(u64),
+    /// Its next event was evicted: at this position, the page it was given starts at `next`.
+    Evicted { at: u64, next: u64 },
+}
+
+/// Reads through `f` as the layer's reader does, from `at` until it has every event up to
+/// `upto`, the end or a page that skips past its position (which the layer answers with the
+/// eviction comment and the end of the response). Every event it is given comes once, in order.
+async fn read_until(
+    f: &mut Follower<Shared>,
+    store: &Shared,
+    key: &SessionKey,
+    epoch: Epoch,
+    mut at: u64,
+    upto: u64,
+) -> Stop {
+    let run = async {
+        loop {
+            let page = f
+                .read(store, key, epoch, at, crate::limits::READ_PAGE_EVENTS)
+                .await
+                .expect("read")
+                .expect("the session exists");
+            let next = page
+                .blocks
+                .first()
+                .map_or(page.first_seq, |b| b.first_seq());
+            if next > at + 1 {
+                return Stop::Evicted { at, next };
+            }
+            for b in &page.blocks {
+                assert_eq!(b.first_seq(), at + 1, "a gap or a repeat after {at}");
+                at = b.last_seq();
+            }
+            f.reached(at);
+            if page.end {
+                return Stop::End(at);
+            }
+            if at >= upto {
+                return Stop::At(at);
+            }
+            if page.blocks.is_empty() || page.caught_up {
+                f.changed().await;
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, run)
+        .await
+        .expect("the reader hung")
+}
+
+#[tokio::test]
+async fn after_trimming_outruns_the_tail_it_restarts_and_serves_the_live_edge_with_one_read_per_change(
+) {
+    const BEHIND: usize = 10;
+    const LIVE: usize = 50;
+    const CHANGES: u64 = 20;
+    // Events of 10 bytes; the session keeps 100 of them at most, whoever needs them.
+    const SIZE: usize = 10;
+    const KEPT: u64 = 100;
+    let bytes = KEPT as usize * SIZE;
+    let store = shared(
+        MemoryStore::builder()
+            .max_bytes_per_session(bytes)
+            .hard_max_bytes_per_session(bytes)
+            .build(),
+    );
+    let (key, epoch) = running(&store.store).await;
+    let fanout = Fanout::default();
+    let mut behind = Vec::new();
+    for _ in 0..BEHIND {
+        behind.push(fanout.follow(&store, &key, epoch, 0).await.unwrap());
+    }
+    first_shared_read(&store).await;
+    store
+        .append(&key, epoch, &[block(1, &[SIZE; 5])])
+        .await
+        .unwrap();
+    for f in &mut behind {
+        assert_eq!(read_until(f, &store, &key, epoch, 0, 5).await, Stop::At(5));
+    }
+    // A burst past the hard limit before the shared tail reads it: events after 5 are evicted
+    // unread, by the tail and by every reader.
+    let burst = 3 * KEPT;
+    store
+        .append(&key, epoch, &[block(6, &vec![SIZE; burst as usize])])
+        .await
+        .unwrap();
+    let head = 5 + burst;
+    let oldest = head - KEPT + 1;
+    let direct = store.store.read(&key, epoch, 5, 1).await.unwrap().unwrap();
+    assert_eq!(
+        direct.blocks[0].first_seq(),
+        oldest,
+        "the store's own answer"
+    );
+    // Every reader behind the gap gets the store's answer: the page after its position starts
+    // at the oldest retained event, and it ends there (the layer then ends its response). One
+    // of them stalls before it reads again, and keeps the session's entry.
+    let mut stalled = behind.pop().expect("a reader");
+    for f in &mut behind {
+        assert_eq!(
+            read_until(f, &store, &key, epoch, 5, u64::MAX).await,
+            Stop::Evicted {
+                at: 5,
+                next: oldest
+            }
+        );
+    }
+    drop(behind);
+    // Readers at the live edge, some at the oldest retained event: served from the tail again,
+    // one store read per change.
+    let mut live = Vec::new();
+    for i in 0..LIVE {
+        let from = if i % 5 == 0 { oldest - 1 } else { head };
+        live.push((
+            from,
+            fanout.follow(&store, &key, epoch, from).await.unwrap(),
+        ));
+    }
+    assert_eq!(fanout.entries(), 1);
+    for (from, f) in &mut live {
+        assert_eq!(
+            read_until(f, &store, &key, epoch, *from, head).await,
+            Stop::At(head)
+        );
+    }
+    let reads = store.counts.reads.load(SeqCst) as u64;
+    for n in head + 1..=head + CHANGES {
+        store
+            .append(&key, epoch, &[block(n, &[SIZE])])
+            .await
+            .unwrap();
+        for (_, f) in &mut live {
+            assert_eq!(
+                read_until(f, &store, &key, epoch, n - 1, n).await,
+                Stop::At(n)
+            );
+        }
+    }
+    let per_change = store.counts.reads.load(SeqCst) as u64 - reads;
+    assert!(
+        per_change <= CHANGES + 2,
+        "{per_change} reads for {CHANGES} changes and {LIVE} readers"
+    );
+    store.finish(&key, epoch, Outcome::Completed).await.unwrap();
+    let head = head + CHANGES;
+    for (_, f) in &mut live {
+        assert_eq!(
+            read_until(f, &store, &key, epoch, head, u64::MAX).await,
+            Stop::End(head)
+        );
+    }
+    assert_eq!(
+        read_until(&mut stalled, &store, &key, epoch, 5, u64::MAX).await,
+        Stop::Evicted {
+            at: 5,
+            next: head - KEPT + 1
+        },
+        "the stalled reader"
+    );
+}
+
+#[tokio::test]
+async fn readers_inside_and_behind_the_tail_get_what_it_holds_then_the_gap_after_trimming() {
+    // Readers at every position of a tail that trimming then outruns, and one that comes back
+    // at the oldest retained event after each burst: none skips an event silently, none gets
+    // one twice, and the tail recovers every time.
+    const SIZE: usize = 10;
+    const KEPT: u64 = 50;
+    let bytes = KEPT as usize * SIZE;
+    let store = shared(
+        MemoryStore::builder()
+            .max_bytes_per_session(bytes)
+            .hard_max_bytes_per_session(bytes)
+            .build(),
+    );
+    let (key, epoch) = running(&store.store).await;
+    let fanout = Fanout::default();
+    let mut along = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+    let mut inside = Vec::new();
+    for from in 0..=10 {
+        inside.push((
+            from,
+            fanout.follow(&store, &key, epoch, from).await.unwrap(),
+        ));
+    }
+    first_shared_read(&store).await;
+    store
+        .append(&key, epoch, &[block(1, &[SIZE; 10])])
+        .await
+        .unwrap();
+    assert_eq!(
+        read_until(&mut along, &store, &key, epoch, 0, 10).await,
+        Stop::At(10)
+    );
+    let mut head = 10;
+    for burst in 0..3 {
+        let events = 2 * KEPT;
+        store
+            .append(
+                &key,
+                epoch,
+                &[block(head + 1, &vec![SIZE; events as usize])],
+            )
+            .await
+            .unwrap();
+        let oldest = head + events - KEPT + 1;
+        if burst == 0 {
+            // What the tail still holds may be served before the gap; never past it.
+            for (from, f) in &mut inside {
+                let stop = read_until(f, &store, &key, epoch, *from, u64::MAX).await;
+                assert!(
+                    matches!(stop, Stop::Evicted { at, next } if (at == *from || at == 10) && next == oldest),
+                    "a reader from {from}: {stop:?}"
+                );
+            }
+        }
+        assert_eq!(
+            read_until(&mut along, &store, &key, epoch, head, u64::MAX).await,
+            Stop::Evicted {
+                at: head,
+                next: oldest
+            }
+        );
+        // The layer ends that reader's response; its client comes back at the oldest event
+        // retained, and reads on from the tail.
+        along = fanout
+            .follow(&store, &key, epoch, oldest - 1)
+            .await
+            .unwrap();
+        head += events;
+        assert_eq!(
+            read_until(&mut along, &store, &key, epoch, oldest - 1, head).await,
+            Stop::At(head)
+        );
+        assert!(matches!(along, Follower::Shared(_)));
+    }
+}
+
+/// `total` bytes of events of `size` bytes each, the last one shorter if `size` does not
+/// divide `total`.
+fn sizes_of(total: usize, size: usize) -> Vec<usize> {
+    let mut sizes = vec![size; total / size];
+    if !total.is_multiple_of(size) {
+        sizes.push(total % size);
+    }
+    sizes
+}
+
+#[tokio::test]
+async fn readers_get_every_event_once_around_the_tails_byte_capacity() {
+    let n = crate::limits::TAIL_CAPACITY_BYTES;
+    // Events of an eighth of the bound, some appended one by one, some in a block of several.
+    let size = n / 8;
+    for total in [0, 1, n - 1, n, n + 1, 2 * n] {
+        let sizes = sizes_of(total, size);
+        let events = sizes.len() as u64;
+        let store = shared(MemoryStore::new());
+        let (key, epoch) = running(&store.store).await;
+        let fanout = Fanout::default();
+        let mut live = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+        let mut along = fanout.follow(&store, &key, epoch, 0).await.unwrap();
+        first_shared_read(&store).await;
+        let mut next = 1;
+        for chunk in sizes.chunks(3) {
+            store
+                .append(&key, epoch, &[block(next, chunk)])
+                .await
+                .unwrap();
+            next += chunk.len() as u64;
+            assert_eq!(
+                read_until(
+                    &mut live,
+                    &store,
+                    &key,
+                    epoch,
+                    next - 1 - chunk.len() as u64,
+                    next - 1
+                )
+                .await,
+                Stop::At(next - 1),
+                "{total} bytes"
+            );
+            let (held, bytes) = fanout.tail_held(&key, epoch).expect("an entry");
+            assert!(
+                held <= 1 || bytes <= n,
+                "{held} events of {bytes} bytes held"
+            );
+        }
+        store.finish(&key, epoch, Outcome::Completed).await.unwrap();
+        assert_eq!(
+            read_until(&mut live, &store, &key, epoch, events, u64::MAX).await,
+            Stop::End(events),
+            "{total} bytes"
+        );
+        assert_eq!(
+            read_until(&mut along, &store, &key, epoch, 0, u64::MAX).await,
+            Stop::End(events),
+            "{total} bytes, read after"
+        );
+        for from in [0, events / 2, events.saturating_sub(1), events] {
+            let mut late = fanout.follow(&store, &key, epoch, from).await.unwrap();
+            assert_eq!(
+                read_until(&mut late, &store, &key, epoch, from, u64::MAX).await,
+                Stop::End(events),
+                "{total} bytes, read from {from}"
+            );
+        }
+    }
+}
