@@ -22,8 +22,9 @@ pub const MAX_SCOPE_LEN: usize = 1024;
 pub const TAIL_PAGE_EVENTS: usize = 1024;
 
 /// The newest events of a session that each process keeps in the session's shared tail, for
-/// all its readers there (stores with [`Store::SHARED_TAIL`](crate::store::Store::SHARED_TAIL)).
-/// A reader further behind reads the store itself, page by page, until it reaches the tail.
+/// all its readers there (stores with [`Store::SHARED_TAIL`](crate::store::Store::SHARED_TAIL)),
+/// and within [`TAIL_CAPACITY_BYTES`] too. A reader further behind reads the store itself, page
+/// by page, until it reaches the tail.
 pub const TAIL_CAPACITY_EVENTS: usize = 4096;
 
 /// The most bytes the producer encodes into one [`EventBlock`](crate::store::EventBlock)

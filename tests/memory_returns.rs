@@ -180,8 +180,9 @@ async fn memory_returns_to_its_baseline_after_sessions_expire_on_the_redis_store
         return;
     }
     let server = RedisServer::start_on(None, &[]);
+    let prefix = unique_prefix();
     let store = RedisStore::builder(server.url())
-        .prefix(unique_prefix())
+        .prefix(&prefix)
         .retention(RETENTION)
         .connect()
         .await
@@ -191,15 +192,32 @@ async fn memory_returns_to_its_baseline_after_sessions_expire_on_the_redis_store
         .get_multiplexed_async_connection()
         .await
         .expect("a connection to redis");
+    let count = format!("{prefix}:sessions");
     memory_returns_after_expiry(store, move |_| {
-        let mut conn = conn.clone();
+        let (mut conn, count) = (conn.clone(), count.clone());
         async move {
-            // The server of this test holds the store's keys only.
-            let keys: usize = ::redis::cmd("DBSIZE")
+            // The server of this test holds the store's keys only: no key of a session (each
+            // has a hash tag) is left...
+            let keys: Vec<String> = ::redis::cmd("KEYS")
+                .arg("*{*")
                 .query_async(&mut conn)
                 .await
-                .expect("DBSIZE");
-            keys == 0
+                .expect("KEYS");
+            // ...and the count of live sessions (`max_sessions`) counts none of them any more:
+            // what it still holds (at most `max_sessions` members) goes at the next new session.
+            let (secs, micros): (u64, u64) = ::redis::cmd("TIME")
+                .query_async(&mut conn)
+                .await
+                .expect("TIME");
+            let now_ms = secs * 1000 + micros / 1000;
+            let live: usize = ::redis::cmd("ZCOUNT")
+                .arg(&count)
+                .arg(format!("({now_ms}"))
+                .arg("+inf")
+                .query_async(&mut conn)
+                .await
+                .expect("ZCOUNT");
+            keys.is_empty() && live == 0
         }
     })
     .await;

@@ -124,3 +124,57 @@ fn every_rust_snippet_of_the_readme_is_compiled_and_names_axum_http_only() {
     }
     assert_eq!(blocks, 6, "the README's Rust snippets");
 }
+
+/// The file a test column of the threat model names: `src/...` from the repository's root,
+/// `proxy.rs` the proxy's tests, any other `x.rs` in `tests/`.
+fn test_file(name: &str) -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    if name.starts_with("src/") {
+        root.join(name)
+    } else if name == "proxy.rs" {
+        root.join("resumable-sse-proxy/tests/proxy.rs")
+    } else {
+        root.join("tests").join(name)
+    }
+}
+
+#[test]
+fn every_test_the_threat_model_names_exists_where_it_says() {
+    let readme = include_str!("../README.md");
+    let section = readme
+        .split("### Threat model")
+        .nth(1)
+        .expect("a threat model section")
+        .split("\n## ")
+        .next()
+        .expect("its text");
+    let rows: Vec<&str> = section.lines().filter(|l| l.starts_with("| **")).collect();
+    assert!(rows.len() >= 10, "the table has {} rows", rows.len());
+    let mut named = 0;
+    let mut missing = Vec::new();
+    for row in rows {
+        let tests = row
+            .trim_end_matches('|')
+            .rsplit('|')
+            .next()
+            .expect("a test column");
+        for part in tests.split(';') {
+            let (file, names) = part.split_once(':').expect("`file`: `test`, ...");
+            let file = test_file(file.trim().trim_matches('`'));
+            let text = std::fs::read_to_string(&file)
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            for name in names.split(',') {
+                let name = name.trim().trim_matches('`');
+                named += 1;
+                if !text.contains(&format!("fn {name}(")) {
+                    missing.push(format!("{name} in {}", file.display()));
+                }
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the threat model names tests that do not exist: {missing:#?}"
+    );
+    assert!(named >= 20, "{named} tests named");
+}

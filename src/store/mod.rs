@@ -261,8 +261,9 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Whether the layer shares one subscription and one tail of each session among the readers
     /// of a process: it then subscribes once per session and process, reads each change once
-    /// (pages of [`TAIL_PAGE_EVENTS`](crate::limits::TAIL_PAGE_EVENTS)) into a tail of the
-    /// newest [`TAIL_CAPACITY_EVENTS`](crate::limits::TAIL_CAPACITY_EVENTS) events, and serves
+    /// (pages of [`TAIL_PAGE_EVENTS`](crate::limits::TAIL_PAGE_EVENTS)) into a tail of its
+    /// newest events (at most [`TAIL_CAPACITY_EVENTS`](crate::limits::TAIL_CAPACITY_EVENTS) and
+    /// [`TAIL_CAPACITY_BYTES`](crate::limits::TAIL_CAPACITY_BYTES), and always the newest), and serves
     /// every reader at a position the tail holds from it; readers behind the tail (replays) read
     /// the store themselves. The work a networked store does per event then does not grow with
     /// the number of readers. `true` by default; a store whose reads are already in the process

@@ -416,10 +416,11 @@ impl RedisStoreBuilder {
     /// How long a command may wait for its reply (default 10 s, at least 100 ms) before it fails
     /// as [`Unavailable`](super::StoreErrorKind::Unavailable).
     ///
-    /// Every session of the process shares one connection, and the time counts from the moment
-    /// a command is queued on it: it includes the wait behind the commands queued before. Keep it
-    /// well above the time Redis takes to work through a burst (a few seconds); a server that is
-    /// down is noticed without it, when its connection breaks.
+    /// Every session of the process shares one command connection (lease renewals have one of
+    /// their own, with the same timeout), and the time counts from the moment a command is
+    /// queued on it: it includes the wait behind the commands queued before. Keep it well above
+    /// the time Redis takes to work through a burst (a few seconds); a server that is down is
+    /// noticed without it, when its connection breaks.
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.config.response_timeout = timeout.max(Duration::from_millis(100));
         self
