@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::redis::{unique_prefix, RedisServer};
+use common::redis::{cli, unique_prefix, RedisCluster, RedisServer};
 use common::*;
 use resumable_sse::limits::{
     APPEND_BYTES, DEFAULT_MAX_EVENT_SIZE, REDIS_MAX_EVENT_BYTES, REDIS_READ_BYTES,
@@ -20,35 +20,67 @@ use resumable_sse::{Outcome, RedisStore};
 /// What a call may carry besides its events: the script's hash, the key names, the offsets.
 const OVERHEAD: usize = 64 << 10;
 
-/// A `redis-server` that refuses any bulk argument above the largest event, any request above
-/// it plus [`OVERHEAD`], and drops a client whose replies queue above that.
-fn strict_server() -> Option<RedisServer> {
-    if !common::redis::have_redis_server() {
-        common::redis::skip_or_fail("redis-server is not installed");
-        return None;
-    }
-    let bulk = REDIS_MAX_EVENT_BYTES.to_string();
+/// The settings that make Redis refuse any bulk argument above the largest event, any request
+/// above it plus [`OVERHEAD`], and drop a client whose replies queue above that.
+fn strict_settings() -> [(&'static str, String); 3] {
     let call = (REDIS_MAX_EVENT_BYTES + OVERHEAD).to_string();
-    let output = format!("normal {call} 0 0");
-    Some(RedisServer::start_on(
-        None,
-        &[
-            "--proto-max-bulk-len",
-            &bulk,
-            "--client-query-buffer-limit",
-            &call,
-            "--client-output-buffer-limit",
-            &output,
-        ],
-    ))
+    [
+        ("proto-max-bulk-len", REDIS_MAX_EVENT_BYTES.to_string()),
+        ("client-query-buffer-limit", call.clone()),
+        ("client-output-buffer-limit", format!("normal {call} 0 0")),
+    ]
 }
 
-async fn store(url: &str) -> RedisStore {
-    RedisStore::builder(url)
-        .prefix(unique_prefix())
-        .connect()
-        .await
-        .expect("connect to redis")
+/// A Redis of the test's own with [`strict_settings`]: one server, or a three-master Cluster.
+enum Strict {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Strict {
+    fn start(cluster: bool) -> Option<Self> {
+        if !common::redis::have_redis_server() {
+            common::redis::skip_or_fail("redis-server is not installed");
+            return None;
+        }
+        let settings = strict_settings();
+        if cluster {
+            let c = RedisCluster::start();
+            for node in c.live() {
+                for (name, value) in &settings {
+                    let out = cli(node.port, &["config", "set", name, value]);
+                    assert!(out.contains("OK"), "CONFIG SET {name}: {out}");
+                }
+            }
+            Some(Strict::Cluster(c))
+        } else {
+            let args: Vec<String> = settings
+                .iter()
+                .flat_map(|(name, value)| [format!("--{name}"), value.clone()])
+                .collect();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Some(Strict::Single(RedisServer::start_on(None, &args)))
+        }
+    }
+
+    fn urls(&self) -> Vec<String> {
+        match self {
+            Strict::Single(s) => vec![s.url()],
+            Strict::Cluster(c) => c.urls(),
+        }
+    }
+
+    async fn store(&self) -> RedisStore {
+        let builder = match self {
+            Strict::Single(s) => RedisStore::builder(s.url()),
+            Strict::Cluster(c) => RedisStore::cluster_builder(c.urls()),
+        };
+        builder
+            .prefix(unique_prefix())
+            .connect()
+            .await
+            .expect("connect to redis")
+    }
 }
 
 /// Asserts two lists of event data are equal without printing megabytes of them.
@@ -62,41 +94,51 @@ fn same(got: &[String], want: &[String], what: &str) {
     );
 }
 
-/// A connection of the test's own, for Redis's own figures.
-struct Admin(::redis::aio::MultiplexedConnection);
+/// Connections of the test's own, one per node, for Redis's own figures.
+struct Admin(Vec<::redis::aio::MultiplexedConnection>);
 
 impl Admin {
-    async fn new(url: &str) -> Self {
-        let conn = ::redis::Client::open(url)
-            .expect("a client")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("a connection");
-        Admin(conn)
+    async fn new(redis: &Strict) -> Self {
+        let mut conns = Vec::new();
+        for url in redis.urls() {
+            let conn = ::redis::Client::open(url)
+                .expect("a client")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("a connection");
+            conns.push(conn);
+        }
+        Admin(conns)
     }
 
-    /// `field` of `INFO section`, 0 when absent (an error kind never seen).
-    async fn info(&mut self, section: &str, field: &str) -> u64 {
-        let text: String = ::redis::cmd("INFO")
-            .arg(section)
-            .query_async(&mut self.0)
-            .await
-            .expect("INFO");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{field}:")))
-            .map(|v| {
-                let v = v.trim();
-                let v = v.strip_prefix("count=").unwrap_or(v);
-                v.parse()
-                    .unwrap_or_else(|e| panic!("INFO {field}: {v}: {e}"))
-            })
-            .unwrap_or(0)
+    /// `field` of `INFO section` on every node, 0 where absent (an error kind never seen).
+    async fn info(&mut self, section: &str, field: &str) -> Vec<u64> {
+        let mut out = Vec::new();
+        for conn in &mut self.0 {
+            let text: String = ::redis::cmd("INFO")
+                .arg(section)
+                .query_async(conn)
+                .await
+                .expect("INFO");
+            out.push(
+                text.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{field}:")))
+                    .map(|v| {
+                        let v = v.trim();
+                        let v = v.strip_prefix("count=").unwrap_or(v);
+                        v.parse()
+                            .unwrap_or_else(|e| panic!("INFO {field}: {v}: {e}"))
+                    })
+                    .unwrap_or(0),
+            );
+        }
+        out
     }
 
-    /// Connections accepted and `ERR` replies (a protocol error among them) so far: a call
-    /// above the bound breaks its connection, so the store reconnects; a script missing from
-    /// the cache (`NOSCRIPT`, on a first call) is not trouble.
-    async fn trouble(&mut self) -> (u64, u64) {
+    /// Connections accepted and `ERR` replies (a protocol error among them) so far, on every
+    /// node: a call above the bound breaks its connection, so the store reconnects; a script
+    /// missing from the cache (`NOSCRIPT`, on a first call) is not trouble.
+    async fn trouble(&mut self) -> (Vec<u64>, Vec<u64>) {
         (
             self.info("stats", "total_connections_received").await,
             self.info("errorstats", "errorstat_ERR").await,
@@ -104,15 +146,15 @@ impl Admin {
     }
 }
 
-#[tokio::test]
-async fn events_of_the_largest_default_size_go_through_calls_no_larger_than_the_bound() {
-    let Some(server) = strict_server() else {
+async fn events_of_the_largest_default_size_go_through_calls_no_larger_than_the_bound(
+    cluster: bool,
+) {
+    let Some(redis) = Strict::start(cluster) else {
         return;
     };
-    let url = server.url();
     // With the layer's defaults: events of 1 MiB (the default largest), encoded.
-    let app = serve_with(store(&url).await, |l| l).await;
-    let mut admin = Admin::new(&url).await;
+    let app = serve_with(redis.store().await, |l| l).await;
+    let mut admin = Admin::new(&redis).await;
     let before = admin.trouble().await;
     let n = 2 * REDIS_MAX_EVENT_BYTES / DEFAULT_MAX_EVENT_SIZE + 1;
     let path = format!("/sized?session_id=mib&n={n}&bytes={DEFAULT_MAX_EVENT_SIZE}");
@@ -135,11 +177,12 @@ async fn events_of_the_largest_default_size_go_through_calls_no_larger_than_the_
         "client_recent_max_input_buffer",
         "client_recent_max_output_buffer",
     ] {
-        let peak = admin.info("clients", field).await;
-        assert!(
-            peak as usize <= REDIS_MAX_EVENT_BYTES + OVERHEAD,
-            "{field}: {peak}"
-        );
+        for peak in admin.info("clients", field).await {
+            assert!(
+                peak as usize <= REDIS_MAX_EVENT_BYTES + OVERHEAD,
+                "{field}: {peak}"
+            );
+        }
     }
     assert_eq!(app.inner.calls(), 1);
 }
@@ -157,17 +200,17 @@ async fn one_event_of(app: &App<RedisStore>, key: &str, size: usize) -> (Vec<Ev>
     (evs, conn.errored)
 }
 
-#[tokio::test]
-async fn an_event_at_the_bound_is_kept_and_a_larger_one_fails_its_session_without_reaching_redis() {
-    let Some(server) = strict_server() else {
+async fn an_event_at_the_bound_is_kept_and_a_larger_one_fails_its_session_without_reaching_redis(
+    cluster: bool,
+) {
+    let Some(redis) = Strict::start(cluster) else {
         return;
     };
-    let url = server.url();
-    let app = serve_with(store(&url).await, |l| {
+    let app = serve_with(redis.store().await, |l| {
         l.max_event_size(4 * REDIS_MAX_EVENT_BYTES)
     })
     .await;
-    let mut admin = Admin::new(&url).await;
+    let mut admin = Admin::new(&redis).await;
     let n = REDIS_MAX_EVENT_BYTES;
     for (case, size) in [
         ("the smallest", 64),
@@ -219,20 +262,18 @@ async fn an_event_at_the_bound_is_kept_and_a_larger_one_fails_its_session_withou
     }
 }
 
-#[tokio::test]
-async fn a_page_of_events_just_under_the_read_budget_stays_under_it() {
+async fn a_page_of_events_just_under_the_read_budget_stays_under_it(cluster: bool) {
     // Events that fill a read page to just below its budget, then one that would take it past:
     // that one waits for the next page, so no reply holds more than the budget or one chunk.
-    let Some(server) = strict_server() else {
+    let Some(redis) = Strict::start(cluster) else {
         return;
     };
-    let url = server.url();
-    let store = store(&url).await;
+    let store = redis.store().await;
     let app = serve_with(store.clone(), |l| {
         l.max_event_size(2 * REDIS_MAX_EVENT_BYTES)
     })
     .await;
-    let mut admin = Admin::new(&url).await;
+    let mut admin = Admin::new(&redis).await;
     let before = admin.trouble().await;
     let key = "pages";
     app.inner.gate(key);
@@ -293,4 +334,40 @@ async fn store_epoch(store: &RedisStore, key: &resumable_sse::SessionKey) -> res
         .expect("lookup")
         .expect("the session")
         .epoch
+}
+
+#[tokio::test]
+async fn events_of_the_largest_default_size_go_through_calls_no_larger_than_the_bound_on_one_redis()
+{
+    events_of_the_largest_default_size_go_through_calls_no_larger_than_the_bound(false).await;
+}
+
+#[tokio::test]
+async fn events_of_the_largest_default_size_go_through_calls_no_larger_than_the_bound_on_a_cluster()
+{
+    events_of_the_largest_default_size_go_through_calls_no_larger_than_the_bound(true).await;
+}
+
+#[tokio::test]
+async fn an_event_at_the_bound_is_kept_and_a_larger_one_fails_its_session_without_reaching_redis_on_one_redis(
+) {
+    an_event_at_the_bound_is_kept_and_a_larger_one_fails_its_session_without_reaching_redis(false)
+        .await;
+}
+
+#[tokio::test]
+async fn an_event_at_the_bound_is_kept_and_a_larger_one_fails_its_session_without_reaching_redis_on_a_cluster(
+) {
+    an_event_at_the_bound_is_kept_and_a_larger_one_fails_its_session_without_reaching_redis(true)
+        .await;
+}
+
+#[tokio::test]
+async fn a_page_of_events_just_under_the_read_budget_stays_under_it_on_one_redis() {
+    a_page_of_events_just_under_the_read_budget_stays_under_it(false).await;
+}
+
+#[tokio::test]
+async fn a_page_of_events_just_under_the_read_budget_stays_under_it_on_a_cluster() {
+    a_page_of_events_just_under_the_read_budget_stays_under_it(true).await;
 }

@@ -228,3 +228,65 @@ async fn under_a_maxmemory_eviction_policy_a_reconnect_gets_everything_or_410() 
         "nothing was evicted: the test is too small ({whole} whole)"
     );
 }
+
+/// Deletes the keys of every session under `prefix` whose name ends in `suffix`, on every node of
+/// a Cluster.
+async fn lose_on_cluster(urls: &[String], prefix: &str, suffix: &str) -> usize {
+    let mut lost = 0;
+    for url in urls {
+        let mut conn = command(url).await;
+        let keys: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("{prefix}:*{suffix}"))
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS");
+        for key in &keys {
+            let _: i64 = ::redis::cmd("DEL")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .expect("DEL");
+        }
+        lost += keys.len();
+    }
+    lost
+}
+
+#[tokio::test]
+async fn on_a_cluster_lost_events_are_410_evicted_and_a_lost_session_410_unknown_session() {
+    let Some(urls) = common::redis::RedisCluster::shared_urls() else {
+        return;
+    };
+    let prefix = unique_prefix();
+    let store = RedisStore::cluster_builder(urls.clone())
+        .prefix(&prefix)
+        .connect()
+        .await
+        .expect("connect to the cluster");
+    let app = serve_with(store, |l| l).await;
+    // Sessions on several slots: some lose their events, then every one its record.
+    let mut firsts = Vec::new();
+    for i in 0..6 {
+        let evs = get(app.addr, &format!("/tokens?session_id=c{i}&n=4"), None)
+            .await
+            .collect()
+            .await;
+        assert_eq!(datas(&evs), expected_tokens(0..4));
+        firsts.push(evs[0].id.clone());
+    }
+    assert_eq!(lose_on_cluster(&urls, &prefix, ":events").await, 6);
+    let mut failures = Vec::new();
+    for (i, id) in firsts.iter().enumerate() {
+        let path = format!("/tokens?session_id=c{i}");
+        let conn = get(app.addr, &path, id.as_deref()).await;
+        failures.extend(conn.check_answer(&path, 410, Some("evicted")).err());
+    }
+    assert_eq!(lose_on_cluster(&urls, &prefix, ":meta").await, 6);
+    for (i, id) in firsts.iter().enumerate() {
+        let path = format!("/tokens?session_id=c{i}");
+        let conn = get(app.addr, &path, id.as_deref()).await;
+        failures.extend(conn.check_answer(&path, 410, Some("unknown-session")).err());
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(app.inner.calls(), 6, "the generator never runs again");
+}

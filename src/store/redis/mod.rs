@@ -407,7 +407,8 @@ impl RedisStoreBuilder {
     /// one until it ends. A session whose end the count does not hear of (its producer died, or
     /// Redis failed the update) counts for at most its lifetime plus the lease and the
     /// retention, the longest its keys can live; one that was released (its response was not an
-    /// event stream) stops counting at once. The set holds at most `max` members.
+    /// event stream) stops counting at once. The set holds at most `max` members, and expires
+    /// with its longest-lived one.
     pub fn max_sessions(mut self, max: usize) -> Self {
         self.config.max_sessions = max;
         self

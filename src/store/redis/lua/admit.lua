@@ -12,10 +12,8 @@ local max = tonumber(ARGV[2])
 if max >= 0 and redis.call('ZCARD', KEYS[1]) >= max then
   return 0
 end
-local ttl = tonumber(ARGV[3])
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-local left = redis.call('PTTL', KEYS[1])
-if left < ttl then
-  redis.call('PEXPIRE', KEYS[1], ttl)
-end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+-- The set lives as long as its longest-lived member.
+local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], math.floor(tonumber(top[2])) + 1)
 return 1
