@@ -37,6 +37,8 @@ pub(crate) struct Config {
     pub(crate) end_event: Option<Arc<str>>,
     /// Whether a connection to a session that failed ends with an error (aborted).
     pub(crate) abort_on_failure: bool,
+    /// Whether a request without a position gets the replay of a finished session (or `204`).
+    pub(crate) replay_finished: bool,
     pub(crate) drain: Arc<DrainState>,
     /// The sessions read in this process, shared by the readers of each.
     pub(crate) fanout: Fanout,
@@ -55,6 +57,7 @@ impl Default for Config {
             scope: KeyScope::default(),
             end_event: None,
             abort_on_failure: true,
+            replay_finished: true,
             drain: Arc::default(),
             fanout: Fanout::default(),
         }

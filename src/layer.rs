@@ -124,6 +124,31 @@ impl<St, K> ResumableSseLayer<St, K> {
         self
     }
 
+    /// What a request without `Last-Event-ID` gets when its session has finished (completed,
+    /// failed or cancelled) and is still retained: the replay of every stored event, from the
+    /// start (`true`, the default), or `204 No Content` with the outcome in the
+    /// [reason header](crate::REASON_HEADER) (`completed`, `failed` or `cancelled`), as a client
+    /// that holds the last event gets (`false`).
+    ///
+    /// `false` suits clients that ask "is a stream still running for this key?" without a
+    /// position and rebuild what they show from the whole stream when there is one, such as
+    /// the Vercel AI SDK's `useChat({ resume: true })` (its `reconnectToStream` takes `204` for
+    /// "nothing to resume"): a finished answer, which the client already has, is then not sent
+    /// again. A running session is served from its start either way, and a request *with*
+    /// `Last-Event-ID` is answered as always (the events after it, or `204` when it holds the
+    /// last one).
+    ///
+    /// ```
+    /// use resumable_sse::{MemoryStore, ResumableSseLayer};
+    ///
+    /// let layer = ResumableSseLayer::new(MemoryStore::new()).replay_finished(false);
+    /// # let _ = layer;
+    /// ```
+    pub fn replay_finished(mut self, replay: bool) -> Self {
+        Arc::make_mut(&mut self.config).replay_finished = replay;
+        self
+    }
+
     /// Sets where the session key comes from; see [`ExtractSessionKey`].
     pub fn session_key<K2: ExtractSessionKey>(self, key: K2) -> ResumableSseLayer<St, K2> {
         ResumableSseLayer {

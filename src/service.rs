@@ -369,6 +369,13 @@ impl<St: Store> Session<St> {
         info: SessionInfo,
         last: Option<crate::EventId>,
     ) -> Response<ResumableBody<B>> {
+        // Asked not to replay a finished session to a request without a position: say it ended
+        // (whatever of it is still kept).
+        if let (None, Status::Finished(outcome)) = (last, info.status) {
+            if !self.config.replay_finished {
+                return reject(StatusCode::NO_CONTENT, outcome.reason());
+            }
+        }
         let after = match last {
             // A finished session without an event has nothing to replay, ever: say so, or an
             // `EventSource` would reconnect to an empty `200` for the whole retention.
