@@ -47,9 +47,10 @@
 //!
 //! [`ResumableSseLayer::replay_finished`]`(false)` makes the reconnect of a chat whose answer has
 //! finished a `204`, which the SDK takes for "nothing to resume"; a running answer is sent from its
-//! start, and the SDK rebuilds the message from it. A chat id names one answer while the store
-//! retains it (five minutes by default): an application whose chats have several turns keys each
-//! answer instead (for instance the chat id and the number of messages, in both URLs).
+//! start, and the SDK rebuilds the message from it.
+//! [`ResumableSseLayer::restart_finished`]`([Method::POST])` gives a chat several turns: the
+//! `POST` of the next message replaces the finished answer of the chat with a new one, under the
+//! same id, while a `POST` that comes while an answer runs joins it.
 //!
 //! # The fake model
 //!
@@ -185,8 +186,10 @@ fn app<S: Store>(store: S, bare: bool) -> Router {
         .session_key(FromPath::segment(2).or(FromQuery::new("id")))
         // `POST /api/chat?id=X` and `GET /api/chat/X/stream` name one session.
         .key_scope(KeyScope::Shared)
-        // A reconnect after the answer finished is told there is nothing to resume.
-        .replay_finished(false);
+        // A reconnect after the answer finished is told there is nothing to resume...
+        .replay_finished(false)
+        // ...and the next message of the chat starts a new answer over it.
+        .restart_finished([Method::POST]);
     let routes = Router::new()
         .route("/api/chat", post(chat))
         // `DELETE` is not a method the layer resumes: it reaches `stop`.

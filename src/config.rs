@@ -39,6 +39,8 @@ pub(crate) struct Config {
     pub(crate) abort_on_failure: bool,
     /// Whether a request without a position gets the replay of a finished session (or `204`).
     pub(crate) replay_finished: bool,
+    /// The methods whose requests without a position start a new session over a finished one.
+    pub(crate) restart_finished: Vec<Method>,
     pub(crate) drain: Arc<DrainState>,
     /// The sessions read in this process, shared by the readers of each.
     pub(crate) fanout: Fanout,
@@ -58,6 +60,7 @@ impl Default for Config {
             end_event: None,
             abort_on_failure: true,
             replay_finished: true,
+            restart_finished: Vec::new(),
             drain: Arc::default(),
             fanout: Fanout::default(),
         }

@@ -149,6 +149,33 @@ impl<St, K> ResumableSseLayer<St, K> {
         self
     }
 
+    /// The methods whose requests without `Last-Event-ID` start a **new session over a finished
+    /// one** under the same key (none by default): the inner service is called and its stream
+    /// replaces the finished session, whose events are gone (its readers have had them all). A
+    /// session that is running is joined as always, and a request with `Last-Event-ID`, or with
+    /// another method, is answered as always (see [`replay_finished`](Self::replay_finished)).
+    ///
+    /// For applications that start every answer with a request under a key that lasts longer
+    /// than one answer: a chat whose turns each `POST` to the chat's id, as the Vercel AI SDK's
+    /// `useChat` does. Concurrent requests over the same finished session start one new
+    /// session, which the others join. The store does the replacement atomically
+    /// ([`Store::claim_replacing`](crate::store::Store::claim_replacing); the memory and Redis
+    /// stores implement it; with a store that does not, the option changes nothing).
+    ///
+    /// ```
+    /// use http::Method;
+    /// use resumable_sse::{MemoryStore, ResumableSseLayer};
+    ///
+    /// let layer = ResumableSseLayer::new(MemoryStore::new())
+    ///     .methods([Method::GET, Method::HEAD, Method::POST])
+    ///     .restart_finished([Method::POST]);
+    /// # let _ = layer;
+    /// ```
+    pub fn restart_finished(mut self, methods: impl IntoIterator<Item = http::Method>) -> Self {
+        Arc::make_mut(&mut self.config).restart_finished = methods.into_iter().collect();
+        self
+    }
+
     /// Sets where the session key comes from; see [`ExtractSessionKey`].
     pub fn session_key<K2: ExtractSessionKey>(self, key: K2) -> ResumableSseLayer<St, K2> {
         ResumableSseLayer {

@@ -184,6 +184,43 @@ impl<St: Store> Session<St> {
                 }
             };
             let info = match found {
+                // Asked to start anew over a finished session: replace it, unless another
+                // request did first (then that one's session is found).
+                Found::Session(info)
+                    if last.is_none()
+                        && !draining
+                        && info.status.is_finished()
+                        && self.config.restart_finished.contains(req.method()) =>
+                {
+                    match self
+                        .store
+                        .claim_replacing(
+                            &self.key,
+                            self.config.max_lifetime + FINISH_GRACE,
+                            info.epoch,
+                        )
+                        .await
+                    {
+                        Ok(Claim::Claimed(epoch)) => return self.start(inner, req, epoch).await,
+                        Ok(Claim::Exists(other)) if other.epoch != info.epoch => {
+                            if other.status == Status::Starting {
+                                if let Err(e) = self.wait_started(other.epoch).await {
+                                    return self.store_failed(e, inner, req).await;
+                                }
+                                continue;
+                            }
+                            other
+                        }
+                        Ok(Claim::Exists(same)) => same,
+                        Err(e) if e.kind() == StoreErrorKind::SessionLimit => {
+                            return Ok(reject(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                Reason::SessionLimit,
+                            ))
+                        }
+                        Err(e) => return self.store_failed(e, inner, req).await,
+                    }
+                }
                 Found::Session(info) => info,
                 Found::Draining => return Ok(draining_response()),
                 Found::Unknown => return Ok(reject(StatusCode::GONE, Reason::UnknownSession)),

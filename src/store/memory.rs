@@ -389,21 +389,31 @@ impl Session {
     }
 }
 
-impl Store for MemoryStore {
-    type Subscription = MemorySubscription;
-
-    /// Reads are in the process and share the stored blocks: every reader reads by itself.
-    const SHARED_TAIL: bool = false;
-
-    async fn claim(&self, key: &SessionKey, lifetime: Duration) -> Result<Claim, StoreError> {
+impl MemoryStore {
+    /// [`Store::claim`], and with `finished` [`Store::claim_replacing`].
+    fn claim_over(
+        &self,
+        key: &SessionKey,
+        lifetime: Duration,
+        finished: Option<Epoch>,
+    ) -> Result<Claim, StoreError> {
         let now = Instant::now();
         let mut sessions = write(&self.inner.sessions);
         self.sweep_if_due(&mut sessions, now);
         if let Some(s) = sessions.map.get(key) {
-            if read(&s.state).expires_at > now {
+            let (expired, replaced) = {
+                let st = read(&s.state);
+                let replaced =
+                    finished == Some(s.epoch) && matches!(st.status, Status::Finished(_));
+                (st.expires_at <= now, replaced)
+            };
+            if !expired && !replaced {
                 return Ok(Claim::Exists(s.info()));
             }
-            sessions.map.remove(key);
+            if let Some(old) = sessions.map.remove(key) {
+                // Its readers learn that it is gone.
+                old.notify();
+            }
         }
         if sessions.map.len() >= self.inner.limits.max_sessions {
             // Expired sessions must not hold the limit: sweep now, whatever the schedule.
@@ -431,6 +441,26 @@ impl Store for MemoryStore {
         });
         sessions.map.insert(key.clone(), session);
         Ok(Claim::Claimed(epoch))
+    }
+}
+
+impl Store for MemoryStore {
+    type Subscription = MemorySubscription;
+
+    /// Reads are in the process and share the stored blocks: every reader reads by itself.
+    const SHARED_TAIL: bool = false;
+
+    async fn claim(&self, key: &SessionKey, lifetime: Duration) -> Result<Claim, StoreError> {
+        self.claim_over(key, lifetime, None)
+    }
+
+    async fn claim_replacing(
+        &self,
+        key: &SessionKey,
+        lifetime: Duration,
+        finished: Epoch,
+    ) -> Result<Claim, StoreError> {
+        self.claim_over(key, lifetime, Some(finished))
     }
 
     async fn start(

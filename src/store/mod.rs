@@ -292,6 +292,25 @@ pub trait Store: Clone + Send + Sync + 'static {
         lifetime: Duration,
     ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
 
+    /// As [`claim`](Self::claim), except that a session under `key` that has finished and has
+    /// the epoch `finished` is replaced: atomically, it is gone (its events with it) and a new
+    /// session in [`Status::Starting`] takes its place, so exactly one of any number of
+    /// concurrent callers gets [`Claim::Claimed`] and the others find the new session. Any other
+    /// session under `key` (running, or of another epoch) is returned as [`Claim::Exists`].
+    ///
+    /// For [`ResumableSseLayer::restart_finished`](crate::ResumableSseLayer::restart_finished).
+    /// The default replaces nothing: it is [`claim`](Self::claim), so with a store that does not
+    /// implement it a finished session is answered as if the option were not set.
+    fn claim_replacing(
+        &self,
+        key: &SessionKey,
+        lifetime: Duration,
+        finished: Epoch,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send {
+        let _ = finished;
+        self.claim(key, lifetime)
+    }
+
     /// Moves a claimed session to [`Status::Running`] with the head of its response. Returns
     /// `true` when the session under `key` with this `epoch` is now running (a retry after a lost
     /// reply also gets `true`: the call is idempotent), `false` when the claim was lost meanwhile

@@ -13,7 +13,9 @@
 // fail: the POST still streams, but nothing keeps its answer, so reconnectToStream resolves to
 // null while it is being generated ("a running answer is resumed", "both viewers follow the
 // running answer"). Without the layer's replay_finished(false), a reconnect after the finish gets
-// the whole answer again instead of null ("a finished answer is not resumed").
+// the whole answer again instead of null ("a finished answer is not resumed"). Without its
+// restart_finished([POST]), the next message of a chat gets no answer: its POST is told the first
+// answer completed (a 204, "the next message of a chat gets an answer of its own").
 
 import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
@@ -308,6 +310,24 @@ async function stopForEveryViewer(sendTo, viewerA, viewerB, stopOn) {
   assert.equal(again.status, 404, "nothing left to stop");
 }
 
+async function secondTurn(sendTo, resumeOn) {
+  const chatId = randomUUID();
+  const firstTurn = await send(sendTo, chatId, "words:5 interval_ms:5", undefined);
+  assert.equal(text(await assemble(firstTurn)), words(5), "the first answer");
+  assert.equal(await reconnect(resumeOn, chatId), null, "the first answer finished");
+  // The next message of the same chat: a new answer, generated, not the first one again.
+  const aborter = new AbortController();
+  const nextTurn = await send(sendTo, chatId, "words:80 interval_ms:20", aborter.signal);
+  const reader = nextTurn.getReader();
+  await readDeltas(reader, 3);
+  aborter.abort();
+  await reader.cancel().catch(() => {});
+  const resumed = await reconnect(resumeOn, chatId);
+  assert.notEqual(resumed, null, "the second answer is resumed while it runs");
+  assert.equal(text(await assemble(resumed)), words(80), "the second answer, whole, once");
+  assert.equal(await reconnect(resumeOn, chatId), null, "the second answer finished");
+}
+
 before(() => {
   executable = buildExample();
 });
@@ -327,6 +347,9 @@ describe("on the memory store", () => {
 
   test("stop ends the answer for every viewer", { timeout: 60_000 }, () =>
     stopForEveryViewer(base, base, base, base));
+
+  test("the next message of a chat gets an answer of its own", { timeout: 60_000 }, () =>
+    secondTurn(base, base));
 });
 
 describe("on two instances sharing Redis", () => {
@@ -342,4 +365,7 @@ describe("on two instances sharing Redis", () => {
 
   test("stop on one instance ends the answer for viewers on both", { timeout: 60_000 }, () =>
     stopForEveryViewer(a, a, b, b));
+
+  test("the next message of a chat gets an answer of its own, on either instance", { timeout: 60_000 }, () =>
+    secondTurn(a, b));
 });

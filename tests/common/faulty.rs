@@ -139,6 +139,20 @@ impl<S: Store> Store for FaultyStore<S> {
             .await
     }
 
+    async fn claim_replacing(
+        &self,
+        key: &SessionKey,
+        lifetime: Duration,
+        finished: Epoch,
+    ) -> Result<Claim, StoreError> {
+        self.around(
+            "claim",
+            key,
+            self.inner.claim_replacing(key, lifetime, finished),
+        )
+        .await
+    }
+
     async fn start(
         &self,
         key: &SessionKey,

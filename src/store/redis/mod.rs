@@ -618,13 +618,14 @@ impl RedisStore {
     }
 }
 
-impl Store for RedisStore {
-    type Subscription = RedisSubscription;
-
-    /// No call carries more than about 4 MiB of events.
-    const MAX_EVENT_BYTES: usize = crate::limits::REDIS_MAX_EVENT_BYTES;
-
-    async fn claim(&self, key: &SessionKey, lifetime: Duration) -> Result<Claim, StoreError> {
+impl RedisStore {
+    /// [`Store::claim`], and with `finished` [`Store::claim_replacing`].
+    async fn claim_over(
+        &self,
+        key: &SessionKey,
+        lifetime: Duration,
+        finished: Option<Epoch>,
+    ) -> Result<Claim, StoreError> {
         let inner = &self.inner;
         let keys = inner.keys(key);
         // Counted first: a session that exists is counted already and always admitted, so a
@@ -633,11 +634,15 @@ impl Store for RedisStore {
             return Err(StoreError::session_limit());
         }
         let epoch = Epoch::random();
-        let mut call = inner.call(&inner.scripts.claim, &keys, 4, 80);
+        let mut call = inner.call(&inner.scripts.claim, &keys, 5, 104);
         call.arg(epoch.raw())
             .arg(millis(inner.config.lease))
             .arg(inner.ttl_ms())
             .arg(millis(inner.config.retention));
+        match finished {
+            Some(e) => call.arg(e.raw()),
+            None => call.arg(""),
+        };
         let reply = inner.invoke(&call).await?;
         let a = as_array(&reply).ok_or_else(|| bad_reply("claim"))?;
         match a {
@@ -652,6 +657,26 @@ impl Store for RedisStore {
                 .ok_or_else(|| bad_reply("claim")),
             _ => Err(bad_reply("claim")),
         }
+    }
+}
+
+impl Store for RedisStore {
+    type Subscription = RedisSubscription;
+
+    /// No call carries more than about 4 MiB of events.
+    const MAX_EVENT_BYTES: usize = crate::limits::REDIS_MAX_EVENT_BYTES;
+
+    async fn claim(&self, key: &SessionKey, lifetime: Duration) -> Result<Claim, StoreError> {
+        self.claim_over(key, lifetime, None).await
+    }
+
+    async fn claim_replacing(
+        &self,
+        key: &SessionKey,
+        lifetime: Duration,
+        finished: Epoch,
+    ) -> Result<Claim, StoreError> {
+        self.claim_over(key, lifetime, Some(finished)).await
     }
 
     async fn start(

@@ -23,7 +23,8 @@ pub(super) fn script_limit(max: usize) -> u64 {
 /// Marks a session whose producer lost its lease as failed. Shared by the scripts that read.
 const CHECK_LEASE: &str = include_str!("lua/check_lease.lua");
 
-/// ARGV: channel, msg, epoch, lease_ms, ttl_ms, retention_ms
+/// ARGV: channel, msg, epoch, lease_ms, ttl_ms, retention_ms, finished (the epoch of a finished
+/// session to replace; empty: none)
 const CLAIM: &str = include_str!("lua/claim.lua");
 
 /// ARGV: channel, msg, epoch, head
