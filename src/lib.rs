@@ -62,6 +62,7 @@
 //! | the client already holds the last event of a completed session, or the session completed without any event (with or without `Last-Event-ID`) | `204` | `completed` |
 //! | ... of a failed session (inner body error, size limit, lifetime, producer died) | `204` | `failed` |
 //! | ... of a cancelled session | `204` | `cancelled` |
+//! | with [`replay_finished(false)`](ResumableSseLayer::replay_finished), a request without `Last-Event-ID` for a finished session | `204` | the outcome |
 //! | `Last-Event-ID` for a session that does not exist (never did, or expired) | `410` | `unknown-session` |
 //! | `Last-Event-ID` whose epoch is not the session's (an earlier incarnation of the key, or another session's id) | `410` | `foreign-epoch` |
 //! | the position asked for (or, without `Last-Event-ID`, the first event) was evicted by the per-session limits | `410` | `evicted` |

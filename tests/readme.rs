@@ -89,6 +89,37 @@ fn user_bound_key(store: resumable_sse::MemoryStore) {
     });
 }
 
+#[rustfmt::skip] // the README's lines, as they are
+fn ai_sdk(store: resumable_sse::MemoryStore) {
+    use axum::extract::{Request, State};
+    use axum::http::{Method, StatusCode};
+    use axum::routing::{get, post};
+    use axum::Router;
+    use resumable_sse::{ExtractSessionKey, FromPath, FromQuery, KeyScope, MemoryStore, ResumableSseLayer, Sessions};
+
+    async fn stop(State(sessions): State<Sessions<MemoryStore, resumable_sse::Or<FromPath, FromQuery>>>, req: Request) -> StatusCode {
+        let (parts, _) = req.into_parts();
+        match sessions.cancel_request(&parts).await {
+            Ok(true) => StatusCode::NO_CONTENT,
+            Ok(false) => StatusCode::NOT_FOUND,
+            Err(e) => e.status(),
+        }
+    }
+
+    let layer = ResumableSseLayer::new(store)
+        .methods([Method::GET, Method::HEAD, Method::POST])   // the POST starts the stream
+        .session_key(FromPath::segment(2).or(FromQuery::new("id")))  // /api/chat/{id}/stream, ?id=
+        .key_scope(KeyScope::Shared)                          // both routes name one session
+        .replay_finished(false)                               // finished: 204, nothing to resume
+        .restart_finished([Method::POST]);                    // the next message: a new answer
+    let app = Router::new()
+        .route("/api/chat", post(chat))                       // streams the UI message protocol
+        .route("/api/chat/{id}/stream", get(|| async { StatusCode::NO_CONTENT }).delete(stop))
+        .with_state(layer.sessions())
+        .layer(layer);
+    let _: Router = app;
+}
+
 /// The code lines of a text: trimmed, without blank and comment-only lines.
 fn code_lines(text: &str) -> Vec<&str> {
     text.lines()
@@ -122,7 +153,7 @@ fn every_rust_snippet_of_the_readme_is_compiled_and_names_axum_http_only() {
             );
         }
     }
-    assert_eq!(blocks, 6, "the README's Rust snippets");
+    assert_eq!(blocks, 7, "the README's Rust snippets");
 }
 
 /// The file a test column of the threat model names: `src/...` from the repository's root,
