@@ -79,6 +79,7 @@ pub struct KeyDigest(u64);
 
 impl KeyDigest {
     /// A digest from its 16 hex digits, as [`Display`](fmt::Display) writes it.
+    #[cfg(feature = "redis")]
     pub(crate) fn parse_hex(hex: &[u8]) -> Option<Self> {
         if hex.len() != 16 {
             return None;
