@@ -1,4 +1,4 @@
-//! The `chat` and `hyper` examples, run as the programs a person or a tool would start, and
+//! The `chat`, `hyper` and `tonic` examples, run as the programs a person or a tool would start, and
 //! checked over HTTP against the routes their docs promise.
 
 mod common;
@@ -497,4 +497,42 @@ mod with_redis {
         let fresh = get(follower.addr, path, None).await.collect().await;
         assert_eq!(datas(&fresh), datas(&all), "a replay, not a new generation");
     }
+}
+
+/// The `tonic` example as its docs start it: its gRPC health service answers a real tonic
+/// client through the layer, and its SSE route resumes after `Last-Event-ID`.
+#[tokio::test]
+async fn the_tonic_example_answers_grpc_and_resumes_its_sse_route() {
+    use tonic::transport::Channel;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let server = start("tonic", &[]);
+    let endpoint = Channel::from_shared(format!("http://{}", server.addr)).expect("a URI");
+    let channel = tokio::time::timeout(TIMEOUT, endpoint.connect())
+        .await
+        .expect("connected in time")
+        .expect("connected");
+    let mut client = HealthClient::new(channel);
+    let check = client.check(HealthCheckRequest {
+        service: String::new(),
+    });
+    let answer = tokio::time::timeout(TIMEOUT, check)
+        .await
+        .expect("an answer in time")
+        .expect("grpc-status 0");
+    assert_eq!(answer.into_inner().status(), ServingStatus::Serving);
+
+    let path = "/events?session_id=demo&n=6&interval_ms=20";
+    let mut first = get(server.addr, path, None).await;
+    let head = first.take(2).await;
+    drop(first);
+    let rest = get(server.addr, path, head[1].id.as_deref())
+        .await
+        .collect()
+        .await;
+    let ticks: Vec<String> = (0..6).map(|i| format!("tick {i}")).collect();
+    assert_eq!(datas(&head), ticks[..2]);
+    assert_eq!(datas(&rest), ticks[2..], "the rest, once");
 }

@@ -120,6 +120,30 @@ fn ai_sdk(store: resumable_sse::MemoryStore) {
     let _: Router = app;
 }
 
+#[rustfmt::skip] // the README's lines, as they are
+async fn with_tonic(addr: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+    use axum::routing::get;
+    use resumable_sse::{MemoryStore, ResumableSseLayer};
+    use tonic::service::Routes;
+    use tonic::transport::Server;
+
+    async fn events() -> Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>> {
+        chat().await
+    }
+
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let routes = Routes::new(health)                   // the gRPC services, as usual
+        .into_axum_router()
+        .route("/events", get(events));                // an SSE handler beside them
+    Server::builder()
+        .accept_http1(true)                            // a browser's EventSource speaks HTTP/1.1
+        .layer(ResumableSseLayer::new(MemoryStore::new()))
+        .add_routes(routes.into())
+        .serve(addr)
+        .await?;
+    Ok(())
+}
+
 /// The code lines of a text: trimmed, without blank and comment-only lines.
 fn code_lines(text: &str) -> Vec<&str> {
     text.lines()
@@ -153,7 +177,7 @@ fn every_rust_snippet_of_the_readme_is_compiled_and_names_axum_http_only() {
             );
         }
     }
-    assert_eq!(blocks, 7, "the README's Rust snippets");
+    assert_eq!(blocks, 8, "the README's Rust snippets");
 }
 
 /// The file a test column of the threat model names: `src/...` from the repository's root,
