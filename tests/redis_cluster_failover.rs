@@ -7,25 +7,11 @@ mod common;
 use std::time::Duration;
 
 use common::redis::*;
-use resumable_sse::store::{Claim, EventBlock, EventBlockBuilder, ResponseHead, Store};
+use common::{event_stream_head as head, one_event as event};
+use resumable_sse::store::{Claim, Store};
 use resumable_sse::testing::wait::{within, TIMEOUT};
 use resumable_sse::{RedisStore, SessionKey};
 use tokio::time::Instant;
-
-fn head() -> ResponseHead {
-    let mut headers = http::HeaderMap::new();
-    headers.insert("content-type", "text/event-stream".parse().unwrap());
-    ResponseHead {
-        status: http::StatusCode::OK,
-        headers,
-    }
-}
-
-fn event(seq: u64) -> EventBlock {
-    let mut b = EventBlockBuilder::new(seq);
-    b.push_with(|buf| buf.extend_from_slice(format!("id: x-{seq}\ndata: {seq}\n\n").as_bytes()));
-    b.finish().expect("one event")
-}
 
 /// Subscribers to `channel` on each running node (`PUBSUB NUMSUB` counts a node's own).
 fn subscribers(cluster: &RedisCluster, channel: &str) -> Vec<(usize, u64)> {

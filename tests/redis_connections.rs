@@ -11,28 +11,14 @@ use std::time::Duration;
 
 use common::redis::*;
 use common::*;
+use common::{event_stream_head as head, one_event as event};
 use resumable_sse::limits::{REDIS_COMMAND_CONNECTION_NAME, REDIS_LEASE_CONNECTION_NAME};
-use resumable_sse::store::{Claim, EventBlock, EventBlockBuilder, ResponseHead, Status, Store};
+use resumable_sse::store::{Claim, Status, Store};
 use resumable_sse::testing::wait::{eventually, within, TIMEOUT};
 use resumable_sse::{RedisStore, SessionKey};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-
-fn head() -> ResponseHead {
-    let mut headers = http::HeaderMap::new();
-    headers.insert("content-type", "text/event-stream".parse().unwrap());
-    ResponseHead {
-        status: http::StatusCode::OK,
-        headers,
-    }
-}
-
-fn event(seq: u64) -> EventBlock {
-    let mut b = EventBlockBuilder::new(seq);
-    b.push_with(|buf| buf.extend_from_slice(format!("data: {seq}\n\n").as_bytes()));
-    b.finish().expect("one event")
-}
 
 async fn probe(url: &str) -> ::redis::aio::MultiplexedConnection {
     let client = ::redis::Client::open(url).unwrap();

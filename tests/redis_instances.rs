@@ -5,10 +5,11 @@ mod common;
 
 use std::time::Duration;
 
+use common::event_stream_head as head;
 use common::redis::*;
 use common::*;
 use resumable_sse::store::{
-    Appended, Claim, EventBlock, EventBlockBuilder, ReadBatch, ResponseHead, Status, Store,
+    Appended, Claim, EventBlock, EventBlockBuilder, ReadBatch, Status, Store,
 };
 use resumable_sse::{OnStoreError, Outcome, RedisStore, SessionKey};
 
@@ -23,15 +24,6 @@ async fn store_on(url: &str, prefix: &str, lease: Duration) -> RedisStore {
 
 fn url_or_skip() -> Option<String> {
     shared_url()
-}
-
-fn head() -> ResponseHead {
-    let mut headers = http::HeaderMap::new();
-    headers.insert("content-type", "text/event-stream".parse().unwrap());
-    ResponseHead {
-        status: http::StatusCode::OK,
-        headers,
-    }
 }
 
 fn encoded(seq: u64) -> String {

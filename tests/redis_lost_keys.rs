@@ -27,20 +27,7 @@ async fn command(url: &str) -> ::redis::aio::MultiplexedConnection {
 
 /// Deletes the events of every session under `prefix`, as an eviction of those keys would.
 async fn lose_events(url: &str, prefix: &str) -> usize {
-    let mut conn = command(url).await;
-    let keys: Vec<String> = ::redis::cmd("KEYS")
-        .arg(format!("{prefix}:*:events"))
-        .query_async(&mut conn)
-        .await
-        .expect("KEYS");
-    for key in &keys {
-        let _: i64 = ::redis::cmd("DEL")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .expect("DEL");
-    }
-    keys.len()
+    lose(&[url.to_owned()], prefix, ":events").await
 }
 
 #[tokio::test]
@@ -229,9 +216,9 @@ async fn under_a_maxmemory_eviction_policy_a_reconnect_gets_everything_or_410() 
     );
 }
 
-/// Deletes the keys of every session under `prefix` whose name ends in `suffix`, on every node of
-/// a Cluster.
-async fn lose_on_cluster(urls: &[String], prefix: &str, suffix: &str) -> usize {
+/// Deletes the keys of every session under `prefix` whose name ends in `suffix`, on every server
+/// (every node of a Cluster).
+async fn lose(urls: &[String], prefix: &str, suffix: &str) -> usize {
     let mut lost = 0;
     for url in urls {
         let mut conn = command(url).await;
@@ -274,14 +261,14 @@ async fn on_a_cluster_lost_events_are_410_evicted_and_a_lost_session_410_unknown
         assert_eq!(datas(&evs), expected_tokens(0..4));
         firsts.push(evs[0].id.clone());
     }
-    assert_eq!(lose_on_cluster(&urls, &prefix, ":events").await, 6);
+    assert_eq!(lose(&urls, &prefix, ":events").await, 6);
     let mut failures = Vec::new();
     for (i, id) in firsts.iter().enumerate() {
         let path = format!("/tokens?session_id=c{i}");
         let conn = get(app.addr, &path, id.as_deref()).await;
         failures.extend(conn.check_answer(&path, 410, Some("evicted")).err());
     }
-    assert_eq!(lose_on_cluster(&urls, &prefix, ":meta").await, 6);
+    assert_eq!(lose(&urls, &prefix, ":meta").await, 6);
     for (i, id) in firsts.iter().enumerate() {
         let path = format!("/tokens?session_id=c{i}");
         let conn = get(app.addr, &path, id.as_deref()).await;

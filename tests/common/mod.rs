@@ -230,3 +230,25 @@ impl std::io::Write for Captured {
         Ok(())
     }
 }
+
+/// The head of a `200 text/event-stream` response, as a session's start records it.
+#[allow(dead_code)]
+pub fn event_stream_head() -> resumable_sse::store::ResponseHead {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    resumable_sse::store::ResponseHead {
+        status: http::StatusCode::OK,
+        headers,
+    }
+}
+
+/// A block of the one event numbered `seq` (`id: x-<seq>`, `data: <seq>`), for a store's append.
+#[allow(dead_code)]
+pub fn one_event(seq: u64) -> resumable_sse::store::EventBlock {
+    let mut b = resumable_sse::store::EventBlockBuilder::new(seq);
+    b.push_with(|buf| buf.extend_from_slice(format!("id: x-{seq}\ndata: {seq}\n\n").as_bytes()));
+    b.finish().expect("one event")
+}
