@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use crate::store::block::{drop_oldest, Page as Blocks};
+use crate::store::block::{drop_oldest, oldest_to_drop, Page as Blocks};
 use crate::store::{EventBlock, ReadBatch, Status};
 
 /// Events the shared tail keeps per session.
@@ -127,15 +127,8 @@ impl Tail {
             // The oldest block's events that must go for both bounds.
             let over_events = self.events.saturating_sub(CAPACITY);
             let over_bytes = self.bytes.saturating_sub(CAPACITY_BYTES);
-            let (mut drop, mut freed) = (0, 0);
-            for end in oldest.ends() {
-                if drop >= over_events && freed >= over_bytes {
-                    break;
-                }
-                drop += 1;
-                freed = end as usize;
-            }
-            let drop = drop.min(self.events - 1);
+            let drop =
+                oldest_to_drop(oldest, over_events, over_bytes, usize::MAX).min(self.events - 1);
             if drop == 0 {
                 return;
             }

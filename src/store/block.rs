@@ -451,6 +451,25 @@ impl Page {
     }
 }
 
+/// How many of the first events of `oldest` must go so that at least `over_events` events and
+/// `over_bytes` bytes go, stopping at `may` events (or at the end of the block).
+pub(crate) fn oldest_to_drop(
+    oldest: &EventBlock,
+    over_events: usize,
+    over_bytes: usize,
+    may: usize,
+) -> usize {
+    let (mut drop, mut freed) = (0, 0);
+    for end in oldest.ends() {
+        if (drop >= over_events && freed >= over_bytes) || drop >= may {
+            break;
+        }
+        drop += 1;
+        freed = end as usize;
+    }
+    drop
+}
+
 /// Forgets the oldest `n` events of `blocks` (all of them if it holds fewer), slicing the
 /// oldest block kept where needed; returns the bytes forgotten.
 pub(crate) fn drop_oldest(blocks: &mut VecDeque<EventBlock>, mut n: usize) -> usize {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::block::{drop_oldest, Page};
+use super::block::{drop_oldest, oldest_to_drop, Page};
 use super::pins::{Pin, Pins};
 use super::{
     Appended, Claim, EventBlock, ReadBatch, ResponseHead, SessionInfo, Status, Store, StoreError,
@@ -152,15 +152,7 @@ impl State {
             let over_bytes = self.bytes.saturating_sub(max_bytes);
             let may =
                 usize::try_from(upto.saturating_sub(oldest.first_seq() - 1)).unwrap_or(usize::MAX);
-            let (mut drop, mut freed) = (0, 0);
-            for end in oldest.ends() {
-                if (drop >= over_events && freed >= over_bytes) || drop >= may {
-                    break;
-                }
-                drop += 1;
-                freed = end as usize;
-            }
-            let drop = drop.min(self.events - 1);
+            let drop = oldest_to_drop(oldest, over_events, over_bytes, may).min(self.events - 1);
             if drop == 0 {
                 return;
             }
